@@ -1,0 +1,183 @@
+"""Run a function on N local processes joined in one process group, and collect what each returns.
+
+Used by the test suite and by single-node local runs. Fails fast: the first rank that raises or dies
+stops the whole group, and a group that does not finish within `timeout_s` is stopped after each live
+rank has dumped its Python stacks (the usual cause is a deadlocked collective), so a broken rank never
+turns into a hung job.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from omni_dist.env import destroy_distributed, free_port, init_distributed
+
+_POLL_S = 0.05
+_STACK_DUMP_WAIT_S = 2.0
+
+
+class RankFailedError(RuntimeError):
+    """A rank raised, died, or did not finish in time; the message carries what it said."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    timeout_s: float = 300.0,
+    env: Mapping[str, str] | None = None,
+    threads_per_rank: int = 1,
+    init_process_group: bool = True,
+) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on ranks 0..world_size-1 and return their results, by rank.
+
+    `fn` must be importable by name (a module-level function): ranks are fresh spawned interpreters.
+    Each rank gets RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, `env`, and
+    `threads_per_rank` intra-op threads; with `init_process_group` the default group is created (gloo
+    on CPU) before `fn` runs and destroyed after. Results travel pickled by value.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results: queue.Queue = ctx.Queue()
+    port = free_port()
+    pg_timeout = timedelta(seconds=max(timeout_s, 1.0))
+    with tempfile.TemporaryDirectory(prefix="omni-ranks-") as stack_dir:
+        procs = []
+        for rank in range(world_size):
+            rank_env = {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": str(threads_per_rank),
+                **(env or {}),
+            }
+            p = ctx.Process(
+                target=_rank_main,
+                args=(fn, tuple(args), dict(kwargs or {}), rank, rank_env, threads_per_rank,
+                      init_process_group, pg_timeout, stack_dir, results),
+                name=f"rank{rank}",
+                daemon=False,  # ranks may start their own workers (data loaders); _stop reaps them
+            )
+            p.start()
+            procs.append(p)
+        ok = False
+        try:
+            out = _collect(procs, results, timeout_s, Path(stack_dir))
+            ok = True
+            return out
+        finally:
+            _stop(procs, graceful=ok)
+            results.close()
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    rank: int,
+    env: dict[str, str],
+    threads: int,
+    init_pg: bool,
+    pg_timeout: timedelta,
+    stack_dir: str,
+    results: queue.Queue,
+) -> None:
+    os.environ.update(env)
+    stack_file = open(Path(stack_dir) / f"rank{rank}.txt", "w")  # noqa: SIM115 (lives as long as the rank)
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        if init_pg:
+            init_distributed(timeout=pg_timeout)
+        value = fn(*args, **kwargs)
+        payload = ("ok", pickle.dumps(value))
+    except BaseException:
+        payload = ("error", traceback.format_exc())
+    results.put((rank, *payload))
+    destroy_distributed()
+
+
+def _collect(procs: list, results: queue.Queue, timeout_s: float, stack_dir: Path) -> list[Any]:
+    world_size = len(procs)
+    done: dict[int, Any] = {}
+    dead_since: dict[int, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(done) < world_size:
+        try:
+            rank, status, payload = results.get(timeout=_POLL_S)
+        except queue.Empty:
+            pass
+        else:
+            if status == "error":
+                raise RankFailedError(f"rank {rank} of {world_size} raised:\n{payload}", rank)
+            done[rank] = pickle.loads(payload)
+            continue
+        now = time.monotonic()
+        for rank, p in enumerate(procs):
+            if rank in done or p.is_alive():
+                continue
+            # Its result may still be in the pipe: give the queue a moment before calling it dead.
+            if now - dead_since.setdefault(rank, now) > 1.0:
+                raise RankFailedError(f"rank {rank} of {world_size} died without a result ({_exit_text(p.exitcode)}).", rank)
+        if now > deadline:
+            waiting = [r for r in range(world_size) if r not in done]
+            raise RankFailedError(
+                f"ranks {waiting} of {world_size} did not finish within {timeout_s:.0f}s "
+                f"(deadlock or a peer stuck in a collective?). Their Python stacks:\n"
+                + _dump_stacks(procs, waiting, stack_dir)
+            )
+    return [done[r] for r in range(world_size)]
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _dump_stacks(procs: list, ranks: list[int], stack_dir: Path) -> str:
+    for r in ranks:
+        if procs[r].is_alive() and procs[r].pid:
+            os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(_STACK_DUMP_WAIT_S)
+    parts = []
+    for r in ranks:
+        path = stack_dir / f"rank{r}.txt"
+        text = path.read_text().strip() if path.exists() else ""
+        parts.append(f"--- rank {r} ---\n{text or '(no stack dumped)'}")
+    return "\n".join(parts)
+
+
+def _stop(procs: list, graceful: bool) -> None:
+    """After success let ranks exit on their own (they are tearing down); otherwise kill at once."""
+    if graceful:
+        for p in procs:
+            p.join(timeout=10.0)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5.0)

@@ -100,7 +100,9 @@ def init_distributed(
     an error instead of a hang (NCCL otherwise waits forever).
     """
     if dist.is_initialized():
-        raise DistEnvError("torch.distributed is already initialised in this process; call destroy_distributed() first.")
+        raise DistEnvError(
+            "torch.distributed is already initialised in this process; call destroy_distributed() first."
+        )
     env = DistEnv.from_environ(environ)
     device_type = default_device_type()
     device_id = None
@@ -116,7 +118,12 @@ def init_distributed(
     backend = backend or ("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
     port = env.master_port or free_port()
     store = dist.TCPStore(
-        env.master_addr, port, env.world_size, is_master=env.rank == 0, timeout=timeout, wait_for_workers=False
+        env.master_addr,
+        port,
+        env.world_size,
+        is_master=env.rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
     )
     dist.init_process_group(
         backend=backend,

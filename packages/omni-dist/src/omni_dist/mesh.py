@@ -42,7 +42,9 @@ class ParallelMesh:
     def build(cls, dims: ParallelDims, device_type: str | None = None) -> ParallelMesh:
         """Create all views; a collective over the default process group (call on every rank)."""
         if not dist.is_initialized():
-            raise RuntimeError("ParallelMesh.build needs an initialised process group: call init_distributed() first.")
+            raise RuntimeError(
+                "ParallelMesh.build needs an initialised process group: call init_distributed() first."
+            )
         if dist.get_world_size() != dims.world_size:
             raise ParallelConfigError(
                 f"the parallel degrees describe {dims.world_size} ranks ({dims}) but the job has "

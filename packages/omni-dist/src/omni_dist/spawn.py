@@ -26,6 +26,8 @@ from omni_dist.env import destroy_distributed, free_port, init_distributed
 
 _POLL_S = 0.05
 _STACK_DUMP_WAIT_S = 2.0
+_RESULT_GRACE_S = 1.0
+_FAILURE_WINDOW_S = 2.0
 
 
 class RankFailedError(RuntimeError):
@@ -75,8 +77,18 @@ def run_ranks(
             }
             p = ctx.Process(
                 target=_rank_main,
-                args=(fn, tuple(args), dict(kwargs or {}), rank, rank_env, threads_per_rank,
-                      init_process_group, pg_timeout, stack_dir, results),
+                args=(
+                    fn,
+                    tuple(args),
+                    dict(kwargs or {}),
+                    rank,
+                    rank_env,
+                    threads_per_rank,
+                    init_process_group,
+                    pg_timeout,
+                    stack_dir,
+                    results,
+                ),
                 name=f"rank{rank}",
                 daemon=False,  # ranks may start their own workers (data loaders); _stop reaps them
             )
@@ -124,25 +136,34 @@ def _rank_main(
 def _collect(procs: list, results: queue.Queue, timeout_s: float, stack_dir: Path) -> list[Any]:
     world_size = len(procs)
     done: dict[int, Any] = {}
+    raised: dict[int, str] = {}
+    died: dict[int, str] = {}
     dead_since: dict[int, float] = {}
+    first_failure = None
     deadline = time.monotonic() + timeout_s
-    while len(done) < world_size:
+    while len(done) + len(raised) + len(died) < world_size:
         try:
             rank, status, payload = results.get(timeout=_POLL_S)
         except queue.Empty:
             pass
         else:
             if status == "error":
-                raise RankFailedError(f"rank {rank} of {world_size} raised:\n{payload}", rank)
-            done[rank] = pickle.loads(payload)
-            continue
+                raised[rank] = payload
+            else:
+                done[rank] = pickle.loads(payload)
         now = time.monotonic()
         for rank, p in enumerate(procs):
-            if rank in done or p.is_alive():
+            if rank in done or rank in raised or rank in died or p.is_alive():
                 continue
             # Its result may still be in the pipe: give the queue a moment before calling it dead.
-            if now - dead_since.setdefault(rank, now) > 1.0:
-                raise RankFailedError(f"rank {rank} of {world_size} died without a result ({_exit_text(p.exitcode)}).", rank)
+            if now - dead_since.setdefault(rank, now) > _RESULT_GRACE_S:
+                died[rank] = _exit_text(p.exitcode)
+        if (raised or died) and first_failure is None:
+            first_failure = now
+        # Peers of a failed rank fail too ("connection closed"); wait briefly so the report leads with
+        # the cause rather than whichever symptom arrived first.
+        if first_failure is not None and now - first_failure > _FAILURE_WINDOW_S:
+            break
         if now > deadline:
             waiting = [r for r in range(world_size) if r not in done]
             raise RankFailedError(
@@ -150,6 +171,13 @@ def _collect(procs: list, results: queue.Queue, timeout_s: float, stack_dir: Pat
                 f"(deadlock or a peer stuck in a collective?). Their Python stacks:\n"
                 + _dump_stacks(procs, waiting, stack_dir)
             )
+    if raised or died:
+        lines = [
+            f"rank {r} of {world_size} died without a result ({why})." for r, why in sorted(died.items())
+        ]
+        lines += [f"rank {r} of {world_size} raised:\n{tb}" for r, tb in raised.items()]
+        cause = min(died) if died else next(iter(raised))
+        raise RankFailedError("\n".join(lines), cause)
     return [done[r] for r in range(world_size)]
 
 

@@ -35,7 +35,8 @@ def format_layout(dims: ParallelDims, per_rank: list[dict[str, list[int]]]) -> s
     lines = [f"{dims}", ""]
     for name in per_rank[0]:
         groups = sorted({tuple(r[name]) for r in per_rank})
-        lines.append(f"  {name:<13} {len(groups[0])} ranks x {len(groups)} groups: " + " ".join(
-            "[" + ",".join(map(str, g)) + "]" for g in groups
-        ))
+        lines.append(
+            f"  {name:<13} {len(groups[0])} ranks x {len(groups)} groups: "
+            + " ".join("[" + ",".join(map(str, g)) + "]" for g in groups)
+        )
     return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""The harness itself: results come back by rank, and a broken rank fails the test in bounded time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.harness import RankFailedError, run_ranks
+
+
+def _rank_facts(offset: int) -> dict:
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return {
+        "rank": dist.get_rank(),
+        "world": dist.get_world_size(),
+        "threads": torch.get_num_threads(),
+        "env": (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]),
+        "sum": t.item() + offset,
+        "tensor": torch.full((2,), float(dist.get_rank())),
+    }
+
+
+def test_results_come_back_in_rank_order():
+    out = run_ranks(_rank_facts, 3, 10)
+    assert [o["rank"] for o in out] == [0, 1, 2]
+    assert all(o["world"] == 3 and o["threads"] == 1 and o["sum"] == 13.0 for o in out)
+    assert [o["env"] for o in out] == [("0", "0", "3"), ("1", "1", "3"), ("2", "2", "3")]
+    assert torch.equal(out[2]["tensor"], torch.tensor([2.0, 2.0]))
+
+
+def _raise_on_rank_one() -> None:
+    if dist.get_rank() == 1:
+        raise ValueError("bad shard 17 on purpose")
+    dist.barrier()  # rank 0 would wait here forever without fail-fast
+
+
+def _hang_on_rank_one() -> None:
+    if dist.get_rank() == 1:
+        time.sleep(3600)
+    dist.barrier()
+
+
+def _die_on_rank_one() -> None:
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def test_raising_rank_fails_fast_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        run_ranks(_raise_on_rank_one, 2, timeout_s=120)
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1
+    assert "rank 1 of 2 raised" in str(info.value)
+    assert "ValueError: bad shard 17 on purpose" in str(info.value)
+
+
+def test_hanging_rank_fails_after_timeout_with_stacks():
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        run_ranks(_hang_on_rank_one, 2, timeout_s=15)
+    assert time.monotonic() - start < 60
+    text = str(info.value)
+    assert "did not finish within 15s" in text
+    # Both stacks are dumped: rank 1 asleep in our function, rank 0 stuck in the barrier.
+    assert "--- rank 1 ---" in text and "_hang_on_rank_one" in text
+    assert "--- rank 0 ---" in text
+
+
+def test_killed_rank_fails_with_its_signal():
+    start = time.monotonic()
+    with pytest.raises(RankFailedError) as info:
+        run_ranks(_die_on_rank_one, 2, timeout_s=120)
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1
+    assert "killed by signal SIGKILL" in str(info.value)

@@ -3,8 +3,8 @@
 The world is laid out as (dp_replicate, dp_shard, sp) with sp innermost, so the ranks of one sequence-
 parallel group are neighbours (same node when possible). Expert parallelism re-factors the
 dp_shard x sp block of one replica as (ep_fsdp, ep): ep groups are contiguous blocks of ep ranks, and
-expert parameters are FSDP-sharded over ep_fsdp and replicated over dp_replicate. room for tp/pp is an
-extra innermost/outermost axis when they arrive.
+expert parameters are FSDP-sharded over ep_fsdp and replicated over dp_replicate. Tensor and pipeline
+parallelism, when they arrive, are one more innermost / outermost axis.
 """
 
 from __future__ import annotations

@@ -1,0 +1,77 @@
+"""Load HF safetensors weights into a (sharded) model: each rank reads only the slices it owns.
+
+Uses torch.distributed.checkpoint's HuggingFaceStorageReader, which reads `*.safetensors` files in a
+directory (as written by `save_pretrained`, single file or sharded) slice by slice, so no rank ever
+materialises a full tensor it does not own. Needs the `safetensors` package (installed with
+transformers, or `omni-dist[hf]`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint lacks tensors the model needs, or has them with another shape."""
+
+
+def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) -> set[str]:
+    """Fill `model`'s persistent parameters and buffers from the safetensors files in `path`.
+
+    Tied tensors (one tensor under several names, e.g. embeddings and LM head) are read once under
+    whichever name the checkpoint has. Returns the names loaded. With `strict`, a tensor the model has
+    and the checkpoint lacks is an error listing them; otherwise those names are left for the caller
+    to initialise. Checkpoint tensors the model does not use are ignored (and logged).
+    """
+    try:
+        import safetensors  # noqa: F401  (imported by the reader; fail here with a useful message)
+    except ImportError:
+        raise ImportError(
+            "loading HF weights needs the `safetensors` package: pip install 'omni-dist[hf]'"
+        ) from None
+    path = Path(path)
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"no *.safetensors files in {path} (expected a save_pretrained directory).")
+    reader = dcp.HuggingFaceStorageReader(str(path))
+    available = reader.read_metadata().state_dict_metadata
+
+    aliases: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(t), []).append(name)
+        tensors[id(t)] = t
+    to_load: dict[str, torch.Tensor] = {}
+    missing = []
+    for key, names in aliases.items():
+        present = [n for n in names if n in available]
+        if not present:
+            missing.extend(names)
+            continue
+        name = present[0]
+        want, have = tuple(tensors[key].shape), tuple(available[name].size)
+        if want != have:
+            raise CheckpointMismatchError(
+                f"{name}: the model has shape {want}, the checkpoint {have} ({path})."
+            )
+        to_load[name] = tensors[key].data if isinstance(tensors[key], nn.Parameter) else tensors[key]
+    if missing and strict:
+        raise CheckpointMismatchError(
+            f"{len(missing)} tensors of {type(model).__name__} are not in {path}: {sorted(missing)[:8]}"
+            + (" ..." if len(missing) > 8 else "")
+            + " (pass strict=False to initialise them instead)."
+        )
+    unused = set(available) - {n for names in aliases.values() for n in names}
+    if unused and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning(
+            "%d checkpoint tensors are not used by the model, e.g. %s", len(unused), sorted(unused)[:4]
+        )
+    dcp.load(to_load, storage_reader=reader)
+    return set(to_load)

@@ -1,0 +1,144 @@
+"""Apply a ParallelPlan to a model: recompute/offload wrappers, then FSDP2 units and the root.
+
+Order is fixed: (expert parallelism, when it lands) -> activation recompute / offload -> (compile) ->
+FSDP. Works on a meta-device model (nothing is allocated until `materialize_`). Data parallelism is
+decided by the mesh: dp_replicate == 1 shards over the `fsdp` view (FSDP); dp_replicate > 1 uses the
+2-D `hsdp` view (HSDP), which is pure replication (DDP) when dp_shard x sp == 1.
+
+Gradients are SUMMED over the data-parallel mesh (FSDP's averaging is turned off): the loss each rank
+backpropagates must already be divided by the global token count (see omni_dist.loss), which is what
+makes every layout train the same model as one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+
+from omni_dist.dtypes import resolve_dtype
+from omni_dist.mesh import ParallelMesh
+from omni_dist.plan import ParallelPlan, PlanError
+from omni_dist.recompute import ActivationOffloader, apply_activation_offload, apply_recompute
+
+log = logging.getLogger(__name__)
+
+RECOMPUTE_MODES = ("none", "full", "selective")
+
+
+@dataclass(frozen=True)
+class ParallelizeConfig:
+    """User choices for how the plan is applied (the plan says where, this says what)."""
+
+    param_dtype: str = "float32"  # dtype of unsharded parameters in forward/backward
+    reduce_dtype: str = "float32"  # dtype of gradient reduction
+    reshard_after_forward: bool = True  # False keeps gathered params until backward (ZeRO-2-like)
+    forward_prefetch: int = 0  # FSDP units ahead whose all-gather is issued early in forward
+    offload_params: bool = False  # FSDP CPUOffloadPolicy: params, grads and optimizer state on CPU
+    recompute: str = "none"  # none | full | selective, applied to plan.recompute
+    offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
+
+    def __post_init__(self) -> None:
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}.")
+        if self.forward_prefetch < 0:
+            raise ValueError(f"forward_prefetch must be >= 0, got {self.forward_prefetch}.")
+
+
+@dataclass
+class ParallelizeReport:
+    """What parallelize did, by qualified module name (for logs and tests)."""
+
+    fsdp_units: list[str] = field(default_factory=list)
+    fp32_units: list[str] = field(default_factory=list)
+    recomputed: list[str] = field(default_factory=list)
+    offloaded: dict[str, ActivationOffloader] = field(default_factory=dict)
+    mesh_dims: tuple[str, ...] = ()
+
+
+def parallelize(
+    model: nn.Module, mesh: ParallelMesh, plan: ParallelPlan, config: ParallelizeConfig | None = None
+) -> ParallelizeReport:
+    """Apply `plan` to `model` in place on `mesh`; returns what was applied."""
+    config = config or ParallelizeConfig()
+    device_type = mesh.world.device_type
+    param_dtype = resolve_dtype(config.param_dtype, device_type, "param_dtype")
+    reduce_dtype = resolve_dtype(config.reduce_dtype, device_type, "reduce_dtype")
+    already = [fqn or "<root>" for fqn, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if already:
+        raise PlanError(f"{type(model).__name__} is already parallelized (FSDP units: {already[:3]}...).")
+    if mesh.dims.ep > 1:
+        raise PlanError("ep > 1 needs expert parallelism, which parallelize does not apply yet; set ep=1.")
+
+    units = plan.match_modules(model, "fsdp_units")
+    fp32 = plan.match_modules(model, "fp32_modules") if param_dtype != torch.float32 else []
+    recompute = plan.match_modules(model, "recompute") if config.recompute != "none" else []
+    offload = plan.match_modules(model, "offload") if config.offload_activations else []
+    plan.match_expert_params(model)  # validated now so a typo fails before training starts
+
+    report = ParallelizeReport()
+    for fqn, module in recompute:
+        apply_recompute(module, fqn, config.recompute)
+        report.recomputed.append(fqn)
+    for fqn, module in offload:
+        report.offloaded[fqn] = apply_activation_offload(module, fqn)
+
+    dp_mesh = mesh.data_parallel_mesh(replicate=mesh.dims.dp_replicate > 1)
+    report.mesh_dims = tuple(dp_mesh.mesh_dim_names or ())
+    offload_policy: OffloadPolicy = (
+        CPUOffloadPolicy(pin_memory=device_type == "cuda") if config.offload_params else OffloadPolicy()
+    )
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # fp32 modules compute in fp32 but hand the block's compute dtype back to their parent.
+    mp_fp32 = MixedPrecisionPolicy(
+        param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype
+    )
+
+    def shard(module: nn.Module, policy: MixedPrecisionPolicy, reshard: bool) -> FSDPModule:
+        fully_shard(
+            module,
+            mesh=dp_mesh,
+            mp_policy=policy,
+            offload_policy=offload_policy,
+            reshard_after_forward=reshard,
+        )
+        assert isinstance(module, FSDPModule)
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        return module
+
+    # Innermost first: a unit must be sharded before any unit that contains it.
+    for fqn, module in sorted(fp32, key=lambda x: -x[0].count(".")):
+        shard(module, mp_fp32, config.reshard_after_forward)
+        report.fp32_units.append(fqn)
+    sharded_units = []
+    for fqn, module in sorted(units, key=lambda x: -x[0].count(".")):
+        sharded_units.append((fqn, shard(module, mp, config.reshard_after_forward)))
+        report.fsdp_units.append(fqn)
+    # The root's parameters (embeddings, head) are needed again at the start of backward: keep them.
+    shard(model, mp, reshard=False)
+
+    if config.forward_prefetch:
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        in_forward_order = [m for _, m in sorted(sharded_units, key=lambda x: order[x[0]])]
+        for i, unit in enumerate(in_forward_order):
+            following = in_forward_order[i + 1 : i + 1 + config.forward_prefetch]
+            if following:
+                unit.set_modules_to_forward_prefetch(following)
+    if mesh.world.get_local_rank() == 0:
+        log.info(
+            "parallelize: %d FSDP units on mesh %s, %d fp32 units, recompute=%s on %d modules, "
+            "activation offload on %d modules, param offload=%s",
+            len(report.fsdp_units), report.mesh_dims, len(report.fp32_units), config.recompute,
+            len(report.recomputed), len(report.offloaded), config.offload_params,
+        )  # fmt: skip
+    return report

@@ -1,0 +1,104 @@
+"""ParallelPlan: which parts of a model get which parallel treatment, as data.
+
+A model family ships its plan next to its definition; `parallelize` applies it from outside, so model
+code never changes. Module patterns match either a class name exactly (`Qwen2DecoderLayer`) or a
+glob over the module's qualified name (`model.layers.*`, `visual.blocks.*`); parameter patterns are
+globs over parameter names. A pattern that matches nothing is an error, because a typo in a plan would
+otherwise silently train an unsharded model.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Parallel treatment of one model family (all fields are patterns; see the module docstring).
+
+    fsdp_units:     modules that become FSDP units (typically the transformer blocks); the root is
+                    always a unit too.
+    expert_params:  parameter glob -> placement for expert parallelism, e.g. {"*.experts.*": "shard0"}.
+    recompute:      modules whose activations are recomputed in backward (when recompute is enabled).
+    offload:        modules whose saved activations go to CPU (when activation offload is enabled).
+    fp32_modules:   modules that keep fp32 parameters and compute under a lower-precision policy
+                    (norms, routers); each becomes its own FSDP unit.
+    """
+
+    fsdp_units: tuple[str, ...] = ()
+    expert_params: Mapping[str, str] = field(default_factory=dict)
+    recompute: tuple[str, ...] = ()
+    offload: tuple[str, ...] = ()
+    fp32_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("fsdp_units", "recompute", "offload", "fp32_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise PlanError(f"ParallelPlan.{name} must be a list of patterns, got the string {value!r}.")
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "expert_params", dict(self.expert_params))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ParallelPlan:
+        """Build from plain data (YAML), rejecting unknown keys with the closest valid one."""
+        valid = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else f" Valid keys: {', '.join(valid)}."
+                raise PlanError(f"unknown ParallelPlan key {key!r}.{hint}")
+        return cls(**data)
+
+    def match_modules(self, model: nn.Module, attr: str) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) for every module matched by the patterns in `attr`, in model order.
+
+        Raises PlanError when a pattern matches no module, or two patterns match the same module.
+        """
+        patterns: tuple[str, ...] = getattr(self, attr)
+        named = [(fqn, m) for fqn, m in model.named_modules() if fqn]
+        hits: dict[str, str] = {}
+        for pattern in patterns:
+            matched = [fqn for fqn, m in named if type(m).__name__ == pattern or fnmatchcase(fqn, pattern)]
+            if not matched:
+                raise PlanError(
+                    f"plan.{attr} pattern {pattern!r} matches no module of {type(model).__name__}."
+                    + _closest(pattern, [f for f, _ in named] + sorted({type(m).__name__ for _, m in named}))
+                )
+            for fqn in matched:
+                if fqn in hits:
+                    raise PlanError(
+                        f"plan.{attr}: module {fqn!r} is matched by both {hits[fqn]!r} and {pattern!r}; "
+                        "each module may be listed once."
+                    )
+                hits[fqn] = pattern
+        return [(fqn, m) for fqn, m in named if fqn in hits]
+
+    def match_expert_params(self, model: nn.Module) -> dict[str, str]:
+        """Parameter name -> placement for the expert-sharded parameters; every glob must match."""
+        names = [n for n, _ in model.named_parameters()]
+        out: dict[str, str] = {}
+        for pattern, placement in self.expert_params.items():
+            matched = [n for n in names if fnmatchcase(n, pattern)]
+            if not matched:
+                raise PlanError(
+                    f"plan.expert_params pattern {pattern!r} matches no parameter of {type(model).__name__}."
+                    + _closest(pattern, names)
+                )
+            out.update(dict.fromkeys(matched, placement))
+        return out
+
+
+def _closest(pattern: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(pattern, candidates, n=3, cutoff=0.5)
+    return f" Closest: {', '.join(close)}." if close else ""

@@ -1,0 +1,129 @@
+"""Tiny HF models, a fixed global batch, and one training loop shared by single-process and parallel runs."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from omni_dist import ParallelDims, ParallelMesh
+from omni_dist.grad_norm import clip_grad_norm_
+from omni_dist.loss import global_token_count
+from omni_dist.parallelize import ParallelizeConfig, parallelize
+from omni_dist.plan import ParallelPlan
+from omni_dist.weights import init_weights_, materialize_
+
+SEED = 1234
+STEPS = 5
+GLOBAL_BATCH = 8
+SEQ = 16
+
+# What a model family ships beside its definition: data only, no edits to the HF model.
+QWEN2_PLAN = ParallelPlan(
+    fsdp_units=("Qwen2DecoderLayer",),
+    recompute=("Qwen2DecoderLayer",),
+    offload=("model.layers.*",),
+    fp32_modules=("Qwen2RMSNorm",),
+)
+
+
+def tiny_qwen2_config(**overrides) -> Qwen2Config:
+    kw = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        dtype="float32",
+    )
+    kw.update(overrides)
+    return Qwen2Config(**kw)
+
+
+def meta_model(config) -> nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def plain_model(config, seed: int = SEED) -> nn.Module:
+    """The single-process reference: same builder, same init, no parallelism."""
+    model = meta_model(config)
+    materialize_(model, "cpu")
+    init_weights_(model, model._init_weights, seed)
+    return model
+
+
+def global_batch(vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(99)
+    ids = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ), generator=g)
+    labels = ids.clone()
+    # Uneven numbers of supervised tokens per sequence, so the token weighting matters.
+    for i in range(GLOBAL_BATCH):
+        labels[i, : 1 + 2 * i % SEQ] = -100
+    return ids, labels
+
+
+def loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    target = labels[:, 1:]
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return total, int((target != -100).sum())
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, foreach=False)
+
+
+def train_single(config, steps: int = STEPS) -> dict[str, list[float]]:
+    model = plain_model(config)
+    opt = make_optimizer(model)
+    ids, labels = global_batch(config.vocab_size)
+    losses, norms = [], []
+    for _ in range(steps):
+        total, tokens = loss_sum(model, ids, labels)
+        loss = total / tokens
+        loss.backward()
+        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"loss": losses, "grad_norm": norms}
+
+
+def build_parallel(config, dims_kwargs: dict, cfg: ParallelizeConfig, plan: ParallelPlan = QWEN2_PLAN):
+    dims = ParallelDims(world_size=dist.get_world_size(), **dims_kwargs)
+    mesh = ParallelMesh.build(dims, device_type="cpu")
+    model = meta_model(config)
+    report = parallelize(model, mesh, plan, cfg)
+    materialize_(model, "cpu", offload_params=cfg.offload_params)
+    init_weights_(model, model._init_weights, SEED)
+    return model, mesh, report
+
+
+def train_parallel(config, dims_kwargs: dict, cfg: ParallelizeConfig, steps: int = STEPS) -> dict:
+    model, mesh, report = build_parallel(config, dims_kwargs, cfg)
+    opt = make_optimizer(model)
+    ids, labels = global_batch(config.vocab_size)
+    per = GLOBAL_BATCH // mesh.dims.dp
+    rows = slice(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
+    losses, norms = [], []
+    for _ in range(steps):
+        total, tokens = loss_sum(model, ids[rows], labels[rows])
+        loss = total / global_token_count(tokens, mesh["loss"]).to(total.dtype)
+        loss.backward()
+        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
+        opt.step()
+        opt.zero_grad()
+        reported = loss.detach().clone()
+        dist.all_reduce(reported, group=mesh["loss"].get_group())
+        losses.append(reported.item())
+    saved = sum(o.saved for o in report.offloaded.values())
+    return {"loss": losses, "grad_norm": norms, "offload_saved": saved, "recomputed": len(report.recomputed)}

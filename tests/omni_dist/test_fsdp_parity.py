@@ -70,7 +70,7 @@ def test_four_rank_layouts_match_single_process(reference):
 
 
 def _full_weights_after_meta_init(dims: dict) -> dict:
-    model, mesh, _ = build_parallel(tiny_qwen2_config(), dims, ParallelizeConfig())
+    model, _, _ = build_parallel(tiny_qwen2_config(), dims, ParallelizeConfig())
     local_numel = sum(p.to_local().numel() for p in model.parameters())
     full = {
         k: (v.full_tensor() if isinstance(v, DTensor) else v.clone()) for k, v in model.state_dict().items()

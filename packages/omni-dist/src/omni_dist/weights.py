@@ -95,7 +95,7 @@ def _init_one(
     finally:
         for store, name, t in slots:
             store[name] = t
-    for store, name, t in slots:
+    for _, name, t in slots:
         value = full[name]
         if _still_sentinel(value):
             raise WeightInitError(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ast
+import os
+import re
 import subprocess
 import sys
 import textwrap
 from importlib import metadata
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ROOT / "packages"
@@ -49,8 +53,8 @@ def test_first_party_imports_follow_the_dependency_rule():
     assert not bad, "\n".join(bad)
 
 
-def _torch_closure() -> set[str]:
-    """Top-level modules of torch and everything it depends on (what a torch-only env has)."""
+def _torch_closure() -> tuple[set[str], set[str]]:
+    """(distribution names, top-level modules) of torch and everything it depends on."""
     seen, todo = set(), ["torch"]
     while todo:
         name = todo.pop()
@@ -61,46 +65,50 @@ def _torch_closure() -> set[str]:
             reqs = metadata.requires(name) or []
         except metadata.PackageNotFoundError:
             continue
-        for req in reqs:
-            if "extra ==" in req:
-                continue
-            todo.append(
-                req.split(";")[0]
-                .split("[")[0]
-                .split("<")[0]
-                .split(">")[0]
-                .split("=")[0]
-                .split("!")[0]
-                .split("~")[0]
-                .strip()
-                .lower()
-                .replace("_", "-")
-            )
-    modules = set()
-    for module, dists in metadata.packages_distributions().items():
-        if any(d.lower().replace("_", "-") in seen for d in dists):
-            modules.add(module)
-    return modules
+        todo += [_dist_name(r) for r in reqs if "extra ==" not in r]
+    modules = {
+        m for m, dists in metadata.packages_distributions().items() if any(_norm(d) in seen for d in dists)
+    }
+    return seen, modules
 
 
-def test_omni_dist_imports_with_only_torch():
-    """Import every omni_dist module in a fresh interpreter where only stdlib + torch's closure resolve."""
-    allowed = sorted(_torch_closure() | {"omni_dist"})
-    code = textwrap.dedent(f"""
-        import importlib, pkgutil, sys
-        allowed = set({allowed!r}) | set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
-        class OnlyTorch:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] not in allowed:
-                    raise ModuleNotFoundError(f"{{name}} is not installed in a torch-only environment")
-                return None
 
-        sys.meta_path.insert(0, OnlyTorch())
+def _dist_name(requirement: str) -> str:
+    return _norm(re.split(r"[\s;\[<>=!~(]", requirement.strip(), maxsplit=1)[0])
+
+
+def test_omni_dist_imports_with_only_torch(tmp_path):
+    """Import every omni_dist module in an interpreter that sees only the stdlib, torch and its deps.
+
+    The interpreter runs with -S (no site-packages); a folder of links to torch's closure stands in for
+    a site-packages where only `pip install torch` was run.
+    """
+    dists, modules = _torch_closure()
+    site = Path(torch.__file__).resolve().parents[1]
+    env_dir = tmp_path / "site"
+    env_dir.mkdir()
+    for entry in site.iterdir():
+        if entry.name.endswith(".dist-info"):
+            keep = _norm(entry.name[: -len(".dist-info")].rsplit("-", 1)[0]) in dists
+        else:
+            keep = entry.name.split(".")[0] in modules
+        if keep:
+            (env_dir / entry.name).symlink_to(entry)
+    code = textwrap.dedent("""
+        import importlib, pkgutil
         import omni_dist
         for m in pkgutil.walk_packages(omni_dist.__path__, "omni_dist."):
             importlib.import_module(m.name)
+        for absent in ("transformers", "numpy", "ray", "safetensors", "omni_models"):
+            assert importlib.util.find_spec(absent) is None, absent
         print("ok", omni_dist.__version__)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr
+    src = PACKAGES / "omni-dist" / "src"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "PYTHONPATH": f"{env_dir}{os.pathsep}{src}"
+    }
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout + proc.stderr

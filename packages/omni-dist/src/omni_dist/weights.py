@@ -24,9 +24,19 @@ def materialize_(model: nn.Module, device: torch.device | str, offload_params: b
     """Allocate storage for a meta-device model (local shards only, after parallelize).
 
     Values are garbage until `init_weights_` or a checkpoint load fills them. With FSDP parameter
-    offload the shards live on CPU.
+    offload the shards live on CPU. Tied parameters (one Parameter under several modules, e.g.
+    embeddings and LM head) stay tied: `to_empty` alone would give each module its own copy.
     """
+    ties: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                ties.setdefault(id(p), []).append((module, name))
     model.to_empty(device="cpu" if offload_params else device)
+    for owners in ties.values():
+        first_module, first_name = owners[0]
+        for module, name in owners[1:]:
+            module._parameters[name] = first_module._parameters[first_name]
 
 
 def module_seed(seed: int, fqn: str) -> int:
@@ -59,9 +69,10 @@ def init_weights_(
     """
     wanted = None if names is None else set(names)
     devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
+    done: set[int] = set()  # a tied tensor is initialised once, by its first owner
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         for fqn, module in model.named_modules():
-            _init_one(module, fqn, init_module, seed, wanted)
+            _init_one(module, fqn, init_module, seed, wanted, done)
 
 
 def _tensors(model: nn.Module) -> Iterable[torch.Tensor]:
@@ -70,14 +81,19 @@ def _tensors(model: nn.Module) -> Iterable[torch.Tensor]:
 
 
 def _init_one(
-    module: nn.Module, fqn: str, init_module: Callable[[nn.Module], None], seed: int, wanted: set[str] | None
+    module: nn.Module,
+    fqn: str,
+    init_module: Callable[[nn.Module], None],
+    seed: int,
+    wanted: set[str] | None,
+    done: set[int],
 ) -> None:
     slots = [(module._parameters, n, t) for n, t in module._parameters.items() if t is not None]
     slots += [(module._buffers, n, t) for n, t in module._buffers.items() if t is not None]
-    if wanted is not None:
-        slots = [s for s in slots if _qual(fqn, s[1]) in wanted]
+    slots = [s for s in slots if id(s[2]) not in done and (wanted is None or _qual(fqn, s[1]) in wanted)]
     if not slots:
         return
+    done.update(id(s[2]) for s in slots)
     full = {}
     for store, name, t in slots:
         local = t.to_local() if isinstance(t, DTensor) else t

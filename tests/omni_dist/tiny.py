@@ -14,19 +14,15 @@ from omni_dist.loss import global_token_count
 from omni_dist.parallelize import ParallelizeConfig, parallelize
 from omni_dist.plan import ParallelPlan
 from omni_dist.weights import init_weights_, materialize_
+from omni_models.hf_plans import HF_DECODER_PLANS
 
 SEED = 1234
 STEPS = 5
 GLOBAL_BATCH = 8
 SEQ = 16
 
-# What a model family ships beside its definition: data only, no edits to the HF model.
-QWEN2_PLAN = ParallelPlan(
-    fsdp_units=("Qwen2DecoderLayer",),
-    recompute=("Qwen2DecoderLayer",),
-    offload=("model.layers.*",),
-    fp32_modules=("Qwen2RMSNorm",),
-)
+# The Qwen2 family's plan as omni-models ships it (data only, no edits to the HF model).
+QWEN2_PLAN = HF_DECODER_PLANS["Qwen2ForCausalLM"]
 
 
 def tiny_qwen2_config(**overrides) -> Qwen2Config:

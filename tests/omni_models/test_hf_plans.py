@@ -1,0 +1,30 @@
+"""Every shipped HF decoder plan matches its model family (on tiny meta-device models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from omni_dist.plan import PlanError
+from omni_models.hf_plans import HF_DECODER_PLANS, plan_for
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("config_cls", [LlamaConfig, Qwen2Config, Qwen3Config])
+def test_plan_matches_family(config_cls):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config_cls(**SMALL))
+    plan = plan_for(model)
+    for attr in ("fsdp_units", "recompute", "offload"):
+        assert [fqn for fqn, _ in plan.match_modules(model, attr)] == ["model.layers.0", "model.layers.1"]
+    norms_per_block = 4 if config_cls is Qwen3Config else 2  # Qwen3 adds q_norm and k_norm
+    assert len(plan.match_modules(model, "fp32_modules")) == 2 * norms_per_block + 1
+
+
+def test_unknown_family_is_named():
+    with pytest.raises(PlanError, match="no parallel plan for Linear; known: LlamaForCausalLM"):
+        plan_for(torch.nn.Linear(2, 2))
+    assert set(HF_DECODER_PLANS) == {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}

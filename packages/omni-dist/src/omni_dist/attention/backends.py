@@ -1,0 +1,137 @@
+"""Attention over packed variable-length sequences, one function per backend.
+
+Every backend takes q (T, Hq, D), k and v (T, Hkv, D) for one packed sequence of T tokens whose samples
+are delimited by `cu_seqlens` (int, [0, ..., T]), and returns (T, Hq, D). Hq must be a multiple of Hkv
+(grouped-query attention). Tokens attend only within their own sample (causally when `causal`).
+
+    sdpa        F.scaled_dot_product_attention with a block-diagonal mask: any device, the reference
+    varlen      torch.nn.attention.varlen.varlen_attn (CUDA, torch builds that ship it)
+    flash_attn  flash_attn.flash_attn_varlen_func (CUDA, with the flash-attn package)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+AttentionFn = Callable[..., torch.Tensor]
+AUTO_ORDER = ("flash_attn", "varlen", "sdpa")
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int, causal: bool = True) -> torch.Tensor:
+    """(T, T) bool mask, True where query i may attend key j: same sample (and j <= i when causal)."""
+    sample = torch.zeros(total, dtype=torch.long, device=cu_seqlens.device)
+    sample[cu_seqlens[1:-1].long()] = 1
+    sample = sample.cumsum(0)
+    mask = sample[:, None] == sample[None, :]
+    if causal:
+        mask &= torch.ones(total, total, dtype=torch.bool, device=mask.device).tril()
+    return mask
+
+
+def sdpa_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    del max_seqlen  # the mask carries the sample boundaries
+    total, hq, _ = q.shape
+    groups = hq // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    mask = block_causal_mask(cu_seqlens, total, causal)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, scale=scale,
+    )  # fmt: skip
+    return out.squeeze(0).transpose(0, 1)
+
+
+def torch_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = cu_seqlens.to(torch.int32)
+    params = inspect.signature(varlen_attn).parameters
+    # The keyword for causality changed between torch releases (is_causal -> window_size).
+    extra = (
+        {"is_causal": causal} if "is_causal" in params else {"window_size": (-1, 0) if causal else (-1, -1)}
+    )
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale, **extra)
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(torch.int32)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, softmax_scale=scale, causal=causal)
+
+
+BACKENDS: dict[str, AttentionFn] = {
+    "sdpa": sdpa_varlen,
+    "varlen": torch_varlen,
+    "flash_attn": flash_attn_varlen,
+}
+
+
+def backend_status(device_type: str) -> dict[str, str]:
+    """Why each backend can or cannot run here: 'ok' or the reason."""
+    cuda = device_type == "cuda" and torch.cuda.is_available()
+    status = {"sdpa": "ok"}
+    if not cuda:
+        status["varlen"] = status["flash_attn"] = "needs a CUDA device"
+        return status
+    has_varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    status["varlen"] = "ok" if has_varlen else f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    status["flash_attn"] = "ok" if importlib.util.find_spec("flash_attn") else "flash-attn is not installed"
+    return status
+
+
+def resolve_backend(name: str, device_type: str) -> tuple[str, AttentionFn]:
+    """The backend to use: `name`, or with 'auto' the fastest available (flash_attn > varlen > sdpa)."""
+    status = backend_status(device_type)
+    if name == "auto":
+        chosen = next(n for n in AUTO_ORDER if status[n] == "ok")
+        skipped = [f"{n}: {status[n]}" for n in AUTO_ORDER[: AUTO_ORDER.index(chosen)]]
+        log.info(
+            "attention backend: %s (auto%s)", chosen, f"; skipped {'; '.join(skipped)}" if skipped else ""
+        )
+        return chosen, BACKENDS[chosen]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}.")
+    if status[name] != "ok":
+        raise ValueError(f"attention backend {name!r} cannot run on {device_type}: {status[name]}.")
+    log.info("attention backend: %s (requested)", name)
+    return name, BACKENDS[name]

@@ -9,11 +9,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from omni_dist import ParallelDims, ParallelMesh
+from omni_dist.attention import SequenceParallel
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
 from omni_dist.parallelize import ParallelizeConfig, parallelize
 from omni_dist.plan import ParallelPlan
+from omni_dist.sequence import PackedSequence, pack, pad_for_sp, slice_for_sp
 from omni_dist.weights import init_weights_, materialize_
+from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.hf_plans import HF_DECODER_PLANS
 
 SEED = 1234
@@ -123,3 +126,78 @@ def train_parallel(config, dims_kwargs: dict, cfg: ParallelizeConfig, steps: int
         losses.append(reported.item())
     saved = sum(o.saved for o in report.offloaded.values())
     return {"loss": losses, "grad_norm": norms, "offload_saved": saved, "recomputed": len(report.recomputed)}
+
+
+# --- packed sequences (sequence parallelism) -------------------------------------------------------
+
+PACKED_LENGTHS = [[9, 4, 12, 6], [5, 14, 3, 7, 2]]  # two packed sequences: 31 and 31 tokens
+
+
+def packed_global_batch(vocab: int = 128) -> list[PackedSequence]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for lengths in PACKED_LENGTHS:
+        samples = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+        # the first two tokens of each sample are a "prompt" without loss
+        masks = [torch.arange(n) >= 2 for n in lengths]
+        out.append(pack(samples, masks))
+    return out
+
+
+def packed_config(**overrides) -> Qwen2Config:
+    register_packed_attention()
+    return tiny_qwen2_config(attn_implementation=implementation_name("sdpa"), **overrides)
+
+
+def packed_loss_sum(model: nn.Module, seq: PackedSequence, sp: SequenceParallel | None = None):
+    ids, pos, labels = seq.input_ids, seq.position_ids, seq.labels
+    if sp is not None:
+        ids, pos, labels = (slice_for_sp(x, sp) for x in (ids, pos, labels))
+    logits = model(
+        input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=seq.cu_seqlens, cu_seq_lens_k=seq.cu_seqlens,
+        max_length_q=seq.max_seqlen, max_length_k=seq.max_seqlen, use_cache=False, sequence_parallel=sp,
+    ).logits[0].float()  # fmt: skip
+    total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return total, int((labels != -100).sum())
+
+
+def train_single_packed(config, steps: int = STEPS) -> dict[str, list[float]]:
+    model = plain_model(config)
+    opt = make_optimizer(model)
+    batch = packed_global_batch(config.vocab_size)
+    tokens = sum(int((s.labels != -100).sum()) for s in batch)
+    losses, norms = [], []
+    for _ in range(steps):
+        loss = 0.0
+        for seq in batch:  # micro-batches
+            total, _ = packed_loss_sum(model, seq)
+            (total / tokens).backward()
+            loss += (total / tokens).item()
+        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss)
+    return {"loss": losses, "grad_norm": norms}
+
+
+def train_sp(config, dims_kwargs: dict, overlap_chunks: int = 1, steps: int = STEPS) -> dict:
+    model, mesh, _ = build_parallel(config, dims_kwargs, ParallelizeConfig())
+    sp = SequenceParallel.from_mesh(mesh["sp"], overlap_chunks)
+    opt = make_optimizer(model)
+    batch = packed_global_batch(config.vocab_size)
+    mine = [pad_for_sp(s, sp.size) for s in batch[mesh.dp_rank :: mesh.dims.dp]]
+    local_tokens = sum(int((slice_for_sp(s.labels, sp) != -100).sum()) for s in mine)
+    tokens = global_token_count(local_tokens, mesh["loss"])
+    losses, norms = [], []
+    for _ in range(steps):
+        loss = torch.zeros((), dtype=torch.float64)
+        for seq in mine:
+            total, _ = packed_loss_sum(model, seq, sp)
+            (total / tokens.to(total.dtype)).backward()
+            loss += total.detach() / tokens
+        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
+        opt.step()
+        opt.zero_grad()
+        dist.all_reduce(loss, group=mesh["loss"].get_group())
+        losses.append(loss.item())
+    return {"loss": losses, "grad_norm": norms}

@@ -49,7 +49,8 @@ def build(tokens: int):
     return config, pack([torch.randint(0, 4096, (n,), generator=g) for n in lengths])
 
 
-def step_times(tokens: int, steps: int, sp_size: int, chunks: int, profile_a2a: bool) -> dict:
+def step_times(tokens: int, steps: int, sp_size: int, chunk_options: tuple[int, ...]) -> dict:
+    """Median step time per overlap setting; settings alternate step by step so they share the noise."""
     config, seq = build(tokens)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -57,11 +58,12 @@ def step_times(tokens: int, steps: int, sp_size: int, chunks: int, profile_a2a: 
     parallelize(model, mesh, plan_for(model), ParallelizeConfig())
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, seed=0)
-    sp = SequenceParallel.from_mesh(mesh["sp"], chunks)
+    variants = {c: SequenceParallel.from_mesh(mesh["sp"], c) for c in chunk_options}
+    sp = variants[chunk_options[0]]
     seq = pad_for_sp(seq, sp.size)
     ids, pos, labels = (slice_for_sp(x, sp) for x in (seq.input_ids, seq.position_ids, seq.labels))
 
-    def step():
+    def step(sp: SequenceParallel) -> None:
         logits = model(
             input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=seq.cu_seqlens, cu_seq_lens_k=seq.cu_seqlens,
             max_length_q=seq.max_seqlen, max_length_k=seq.max_seqlen, use_cache=False, sequence_parallel=sp,
@@ -69,32 +71,35 @@ def step_times(tokens: int, steps: int, sp_size: int, chunks: int, profile_a2a: 
         F.cross_entropy(logits, labels, ignore_index=-100).backward()
         model.zero_grad()
 
-    times = []
+    times: dict[int, list[float]] = {c: [] for c in chunk_options}
     for _ in range(steps + WARMUP):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    out = {"step_s": statistics.median(times[WARMUP:])}
-    if profile_a2a:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for c, variant in variants.items():
+            dist.barrier()
             start = time.perf_counter()
-            step()
-            total = time.perf_counter() - start
-        # "<backend>:all_to_all" spans each collective from issue to completion.
-        a2a_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key.endswith(":all_to_all"))
-        out["all_to_all_fraction"] = a2a_us / 1e6 / total
+            step(variant)
+            times[c].append(time.perf_counter() - start)
+    out = {}
+    for c, variant in variants.items():
+        out[c] = {"step_s": statistics.median(times[c][WARMUP:])}
+        if sp_size > 1:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                step(variant)
+                total = time.perf_counter() - start
+            # "<backend>:all_to_all" spans each collective from issue to completion.
+            a2a_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key.endswith(":all_to_all"))
+            out[c]["all_to_all_fraction"] = a2a_us / 1e6 / total
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
-    base = run_ranks(step_times, 1, args=(args.tokens, args.steps, 1, 1, False), timeout_s=1800)[0]
-    sync = run_ranks(step_times, 2, args=(args.tokens, args.steps, 2, 1, True), timeout_s=1800)[0]
-    asyn = run_ranks(step_times, 2, args=(args.tokens, args.steps, 2, 2, True), timeout_s=1800)[0]
+    base = run_ranks(step_times, 1, args=(args.tokens, args.steps, 1, (1,)), timeout_s=1800)[0][1]
+    both = run_ranks(step_times, 2, args=(args.tokens, args.steps, 2, (1, 2)), timeout_s=1800)[0]
+    sync, asyn = both[1], both[2]
     per_token = {
         k: v["step_s"] / args.tokens for k, v in (("sp1", base), ("sp2_sync", sync), ("sp2_async", asyn))
     }

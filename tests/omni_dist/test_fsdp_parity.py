@@ -58,6 +58,7 @@ def test_two_rank_modes_match_single_process(reference):
         assert results[1][label]["loss"] == got["loss"]  # every rank reports the same global loss
     assert results[0]["dp2/fsdp2+full_recompute"]["recomputed"] == 3
     assert results[0]["dp2/fsdp2+activation_offload"]["offload_saved"] > 0
+    assert results[0]["dp2/fsdp2+activation_offload"]["offload_params_kept"] > 0  # weights are not offloaded
     assert results[0]["dp2/fsdp2"]["offload_saved"] == 0
     # the model really trains: five steps lower the loss
     assert reference["loss"][-1] < reference["loss"][0]
@@ -69,8 +70,8 @@ def test_four_rank_layouts_match_single_process(reference):
         _assert_matches(reference, got, label)
 
 
-def _full_weights_after_meta_init(dims: dict) -> dict:
-    model, _, _ = build_parallel(tiny_qwen2_config(), dims, ParallelizeConfig())
+def _full_weights_after_meta_init(dims: dict, tied: bool) -> dict:
+    model, _, _ = build_parallel(tiny_qwen2_config(tie_word_embeddings=tied), dims, ParallelizeConfig())
     local_numel = sum(p.to_local().numel() for p in model.parameters())
     full = {
         k: (v.full_tensor() if isinstance(v, DTensor) else v.clone()) for k, v in model.state_dict().items()
@@ -79,12 +80,16 @@ def _full_weights_after_meta_init(dims: dict) -> dict:
     return {"full": full, "buffers": buffers, "local_numel": local_numel, "rank": dist.get_rank()}
 
 
-@pytest.mark.parametrize(("world", "dims"), [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2})])
-def test_meta_init_equals_single_process_init_exactly(world, dims):
-    want = plain_model(tiny_qwen2_config())
+@pytest.mark.parametrize(
+    ("world", "dims", "tied"),
+    [(2, {"dp_shard": 2}, False), (2, {"dp_shard": 2}, True), (4, {"dp_replicate": 2, "dp_shard": 2}, False)],
+)
+def test_meta_init_equals_single_process_init_exactly(world, dims, tied):
+    want = plain_model(tiny_qwen2_config(tie_word_embeddings=tied))
+    assert (want.lm_head.weight is want.model.embed_tokens.weight) == tied
     want_sd = want.state_dict()
     total = sum(p.numel() for p in want.parameters())
-    for got in run_ranks(_full_weights_after_meta_init, world, dims):
+    for got in run_ranks(_full_weights_after_meta_init, world, dims, tied):
         assert got["full"].keys() == want_sd.keys()
         for k, v in want_sd.items():
             assert torch.equal(got["full"][k], v), k

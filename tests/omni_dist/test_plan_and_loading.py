@@ -24,6 +24,9 @@ from tests.omni_dist.tiny import (
 )
 
 VARIANTS = {"untied": {}, "tied": {"tie_word_embeddings": True}}
+FP32_NORMS_PLAN = ParallelPlan(
+    fsdp_units=("Qwen2DecoderLayer",), recompute=("Qwen2DecoderLayer",), fp32_modules=("Qwen2RMSNorm",)
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +53,12 @@ def _load_and_forward(paths: dict[str, str], dims: dict) -> dict[str, torch.Tens
         model = meta_model(config)
         parallelize(model, mesh, QWEN2_PLAN, ParallelizeConfig())
         materialize_(model, "cpu")
-        loaded = load_hf_weights_(model, path)
-        assert "lm_head.weight" in loaded or name == "tied"
-        init_weights_(model, model._init_weights, seed=0, names=non_persistent_buffers(model))
+        # strict=False on the tied checkpoint: the returned names must cover both aliases, so the
+        # "initialise what was not loaded" step leaves the loaded embedding alone.
+        loaded = load_hf_weights_(model, path, strict=name == "untied")
+        assert {"model.embed_tokens.weight", "lm_head.weight"} <= loaded
+        rest = {n for n, _ in model.named_parameters(remove_duplicate=False)} - loaded
+        init_weights_(model, model._init_weights, seed=0, names=non_persistent_buffers(model) | rest)
         with torch.no_grad():
             out[name] = model(input_ids=ids, use_cache=False).logits
     return out
@@ -70,7 +76,7 @@ def _mixed_precision_dtypes() -> dict:
     config = tiny_qwen2_config()
     seen: dict[str, torch.dtype] = {}
     cfg = ParallelizeConfig(param_dtype="bfloat16", reduce_dtype="float32")
-    model, _, report = build_parallel(config, {"dp_shard": 2}, cfg)
+    model, _, report = build_parallel(config, {"dp_shard": 2}, cfg, FP32_NORMS_PLAN)
     norm, proj = model.model.layers[0].input_layernorm, model.model.layers[0].self_attn.q_proj
 
     def record(key):
@@ -91,6 +97,33 @@ def _mixed_precision_dtypes() -> dict:
         "sharded_dtype": model.model.layers[0].self_attn.q_proj.weight.dtype,
         "grad_dtype": model.model.layers[0].self_attn.q_proj.weight.grad.dtype,
     }
+
+
+def _bf16_recompute_losses() -> dict[str, list[float]]:
+    config = tiny_qwen2_config()
+    out = {}
+    for mode in ("full", "selective"):
+        cfg = ParallelizeConfig(param_dtype="bfloat16", recompute=mode)
+        model, _, _ = build_parallel(config, {"dp_shard": 2}, cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ids, labels = global_batch()
+        losses = []
+        for _ in range(2):
+            total, tokens = loss_sum(model, ids, labels)
+            (total / tokens / dist.get_world_size()).backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append((total / tokens).item())
+        out[mode] = losses
+    return out
+
+
+def test_bf16_with_full_and_selective_recompute_trains():
+    out = run_ranks(_bf16_recompute_losses, 2)[0]
+    fp32_first = (lambda t: (t[0] / t[1]).item())(loss_sum(plain_model(tiny_qwen2_config()), *global_batch()))
+    for mode, losses in out.items():
+        assert abs(losses[0] - fp32_first) < 2e-2 * fp32_first, (mode, losses)
+        assert losses[1] < losses[0], (mode, losses)
 
 
 def test_bf16_compute_keeps_fp32_modules_and_fp32_master_weights():
@@ -122,15 +155,18 @@ def _bad_inputs(missing_path: str, empty_path: str) -> dict[str, str]:
     out = {
         "typo": _error_text(apply(ParallelPlan(fsdp_units=("Qwen2DecoderLyer",)))),
         "expert_typo": _error_text(apply(ParallelPlan(expert_params={"*.experts.w1": "shard0"}))),
-        "both": _error_text(
+        "both": _error_text(apply(QWEN2_PLAN, ParallelizeConfig(recompute="full", offload_activations=True))),
+        "selective_fp32": _error_text(
+            apply(FP32_NORMS_PLAN, ParallelizeConfig(param_dtype="bfloat16", recompute="selective"))
+        ),
+        "unit_and_fp32": _error_text(
             apply(
-                ParallelPlan(
-                    fsdp_units=("Qwen2DecoderLayer",),
-                    recompute=("model.layers.*",),
-                    offload=("model.layers.*",),
-                ),
-                ParallelizeConfig(recompute="full", offload_activations=True),
+                ParallelPlan(fsdp_units=("Qwen2DecoderLayer",), fp32_modules=("model.layers.0",)),
+                ParallelizeConfig(param_dtype="bfloat16"),
             )
+        ),
+        "fp32_typo_in_fp32_run": _error_text(
+            apply(ParallelPlan(fsdp_units=("Qwen2DecoderLayer",), fp32_modules=("RMSNorm",)))
         ),
         "dtype": _error_text(apply(QWEN2_PLAN, ParallelizeConfig(param_dtype="bf17"))),
     }
@@ -143,6 +179,9 @@ def _bad_inputs(missing_path: str, empty_path: str) -> dict[str, str]:
         lambda: init_weights_(
             model, lambda m: None if type(m).__name__ == "Qwen2RMSNorm" else model._init_weights(m), 0
         )
+    )
+    out["unknown_names"] = _error_text(
+        lambda: init_weights_(model, model._init_weights, 0, names={"lm_head.bias"})
     )
     out["no_files"] = _error_text(lambda: load_hf_weights_(model, empty_path))
     out["missing"] = _error_text(lambda: load_hf_weights_(model, missing_path))
@@ -159,7 +198,11 @@ def test_bad_plans_and_inputs_fail_with_names(tmp_path):
     assert "PlanError: plan.fsdp_units pattern 'Qwen2DecoderLyer' matches no module" in out["typo"]
     assert "Closest: Qwen2DecoderLayer" in out["typo"]
     assert "plan.expert_params pattern '*.experts.w1' matches no parameter" in out["expert_typo"]
-    assert "would get both recompute:full and offload" in out["both"]
+    assert "recompute='full' and offload_activations=True both apply to" in out["both"]
+    assert "selective recompute of 'model.layers.0' would contain the fp32 FSDP unit" in out["selective_fp32"]
+    assert "listed in both plan.fsdp_units and plan.fp32_modules" in out["unit_and_fp32"]
+    assert "plan.fp32_modules pattern 'RMSNorm' matches no module" in out["fp32_typo_in_fp32_run"]
+    assert "has no tensors named ['lm_head.bias']" in out["unknown_names"]
     assert "param_dtype='bf17' is not a known dtype" in out["dtype"]
     assert "is already parallelized" in out["twice"]
     assert "WeightInitError" in out["meta"] and "materialize_() first" in out["meta"]

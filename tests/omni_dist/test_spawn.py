@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.harness import RankFailedError, run_ranks
+
+FLAG_AT_IMPORT = os.environ.get("OMNI_TEST_FLAG")  # read when a rank imports this module
 
 
 def _rank_facts(offset: int) -> dict:
@@ -23,11 +28,13 @@ def _rank_facts(offset: int) -> dict:
         "env": (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]),
         "sum": t.item() + offset,
         "tensor": torch.full((2,), float(dist.get_rank())),
+        "flag_at_import": FLAG_AT_IMPORT,
     }
 
 
 def test_results_come_back_in_rank_order():
-    out = run_ranks(_rank_facts, 3, 10)
+    out = run_ranks(_rank_facts, 3, 10, env={"OMNI_TEST_FLAG": "on"})
+    assert all(o["flag_at_import"] == "on" for o in out)
     assert [o["rank"] for o in out] == [0, 1, 2]
     assert all(o["world"] == 3 and o["threads"] == 1 and o["sum"] == 13.0 for o in out)
     assert [o["env"] for o in out] == [("0", "0", "3"), ("1", "1", "3"), ("2", "2", "3")]
@@ -81,3 +88,32 @@ def test_killed_rank_fails_with_its_signal():
     assert time.monotonic() - start < 60
     assert info.value.rank == 1
     assert "killed by signal SIGKILL" in str(info.value)
+
+
+def _start_child_then_raise() -> None:
+    if dist.get_rank() == 1:
+        child = subprocess.Popen(["sleep", "300"])
+        raise RuntimeError(f"failing with child pid={child.pid}")
+    dist.barrier()
+
+
+def test_processes_started_by_a_failed_rank_are_stopped_too():
+    with pytest.raises(RankFailedError) as info:
+        run_ranks(_start_child_then_raise, 2, timeout_s=120)
+    pid = int(re.search(r"child pid=(\d+)", str(info.value)).group(1))
+    assert _stopped_within(pid, 10.0)
+
+
+def _stopped_within(pid: int, seconds: float) -> bool:
+    """True once the process is gone or a zombie (killed, waiting to be reaped by init)."""
+    status = Path(f"/proc/{pid}/status")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = next(line for line in status.read_text().splitlines() if line.startswith("State:"))
+        except FileNotFoundError:
+            return True
+        if "zombie" in state:
+            return True
+        time.sleep(0.1)
+    return False

@@ -124,8 +124,13 @@ def train_parallel(config, dims_kwargs: dict, cfg: ParallelizeConfig, steps: int
         reported = loss.detach().clone()
         dist.all_reduce(reported, group=mesh["loss"].get_group())
         losses.append(reported.item())
-    saved = sum(o.saved for o in report.offloaded.values())
-    return {"loss": losses, "grad_norm": norms, "offload_saved": saved, "recomputed": len(report.recomputed)}
+    return {
+        "loss": losses,
+        "grad_norm": norms,
+        "offload_saved": sum(o.saved for o in report.offloaded.values()),
+        "offload_params_kept": sum(o.params_kept for o in report.offloaded.values()),
+        "recomputed": len(report.recomputed),
+    }
 
 
 # --- packed sequences (sequence parallelism) -------------------------------------------------------

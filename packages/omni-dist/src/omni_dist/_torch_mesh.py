@@ -10,15 +10,19 @@ from __future__ import annotations
 from torch.distributed.device_mesh import DeviceMesh
 
 
+def _method(mesh: DeviceMesh, name: str):
+    if not hasattr(mesh, name):
+        raise RuntimeError(
+            f"this torch has no DeviceMesh.{name}; omni-dist needs torch>=2.11 (checked on 2.13)."
+        )
+    return getattr(mesh, name)
+
+
 def unflatten(mesh: DeviceMesh, dim: int | str, sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
     """Split dimension `dim` of `mesh` into named dimensions of `sizes` (same root mesh, new groups)."""
-    if not hasattr(mesh, "_unflatten"):
-        raise RuntimeError(
-            "this torch has no DeviceMesh._unflatten; omni-dist needs torch>=2.11 (checked on 2.13)."
-        )
-    return mesh._unflatten(dim, sizes, names)
+    return _method(mesh, "_unflatten")(dim, sizes, names)
 
 
 def flatten(mesh: DeviceMesh, name: str) -> DeviceMesh:
     """A 1-D mesh over all ranks of `mesh` (in row-major order), named `name`."""
-    return mesh._flatten(name)
+    return _method(mesh, "_flatten")(name)

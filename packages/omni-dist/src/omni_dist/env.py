@@ -88,22 +88,19 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(
-    timeout: timedelta = DEFAULT_TIMEOUT,
-    backend: str | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> DistEnv:
+def init_distributed(timeout: timedelta = DEFAULT_TIMEOUT, backend: str | None = None) -> DistEnv:
     """Create the default process group for this process and return where it sits.
 
     On CUDA the backend is nccl for GPU tensors plus gloo for CPU tensors (checkpoint metadata, object
     collectives); on CPU it is gloo. `timeout` bounds every collective so that a dead peer surfaces as
-    an error instead of a hang (NCCL otherwise waits forever).
+    an error instead of a hang (NCCL otherwise waits forever). Rendezvous is torch's env:// (so a
+    torchrun agent's store is reused); a single process without the variables uses a local port.
     """
     if dist.is_initialized():
         raise DistEnvError(
             "torch.distributed is already initialised in this process; call destroy_distributed() first."
         )
-    env = DistEnv.from_environ(environ)
+    env = DistEnv.from_environ()
     device_type = default_device_type()
     device_id = None
     if device_type == "cuda":
@@ -116,18 +113,10 @@ def init_distributed(
         device_id = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device_id)
     backend = backend or ("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
-    port = env.master_port or free_port()
-    store = dist.TCPStore(
-        env.master_addr,
-        port,
-        env.world_size,
-        is_master=env.rank == 0,
-        timeout=timeout,
-        wait_for_workers=False,
-    )
+    init_method = "env://" if env.master_port else f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group(
         backend=backend,
-        store=store,
+        init_method=init_method,
         rank=env.rank,
         world_size=env.world_size,
         timeout=timeout,

@@ -26,10 +26,12 @@ class CheckpointMismatchError(RuntimeError):
 def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) -> set[str]:
     """Fill `model`'s persistent parameters and buffers from the safetensors files in `path`.
 
-    Tied tensors (one tensor under several names, e.g. embeddings and LM head) are read once under
-    whichever name the checkpoint has. Returns the names loaded. With `strict`, a tensor the model has
-    and the checkpoint lacks is an error listing them; otherwise those names are left for the caller
-    to initialise. Checkpoint tensors the model does not use are ignored (and logged).
+    Names are matched literally: checkpoints whose layout differs from the model's (e.g. per-expert
+    keys for a model with fused experts) need converting first. Tied tensors (one tensor under several
+    names, e.g. embeddings and LM head) are read once, under whichever name the checkpoint has.
+    Returns every name now filled, tied aliases included. With `strict`, a tensor the model has and
+    the checkpoint lacks is an error listing them; otherwise the caller initialises the rest
+    (`init_weights_(..., names=all - loaded)`). Unused checkpoint tensors are logged.
     """
     try:
         import safetensors  # noqa: F401  (imported by the reader; fail here with a useful message)
@@ -49,6 +51,7 @@ def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) ->
         aliases.setdefault(id(t), []).append(name)
         tensors[id(t)] = t
     to_load: dict[str, torch.Tensor] = {}
+    loaded: set[str] = set()
     missing = []
     for key, names in aliases.items():
         present = [n for n in names if n in available]
@@ -62,6 +65,7 @@ def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) ->
                 f"{name}: the model has shape {want}, the checkpoint {have} ({path})."
             )
         to_load[name] = tensors[key].data if isinstance(tensors[key], nn.Parameter) else tensors[key]
+        loaded.update(names)
     if missing and strict:
         raise CheckpointMismatchError(
             f"{len(missing)} tensors of {type(model).__name__} are not in {path}: {sorted(missing)[:8]}"
@@ -74,4 +78,4 @@ def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) ->
             "%d checkpoint tensors are not used by the model, e.g. %s", len(unused), sorted(unused)[:4]
         )
     dcp.load(to_load, storage_reader=reader)
-    return set(to_load)
+    return loaded

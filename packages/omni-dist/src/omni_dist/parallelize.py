@@ -79,11 +79,20 @@ def parallelize(
     if mesh.dims.ep > 1:
         raise PlanError("ep > 1 needs expert parallelism, which parallelize does not apply yet; set ep=1.")
 
+    # Match every pattern (even of features that are off) and check the combination before touching
+    # the model, so a bad plan fails whole and early.
     units = plan.match_modules(model, "fsdp_units")
-    fp32 = plan.match_modules(model, "fp32_modules") if param_dtype != torch.float32 else []
-    recompute = plan.match_modules(model, "recompute") if config.recompute != "none" else []
-    offload = plan.match_modules(model, "offload") if config.offload_activations else []
-    plan.match_expert_params(model)  # validated now so a typo fails before training starts
+    fp32 = plan.match_modules(model, "fp32_modules")
+    recompute = plan.match_modules(model, "recompute")
+    offload = plan.match_modules(model, "offload")
+    plan.match_expert_params(model)
+    if config.recompute == "none":
+        recompute = []
+    if not config.offload_activations:
+        offload = []
+    if param_dtype == torch.float32:
+        fp32 = []  # everything already computes in fp32: no separate units needed
+    _check_combination(units, fp32, recompute, offload, config)
 
     report = ParallelizeReport()
     for fqn, module in recompute:
@@ -117,13 +126,15 @@ def parallelize(
         return module
 
     # Innermost first: a unit must be sharded before any unit that contains it.
-    for fqn, module in sorted(fp32, key=lambda x: -x[0].count(".")):
-        shard(module, mp_fp32, config.reshard_after_forward)
-        report.fp32_units.append(fqn)
+    fp32_names = {fqn for fqn, _ in fp32}
     sharded_units = []
-    for fqn, module in sorted(units, key=lambda x: -x[0].count(".")):
-        sharded_units.append((fqn, shard(module, mp, config.reshard_after_forward)))
-        report.fsdp_units.append(fqn)
+    for fqn, module in sorted(units + fp32, key=lambda x: -x[0].count(".")):
+        if fqn in fp32_names:
+            shard(module, mp_fp32, config.reshard_after_forward)
+            report.fp32_units.append(fqn)
+        else:
+            sharded_units.append((fqn, shard(module, mp, config.reshard_after_forward)))
+            report.fsdp_units.append(fqn)
     # The root's parameters (embeddings, head) are needed again at the start of backward: keep them.
     shard(model, mp, reshard=False)
 
@@ -142,3 +153,30 @@ def parallelize(
             len(report.recomputed), len(report.offloaded), config.offload_params,
         )  # fmt: skip
     return report
+
+
+def _inside(fqn: str, outer: str) -> bool:
+    return fqn.startswith(outer + ".")
+
+
+def _check_combination(units, fp32, recompute, offload, config: ParallelizeConfig) -> None:
+    both = sorted({f for f, _ in units} & {f for f, _ in fp32})
+    if both:
+        raise PlanError(
+            f"{both[:3]} listed in both plan.fsdp_units and plan.fp32_modules; list each module once."
+        )
+    if recompute and offload:
+        both = sorted({f for f, _ in recompute} & {f for f, _ in offload})
+        if both:
+            raise PlanError(
+                f"ParallelizeConfig: recompute={config.recompute!r} and offload_activations=True both apply to "
+                f"{both[:3]}; a recomputed module keeps no activations to offload, so choose one of them."
+            )
+    if config.recompute == "selective":
+        for outer, _ in recompute:
+            nested = [f for f, _ in fp32 if _inside(f, outer)]
+            if nested:
+                raise PlanError(
+                    f"selective recompute of {outer!r} would contain the fp32 FSDP unit {nested[0]!r}, whose "
+                    "hooks are not replayed op for op; use recompute='full', or drop it from plan.fp32_modules."
+                )

@@ -13,6 +13,7 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
+from types import MappingProxyType
 from typing import Any
 
 from torch import nn
@@ -36,7 +37,7 @@ class ParallelPlan:
     """
 
     fsdp_units: tuple[str, ...] = ()
-    expert_params: Mapping[str, str] = field(default_factory=dict)
+    expert_params: Mapping[str, str] = field(default_factory=dict, hash=False)
     recompute: tuple[str, ...] = ()
     offload: tuple[str, ...] = ()
     fp32_modules: tuple[str, ...] = ()
@@ -47,7 +48,7 @@ class ParallelPlan:
             if isinstance(value, str):
                 raise PlanError(f"ParallelPlan.{name} must be a list of patterns, got the string {value!r}.")
             object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "expert_params", dict(self.expert_params))
+        object.__setattr__(self, "expert_params", MappingProxyType(dict(self.expert_params)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParallelPlan:

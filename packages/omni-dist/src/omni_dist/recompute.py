@@ -82,17 +82,23 @@ def apply_recompute(module: nn.Module, fqn: str, mode: str) -> None:
 class ActivationOffloader:
     """Saved-tensor hooks that move a module's saved activations to CPU (pinned when on GPU).
 
-    Parameters are never moved (FSDP owns their memory), and on CPU the tensors stay where they are.
-    `saved` counts the tensors that went through the hooks since the last reset, for logging and tests.
+    Tensors that share storage with the module's parameters (weights saved by matmuls, often as
+    views) are never moved: FSDP owns that memory. On CPU the activations stay where they are.
+    `saved` counts activations and `params_kept` parameter tensors that went through the hooks.
     """
 
     def __init__(self) -> None:
         self.saved = 0
+        self.params_kept = 0
         self.offloaded_bytes = 0
+        self.param_storages: set[int] = set()
 
     def pack(self, t: torch.Tensor) -> Any:
+        if t.untyped_storage().data_ptr() in self.param_storages:
+            self.params_kept += 1
+            return t
         self.saved += 1
-        if isinstance(t, nn.Parameter) or t.device.type == "cpu":
+        if t.device.type == "cpu":
             return t
         self.offloaded_bytes += t.numel() * t.element_size()
         cpu = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
@@ -113,6 +119,8 @@ def apply_activation_offload(module: nn.Module, fqn: str) -> ActivationOffloader
     def make(inner: Callable) -> Callable:
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
+            # The parameters as they are now (FSDP has just gathered them for this forward).
+            offloader.param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
             with torch.autograd.graph.saved_tensors_hooks(offloader.pack, offloader.unpack):
                 return inner(*args, **kwargs)
 

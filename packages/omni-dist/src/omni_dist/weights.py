@@ -27,16 +27,26 @@ def materialize_(model: nn.Module, device: torch.device | str, offload_params: b
     offload the shards live on CPU. Tied parameters (one Parameter under several modules, e.g.
     embeddings and LM head) stay tied: `to_empty` alone would give each module its own copy.
     """
-    ties: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None:
-                ties.setdefault(id(p), []).append((module, name))
+    ties = tied_parameters(model)
     model.to_empty(device="cpu" if offload_params else device)
-    for owners in ties.values():
-        first_module, first_name = owners[0]
-        for module, name in owners[1:]:
-            module._parameters[name] = first_module._parameters[first_name]
+    if offload_params:  # only parameters live on CPU; buffers (rotary tables, ids) stay with compute
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
+    for names in ties:
+        first = model.get_parameter(names[0])
+        for fqn in names[1:]:
+            owner, _, attr = fqn.rpartition(".")
+            model.get_submodule(owner)._parameters[attr] = first
+
+
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of qualified names that refer to one Parameter (e.g. embeddings and a tied LM head)."""
+    groups: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(fqn)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 def module_seed(seed: int, fqn: str) -> int:
@@ -68,6 +78,15 @@ def init_weights_(
     global RNG state is restored afterwards.
     """
     wanted = None if names is None else set(names)
+    if wanted is not None:
+        known = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
+            n for n, _ in model.named_buffers()
+        }
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise WeightInitError(
+                f"init_weights_: {type(model).__name__} has no tensors named {unknown[:5]}."
+            )
     devices = sorted({t.device.index or 0 for t in _tensors(model) if t.device.type == "cuda"})
     done: set[int] = set()  # a tied tensor is initialised once, by its first owner
     with torch.no_grad(), torch.random.fork_rng(devices=devices):

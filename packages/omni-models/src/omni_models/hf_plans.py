@@ -1,7 +1,8 @@
 """Parallel plans for HF decoder-only language models, declared as data beside the model families.
 
-Each transformer block is an FSDP unit and the unit of recompute/offload; RMSNorms keep fp32 weights
-under bf16 compute. Nothing here touches the HF model code.
+Each transformer block is an FSDP unit and the unit of recompute/offload. RMSNorms are not fp32
+units: HF norms already compute in fp32 internally, a tiny unit per norm would cost an all-gather
+each, and units nested in a block cannot be selectively recomputed. Nothing here touches HF code.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from torch import nn
 from omni_dist.plan import ParallelPlan, PlanError
 
 
-def decoder_plan(block: str, norm: str) -> ParallelPlan:
-    return ParallelPlan(fsdp_units=(block,), recompute=(block,), offload=(block,), fp32_modules=(norm,))
+def decoder_plan(block: str) -> ParallelPlan:
+    return ParallelPlan(fsdp_units=(block,), recompute=(block,), offload=(block,))
 
 
 HF_DECODER_PLANS: dict[str, ParallelPlan] = {
-    "LlamaForCausalLM": decoder_plan("LlamaDecoderLayer", "LlamaRMSNorm"),
-    "Qwen2ForCausalLM": decoder_plan("Qwen2DecoderLayer", "Qwen2RMSNorm"),
-    "Qwen3ForCausalLM": decoder_plan("Qwen3DecoderLayer", "Qwen3RMSNorm"),
+    "LlamaForCausalLM": decoder_plan("LlamaDecoderLayer"),
+    "Qwen2ForCausalLM": decoder_plan("Qwen2DecoderLayer"),
+    "Qwen3ForCausalLM": decoder_plan("Qwen3DecoderLayer"),
 }
 
 
@@ -30,5 +31,5 @@ def plan_for(model: nn.Module) -> ParallelPlan:
     except KeyError:
         raise PlanError(
             f"no parallel plan for {name}; known: {', '.join(sorted(HF_DECODER_PLANS))}. "
-            "Add one with omni_models.hf_plans.decoder_plan(block_class, norm_class)."
+            "Add one with omni_models.hf_plans.decoder_plan(block_class)."
         ) from None

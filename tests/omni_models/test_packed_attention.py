@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 
 from omni_dist.sequence import pack
 from omni_models.attention import implementation_name, register_packed_attention
@@ -35,16 +35,18 @@ def _padded_loss(model, samples):
     return total, int((target != -100).sum())
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "qwen3_moe"])
 def test_packed_equals_padded_batch_loss_and_gradients(family):
     register_packed_attention()
     if family == "qwen2":
         padded = plain_model(tiny_qwen2_config())
         packed = plain_model(tiny_qwen2_config(attn_implementation=implementation_name("sdpa")))
     else:
-        cls = {"llama": LlamaConfig, "qwen3": Qwen3Config}[family]
+        cls = {"llama": LlamaConfig, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig}[family]
         kw = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+        if family == "qwen3_moe":
+            kw.update(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
         padded = plain_model(cls(**kw, attn_implementation="sdpa"))
         packed = plain_model(cls(**kw, attn_implementation=implementation_name("sdpa")))
     samples = _samples()

@@ -138,10 +138,10 @@ def train_parallel(config, dims_kwargs: dict, cfg: ParallelizeConfig, steps: int
 PACKED_LENGTHS = [[9, 4, 12, 6], [5, 14, 3, 7, 2]]  # two packed sequences: 31 and 31 tokens
 
 
-def packed_global_batch(vocab: int = 128) -> list[PackedSequence]:
+def packed_global_batch(vocab: int = 128, layout: list[list[int]] = PACKED_LENGTHS) -> list[PackedSequence]:
     g = torch.Generator().manual_seed(5)
     out = []
-    for lengths in PACKED_LENGTHS:
+    for lengths in layout:
         samples = [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
         # the first two tokens of each sample are a "prompt" without loss
         masks = [torch.arange(n) >= 2 for n in lengths]
@@ -185,24 +185,39 @@ def train_single_packed(config, steps: int = STEPS) -> dict[str, list[float]]:
     return {"loss": losses, "grad_norm": norms}
 
 
+def my_sequences(
+    batch: list[PackedSequence], mesh: ParallelMesh, sp: SequenceParallel
+) -> list[PackedSequence]:
+    """This data-parallel rank's packed sequences, padded for its SP group."""
+    return [pad_for_sp(s, sp.size) for s in batch[mesh.dp_rank :: mesh.dims.dp]]
+
+
+def packed_step(
+    model, opt, mine: list[PackedSequence], mesh: ParallelMesh, sp: SequenceParallel
+) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; (global loss, global grad norm)."""
+    local_tokens = sum(int((slice_for_sp(s.labels, sp) != -100).sum()) for s in mine)
+    tokens = global_token_count(local_tokens, mesh["loss"])
+    loss = torch.zeros((), dtype=torch.float64)
+    for seq in mine:
+        total, _ = packed_loss_sum(model, seq, sp)
+        (total / tokens.to(total.dtype)).backward()
+        loss += total.detach() / tokens
+    norm = clip_grad_norm_(model.parameters(), 1.0).item()
+    opt.step()
+    opt.zero_grad()
+    dist.all_reduce(loss, group=mesh["loss"].get_group())
+    return loss.item(), norm
+
+
 def train_sp(config, dims_kwargs: dict, overlap_chunks: int = 1, steps: int = STEPS) -> dict:
     model, mesh, _ = build_parallel(config, dims_kwargs, ParallelizeConfig())
     sp = SequenceParallel.from_mesh(mesh["sp"], overlap_chunks)
     opt = make_optimizer(model)
-    batch = packed_global_batch(config.vocab_size)
-    mine = [pad_for_sp(s, sp.size) for s in batch[mesh.dp_rank :: mesh.dims.dp]]
-    local_tokens = sum(int((slice_for_sp(s.labels, sp) != -100).sum()) for s in mine)
-    tokens = global_token_count(local_tokens, mesh["loss"])
+    mine = my_sequences(packed_global_batch(config.vocab_size), mesh, sp)
     losses, norms = [], []
     for _ in range(steps):
-        loss = torch.zeros((), dtype=torch.float64)
-        for seq in mine:
-            total, _ = packed_loss_sum(model, seq, sp)
-            (total / tokens.to(total.dtype)).backward()
-            loss += total.detach() / tokens
-        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
-        opt.step()
-        opt.zero_grad()
-        dist.all_reduce(loss, group=mesh["loss"].get_group())
-        losses.append(loss.item())
+        loss, norm = packed_step(model, opt, mine, mesh, sp)
+        losses.append(loss)
+        norms.append(norm)
     return {"loss": losses, "grad_norm": norms}

@@ -97,7 +97,8 @@ def split_state(state: Any, prefix: str) -> tuple[dict[str, torch.Tensor], Any]:
         if isinstance(node, dict):
             return {"__dict__": [[_json_key(k), walk(v, f"{path}/{k}")] for k, v in node.items()]}
         if isinstance(node, list | tuple):
-            return {"__list__": [walk(v, f"{path}/{i}") for i, v in enumerate(node)]}
+            kind = "__tuple__" if isinstance(node, tuple) else "__list__"
+            return {kind: [walk(v, f"{path}/{i}") for i, v in enumerate(node)]}
         if node is None or isinstance(node, bool | int | float | str):
             return node
         raise TypeError(f"checkpoint part {prefix!r}: {path} holds a {type(node).__name__}, which is not storable "
@@ -115,6 +116,8 @@ def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {_from_json_key(k): join_state(v, tensors) for k, v in skeleton["__dict__"]}
         if "__list__" in skeleton:
             return [join_state(v, tensors) for v in skeleton["__list__"]]
+        if "__tuple__" in skeleton:
+            return tuple(join_state(v, tensors) for v in skeleton["__tuple__"])
     return skeleton
 
 

@@ -65,7 +65,10 @@ def export_hf_safetensors(
         path.rename(dest)
         final.append(dest)
     total = sum(f.stat().st_size for f in final)
-    index = {"metadata": {"total_size": total}, "weight_map": {n: final[i].name for n, i in weight_map.items()}}
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {n: final[i].name for n, i in weight_map.items()},
+    }
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     if config_json is not None:
         (out_dir / "config.json").write_text(config_json)

@@ -73,7 +73,9 @@ class CheckpointManager:
         state = self._flatten(step, parts)
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
-            self._pending = threading.Thread(target=self._finish, args=(future, step, tmp, final), daemon=True)
+            self._pending = threading.Thread(
+                target=self._finish, args=(future, step, tmp, final), daemon=True
+            )
             self._pending.start()
         else:
             dcp.save(state, checkpoint_id=str(tmp))
@@ -122,7 +124,10 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     def _flatten(self, step: int, parts: Mapping[str, Stateful]) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {"meta/step": torch.tensor(step), "meta/world_size": torch.tensor(self.world_size)}
+        state: dict[str, torch.Tensor] = {
+            "meta/step": torch.tensor(step),
+            "meta/world_size": torch.tensor(self.world_size),
+        }
         for name, part in parts.items():
             prefix = self._prefix(name, part)
             tensors, skeleton = split_state(part.state_dict(), prefix)
@@ -167,7 +172,9 @@ class CheckpointManager:
         self.wait()
         path = Path(path) if path is not None else self.latest()
         if path is None or not (path / ".metadata").exists():
-            raise CheckpointError(f"no complete checkpoint {'at ' + str(path) if path else 'under ' + str(self.root)}.")
+            raise CheckpointError(
+                f"no complete checkpoint {'at ' + str(path) if path else 'under ' + str(self.root)}."
+            )
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         saved_world = self._read(path, {"meta/world_size": torch.tensor(0), "meta/step": torch.tensor(0)})
         templates, skeleton_keys, active = {}, {}, {}
@@ -175,12 +182,17 @@ class CheckpointManager:
             prefix = self._prefix(name, part)
             key = f"{prefix}/{_SKELETON}"
             if key not in stored:
-                if getattr(part, "per_rank", False) and int(saved_world["meta/world_size"]) != self.world_size:
+                if (
+                    getattr(part, "per_rank", False)
+                    and int(saved_world["meta/world_size"]) != self.world_size
+                ):
                     if self.rank == 0:
                         log.warning("checkpoint %s: per-rank part %r was saved by %d ranks, not %d: not restored",
                                     path, name, int(saved_world["meta/world_size"]), self.world_size)  # fmt: skip
                     continue
-                raise CheckpointError(f"checkpoint {path} has no part {name!r} (it has {self._part_names(stored)}).")
+                raise CheckpointError(
+                    f"checkpoint {path} has no part {name!r} (it has {self._part_names(stored)})."
+                )
             skeleton_keys[name] = key
             templates[key] = torch.empty(stored[key].size, dtype=torch.uint8)
             active[name] = (part, prefix)
@@ -192,10 +204,14 @@ class CheckpointManager:
             wanted, _ = split_state(join_state(skeleton, _Keys()), prefix)
             missing = sorted(set(wanted) - set(current))
             if missing:
-                raise CheckpointError(f"part {name!r}: the checkpoint has {missing[:5]} which the current state lacks.")
+                raise CheckpointError(
+                    f"part {name!r}: the checkpoint has {missing[:5]} which the current state lacks."
+                )
             extra = sorted(set(current) - set(wanted))
             if extra:
-                raise CheckpointError(f"part {name!r}: the checkpoint lacks {extra[:5]} (a different model?).")
+                raise CheckpointError(
+                    f"part {name!r}: the checkpoint lacks {extra[:5]} (a different model?)."
+                )
             for key in wanted:
                 if tuple(current[key].shape) != tuple(stored[key].size):
                     raise CheckpointError(
@@ -203,7 +219,7 @@ class CheckpointManager:
                     )
                 state[key] = current[key]
         dcp.load(state, checkpoint_id=str(path))
-        for name, (part, prefix) in active.items():
+        for name, (part, _) in active.items():
             part.load_state_dict(join_state(decode_json(skeletons[skeleton_keys[name]]), state))
         return int(saved_world["meta/step"])
 

@@ -64,7 +64,10 @@ class RNGPart:
     per_rank = True
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"cpu": torch.get_rng_state(), "python": _python_rng_to_json(random.getstate())}
+        state: dict[str, Any] = {
+            "cpu": torch.get_rng_state(),
+            "python": _python_rng_to_json(random.getstate()),
+        }
         if torch.cuda.is_available():
             state["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
         return state

@@ -26,4 +26,9 @@ def test_plan_matches_family(config_cls):
 def test_unknown_family_is_named():
     with pytest.raises(PlanError, match="no parallel plan for Linear; known: LlamaForCausalLM"):
         plan_for(torch.nn.Linear(2, 2))
-    assert set(HF_DECODER_PLANS) == {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    assert set(HF_DECODER_PLANS) == {
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }

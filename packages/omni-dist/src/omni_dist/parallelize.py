@@ -26,6 +26,7 @@ from torch.distributed.fsdp import (
 )
 
 from omni_dist.dtypes import resolve_dtype
+from omni_dist.expert_parallel import apply_expert_parallel
 from omni_dist.mesh import ParallelMesh
 from omni_dist.plan import ParallelPlan, PlanError
 from omni_dist.recompute import ActivationOffloader, apply_activation_offload, apply_recompute
@@ -63,6 +64,7 @@ class ParallelizeReport:
     recomputed: list[str] = field(default_factory=list)
     offloaded: dict[str, ActivationOffloader] = field(default_factory=dict)
     mesh_dims: tuple[str, ...] = ()
+    expert_parallel: list[str] = field(default_factory=list)
 
 
 def parallelize(
@@ -76,8 +78,6 @@ def parallelize(
     already = [fqn or "<root>" for fqn, m in model.named_modules() if isinstance(m, FSDPModule)]
     if already:
         raise PlanError(f"{type(model).__name__} is already parallelized (FSDP units: {already[:3]}...).")
-    if mesh.dims.ep > 1:
-        raise PlanError("ep > 1 needs expert parallelism, which parallelize does not apply yet; set ep=1.")
 
     # Match every pattern (even of features that are off) and check the combination before touching
     # the model, so a bad plan fails whole and early.
@@ -85,7 +85,8 @@ def parallelize(
     fp32 = plan.match_modules(model, "fp32_modules")
     recompute = plan.match_modules(model, "recompute")
     offload = plan.match_modules(model, "offload")
-    plan.match_expert_params(model)
+    experts = plan.match_modules(model, "experts")
+    expert_params = plan.match_expert_params(model)
     if config.recompute == "none":
         recompute = []
     if not config.offload_activations:
@@ -95,6 +96,9 @@ def parallelize(
     _check_combination(units, fp32, recompute, offload, config)
 
     report = ParallelizeReport()
+    if mesh.dims.ep > 1:
+        apply_expert_parallel(model, mesh, plan, experts, expert_params)
+        report.expert_parallel = [fqn for fqn, _ in experts]
     for fqn, module in recompute:
         apply_recompute(module, fqn, config.recompute)
         report.recomputed.append(fqn)
@@ -112,10 +116,15 @@ def parallelize(
         param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype
     )
 
-    def shard(module: nn.Module, policy: MixedPrecisionPolicy, reshard: bool) -> FSDPModule:
+    # Expert weights are already split over `ep`; FSDP shards each EP shard over the ranks that hold
+    # the same experts (ep_fsdp), replicated over dp_replicate.
+    expert_mesh = mesh["ep_hsdp"] if mesh.dims.dp_replicate > 1 else mesh["ep_fsdp"]
+    expert_names = set(report.expert_parallel)
+
+    def shard(module: nn.Module, policy: MixedPrecisionPolicy, reshard: bool, on=None) -> FSDPModule:
         fully_shard(
             module,
-            mesh=dp_mesh,
+            mesh=dp_mesh if on is None else on,
             mp_policy=policy,
             offload_policy=offload_policy,
             reshard_after_forward=reshard,
@@ -128,8 +137,11 @@ def parallelize(
     # Innermost first: a unit must be sharded before any unit that contains it.
     fp32_names = {fqn for fqn, _ in fp32}
     sharded_units = []
-    for fqn, module in sorted(units + fp32, key=lambda x: -x[0].count(".")):
-        if fqn in fp32_names:
+    expert_units = [(f, m) for f, m in experts if f in expert_names]
+    for fqn, module in sorted(units + fp32 + expert_units, key=lambda x: -x[0].count(".")):
+        if fqn in expert_names:
+            shard(module, mp, config.reshard_after_forward, on=expert_mesh)
+        elif fqn in fp32_names:
             shard(module, mp_fp32, config.reshard_after_forward)
             report.fp32_units.append(fqn)
         else:

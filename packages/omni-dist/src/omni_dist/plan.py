@@ -29,7 +29,11 @@ class ParallelPlan:
 
     fsdp_units:     modules that become FSDP units (typically the transformer blocks); the root is
                     always a unit too.
-    expert_params:  parameter glob -> placement for expert parallelism, e.g. {"*.experts.*": "shard0"}.
+    expert_params:  parameter glob -> placement for expert parallelism; "shard0" splits the expert
+                    dimension (dim 0) over the EP group, e.g. {"*.mlp.experts.*": "shard0"}.
+    experts:        modules holding the experts (each becomes its own FSDP unit on the EP-FSDP mesh).
+    expert_forward: name of the EP forward (omni_dist.expert_parallel.EXPERT_FORWARDS) that replaces
+                    the experts' forward under ep > 1; the router stays the model's own.
     recompute:      modules whose activations are recomputed in backward (when recompute is enabled).
     offload:        modules whose saved activations go to CPU (when activation offload is enabled).
     fp32_modules:   modules that keep fp32 parameters and compute under a lower-precision policy
@@ -41,14 +45,21 @@ class ParallelPlan:
     recompute: tuple[str, ...] = ()
     offload: tuple[str, ...] = ()
     fp32_modules: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
+    expert_forward: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("fsdp_units", "recompute", "offload", "fp32_modules"):
+        for name in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise PlanError(f"ParallelPlan.{name} must be a list of patterns, got the string {value!r}.")
             object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "expert_params", MappingProxyType(dict(self.expert_params)))
+        bad = {k: v for k, v in self.expert_params.items() if v != "shard0"}
+        if bad:
+            raise PlanError(
+                f"plan.expert_params placements must be 'shard0' (the expert dimension), got {bad}."
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ParallelPlan:

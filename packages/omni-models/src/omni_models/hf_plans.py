@@ -16,8 +16,21 @@ def decoder_plan(block: str) -> ParallelPlan:
     return ParallelPlan(fsdp_units=(block,), recompute=(block,), offload=(block,))
 
 
+def moe_decoder_plan(block: str, experts: str) -> ParallelPlan:
+    """Blocks as units; fused expert tensors (E, ...) split over ep by the fused-experts EP forward."""
+    return ParallelPlan(
+        fsdp_units=(block,),
+        recompute=(block,),
+        offload=(block,),
+        experts=(experts,),
+        expert_params={"*.mlp.experts.gate_up_proj": "shard0", "*.mlp.experts.down_proj": "shard0"},
+        expert_forward="fused_gate_up",
+    )
+
+
 HF_DECODER_PLANS: dict[str, ParallelPlan] = {
     "LlamaForCausalLM": decoder_plan("LlamaDecoderLayer"),
+    "Qwen3MoeForCausalLM": moe_decoder_plan("Qwen3MoeDecoderLayer", "Qwen3MoeExperts"),
     "Qwen2ForCausalLM": decoder_plan("Qwen2DecoderLayer"),
     "Qwen3ForCausalLM": decoder_plan("Qwen3DecoderLayer"),
 }

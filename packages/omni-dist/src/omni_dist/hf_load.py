@@ -9,12 +9,14 @@ transformers, or `omni-dist[hf]`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +25,28 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint lacks tensors the model needs, or has them with another shape."""
 
 
-def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) -> set[str]:
+SplitKeys = Callable[[str, torch.Tensor], "dict[str, torch.Tensor] | None"]
+
+
+def local_rows(t: torch.Tensor) -> torch.Tensor:
+    """Global indices along dim 0 of the rows this rank holds of `t` (a DTensor or a plain tensor)."""
+    if not isinstance(t, DTensor):
+        return torch.arange(t.shape[0])
+    index = torch.arange(t.shape[0], device=t.to_local().device)
+    return distribute_tensor(index, t.device_mesh, t.placements, src_data_rank=None).to_local().cpu()
+
+
+def load_hf_weights_(
+    model: nn.Module, path: str | Path, strict: bool = True, split_keys: SplitKeys | None = None
+) -> set[str]:
     """Fill `model`'s persistent parameters and buffers from the safetensors files in `path`.
 
     Names are matched literally: checkpoints whose layout differs from the model's (e.g. per-expert
     keys for a model with fused experts) need converting first. Tied tensors (one tensor under several
     names, e.g. embeddings and LM head) are read once, under whichever name the checkpoint has.
+    `split_keys(name, tensor)` may map a model tensor to several checkpoint tensors, each given as the
+    view of this rank's local shard it fills (e.g. fused experts from per-expert keys, for only the
+    experts this rank holds); it returns None for tensors stored under their own name.
     Returns every name now filled, tied aliases included. With `strict`, a tensor the model has and
     the checkpoint lacks is an error listing them; otherwise the caller initialises the rest
     (`init_weights_(..., names=all - loaded)`). Unused checkpoint tensors are logged.
@@ -54,6 +72,21 @@ def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) ->
     loaded: set[str] = set()
     missing = []
     for key, names in aliases.items():
+        parts = split_keys(names[0], tensors[key]) if split_keys is not None else None
+        if parts is not None:
+            absent = sorted(k for k in parts if k not in available)
+            if absent:
+                missing.extend(absent)
+                continue
+            for k, view in parts.items():
+                if tuple(view.shape) != tuple(available[k].size):
+                    raise CheckpointMismatchError(
+                        f"{k} (for {names[0]}): the model needs {tuple(view.shape)}, the checkpoint has "
+                        f"{tuple(available[k].size)} ({path})."
+                    )
+                to_load[k] = view
+            loaded.update(names)
+            continue
         present = [n for n in names if n in available]
         if not present:
             missing.extend(names)
@@ -72,7 +105,7 @@ def load_hf_weights_(model: nn.Module, path: str | Path, strict: bool = True) ->
             + (" ..." if len(missing) > 8 else "")
             + " (pass strict=False to initialise them instead)."
         )
-    unused = set(available) - {n for names in aliases.values() for n in names}
+    unused = set(available) - {n for names in aliases.values() for n in names} - set(to_load)
     if unused and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
             "%d checkpoint tensors are not used by the model, e.g. %s", len(unused), sorted(unused)[:4]

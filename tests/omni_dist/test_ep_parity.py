@@ -84,12 +84,12 @@ def train_single() -> dict:
     return {"loss": losses, "grad_norm": norms}
 
 
-def train_ep(dims: dict) -> dict:
+def train_ep(dims: dict, chunks: int = 1) -> dict:
     config = moe_config()
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **dims), device_type="cpu")
     mesh.dims.check_model(num_experts=config.num_experts)
     model = meta_model(config)
-    report = parallelize(model, mesh, plan_for(model), ParallelizeConfig())
+    report = parallelize(model, mesh, plan_for(model), ParallelizeConfig(expert_overlap_chunks=chunks))
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, SEED)
     opt = make_optimizer(model)
@@ -139,7 +139,7 @@ def reference():
 
 
 def _layouts(layouts: dict[str, dict]) -> dict:
-    out = {name: train_ep(dims) for name, dims in layouts.items()}
+    out = {name: train_ep(dims, 3 if name.endswith("chunked") else 1) for name, dims in layouts.items()}
     for result in out.values():  # every rank's routing, to check that some experts got nothing somewhere
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result["routed"])
@@ -156,7 +156,11 @@ def _check(reference: dict, got: dict, label: str) -> None:
 
 
 def test_ep2_with_fsdp2_matches_single_process(reference):
-    out = run_ranks(_layouts, 2, {"ep2": {"dp_shard": 2, "ep": 2}})[0]["ep2"]
+    both = run_ranks(_layouts, 2, {"ep2": {"dp_shard": 2, "ep": 2}, "ep2_chunked": {"dp_shard": 2, "ep": 2}})[
+        0
+    ]
+    _check(reference, both["ep2_chunked"], "ep2_chunked")  # chunked overlapping dispatch
+    out = both["ep2"]
     _check(reference, out, "ep2")
     assert out["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert out["local_expert_shape"] == (4, 32, 32)  # 8 experts / ep 2, 2 x moe_intermediate, hidden

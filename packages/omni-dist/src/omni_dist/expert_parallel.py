@@ -4,6 +4,10 @@ Each EP rank owns E/ep consecutive experts. A MoE layer's routed (token, expert)
 expert, sent to the owning ranks with a variable-split all-to-all, computed there grouped by local
 expert, sent back with the inverse all-to-all, weighted by the router's top-k probabilities (exactly
 as HF does: expert output times weight, then summed per token). Both all-to-alls are autograd ops.
+
+`overlap_chunks = C > 1` splits the tokens into C chunks and issues every chunk's dispatch at once as
+async work: while chunk k's experts compute, the dispatch of chunk k+1 (and the combine of chunk k-1)
+are in flight. Each token is computed exactly as without chunks.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ class ExpertParallel:
     size: int
     rank: int
     num_experts: int
+    overlap_chunks: int = 1
 
     def __post_init__(self) -> None:
         if self.num_experts % self.size:
             raise ParallelConfigError(
                 f"ep ({self.size}) must divide the number of experts ({self.num_experts})."
             )
+        if self.overlap_chunks < 1:
+            raise ParallelConfigError(f"expert overlap_chunks must be >= 1, got {self.overlap_chunks}.")
 
     @property
     def local_experts(self) -> int:
@@ -60,6 +67,46 @@ class _AllToAllV(torch.autograd.Function):
         return back, None, None, None
 
 
+class _Handle:
+    """An all-to-all issued by _StartAllToAllV and not yet waited for."""
+
+    work = None
+    src: torch.Tensor | None = None
+
+
+class _StartAllToAllV(torch.autograd.Function):
+    """Issue the all-to-all and return its (not yet filled) output; _WaitAllToAll makes it usable."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group: ProcessGroup, handle: _Handle):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        handle.src = x.contiguous()
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        handle.work = dist.all_to_all_single(
+            out, handle.src, out_splits, in_splits, group=group, async_op=True
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, handle: _Handle) -> torch.Tensor:
+        handle.work.wait()
+        handle.src = None
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 def _exchange_counts(counts: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
     """Per-expert counts (E,) this rank sends -> (ep, E/ep): rows each source sends to my experts."""
     recv = torch.empty_like(counts)
@@ -72,24 +119,64 @@ def moe_dispatch_combine(
     ep: ExpertParallel,
 ) -> torch.Tensor:  # fmt: skip
     """Route `hidden` (T, H) to experts `top_k_index` (T, K) across the EP group; weighted sum (T, H)."""
-    k = top_k_index.shape[1]
-    flat_expert = top_k_index.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    token_of = order // k
-    counts = torch.bincount(flat_expert, minlength=ep.num_experts)
-    recv_counts = _exchange_counts(counts, ep)  # (source rank, local expert)
-    send_splits = counts.view(ep.size, ep.local_experts).sum(1).tolist()
-    recv_splits = recv_counts.sum(1).tolist()
-    received = _AllToAllV.apply(hidden[token_of], recv_splits, send_splits, ep.group)
-    # Received rows are grouped by source rank, then expert; the experts want them by expert.
-    by_expert = _source_major_to_expert_major(recv_counts)
-    grouped = expert_fn(received[by_expert], recv_counts.sum(0).tolist())
-    restored = torch.empty_like(grouped)
-    restored[by_expert] = grouped
-    returned = _AllToAllV.apply(restored, send_splits, recv_splits, ep.group)
-    weighted = returned * top_k_weights.reshape(-1)[order, None]
-    out = torch.zeros_like(hidden)
-    return out.index_add(0, token_of, weighted.to(hidden.dtype))
+    chunks = min(ep.overlap_chunks, max(1, hidden.shape[0]))
+    plans = [
+        _Route(i, ep) for i in (top_k_index.chunk(chunks) if chunks > 1 else (top_k_index,))
+    ]  # fmt: skip
+    if chunks == 1 or len(plans) == 1:
+        route = plans[0]
+        received = _AllToAllV.apply(hidden[route.token_of], route.recv_splits, route.send_splits, ep.group)
+        returned = _AllToAllV.apply(
+            route.compute(received, expert_fn), route.send_splits, route.recv_splits, ep.group
+        )
+        return route.combine(returned, top_k_weights, hidden)
+    hiddens, weights = hidden.chunk(chunks), top_k_weights.chunk(chunks)
+    # Every rank issues the same collectives in the same order: all dispatches, then the combines.
+    dispatches = []
+    for route, h in zip(plans, hiddens, strict=True):
+        handle = _Handle()
+        dispatches.append((_StartAllToAllV.apply(h[route.token_of], route.recv_splits, route.send_splits,
+                                                 ep.group, handle), handle))  # fmt: skip
+    combines = []
+    for route, (received, handle) in zip(plans, dispatches, strict=True):
+        grouped = route.compute(_WaitAllToAll.apply(received, handle), expert_fn)
+        back = _Handle()
+        combines.append(
+            (_StartAllToAllV.apply(grouped, route.send_splits, route.recv_splits, ep.group, back), back)
+        )
+    outs = [
+        route.combine(_WaitAllToAll.apply(returned, handle), w, h)
+        for route, (returned, handle), w, h in zip(plans, combines, weights, hiddens, strict=True)
+    ]
+    return torch.cat(outs)
+
+
+class _Route:
+    """Where each routed (token, expert) slot of one chunk goes, and how it comes back."""
+
+    def __init__(self, top_k_index: torch.Tensor, ep: ExpertParallel):
+        self.k = top_k_index.shape[1]
+        flat_expert = top_k_index.reshape(-1)
+        self.order = torch.argsort(flat_expert, stable=True)
+        self.token_of = self.order // self.k
+        counts = torch.bincount(flat_expert, minlength=ep.num_experts)
+        self.recv_counts = _exchange_counts(counts, ep)  # (source rank, local expert)
+        self.send_splits = counts.view(ep.size, ep.local_experts).sum(1).tolist()
+        self.recv_splits = self.recv_counts.sum(1).tolist()
+        # Received rows are grouped by source rank, then expert; the experts want them by expert.
+        self.by_expert = _source_major_to_expert_major(self.recv_counts)
+
+    def compute(self, received: torch.Tensor, expert_fn: ExpertFn) -> torch.Tensor:
+        grouped = expert_fn(received[self.by_expert], self.recv_counts.sum(0).tolist())
+        restored = torch.empty_like(grouped)
+        restored[self.by_expert] = grouped
+        return restored
+
+    def combine(
+        self, returned: torch.Tensor, top_k_weights: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        weighted = returned * top_k_weights.reshape(-1)[self.order, None]
+        return torch.zeros_like(hidden).index_add(0, self.token_of, weighted.to(hidden.dtype))
 
 
 def _source_major_to_expert_major(counts: torch.Tensor) -> torch.Tensor:
@@ -137,7 +224,9 @@ EXPERT_FORWARDS: dict[str, Callable[[nn.Module, ExpertParallel], Callable]] = {
 }
 
 
-def apply_expert_parallel(model: nn.Module, mesh, plan, experts: list, expert_params: dict[str, str]) -> None:
+def apply_expert_parallel(
+    model: nn.Module, mesh, plan, experts: list, expert_params: dict[str, str], overlap_chunks: int = 1
+) -> None:
     """Split each expert tensor over the `ep` mesh view (as DTensors: checkpoints see full (E, ...)
     tensors) and replace each experts module's forward by the plan's EP forward."""
     from torch.distributed.tensor import DTensor, Shard
@@ -171,6 +260,6 @@ def apply_expert_parallel(model: nn.Module, mesh, plan, experts: list, expert_pa
                 local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride()
             )
             module._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
-        module.forward = EXPERT_FORWARDS[plan.expert_forward](module, ExpertParallel(
-            ep_mesh.get_group(), size, rank, num_experts))  # fmt: skip
+        ep = ExpertParallel(ep_mesh.get_group(), size, rank, num_experts, overlap_chunks)
+        module.forward = EXPERT_FORWARDS[plan.expert_forward](module, ep)
         module._omni_expert_parallel = True

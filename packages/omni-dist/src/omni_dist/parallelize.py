@@ -47,6 +47,7 @@ class ParallelizeConfig:
     offload_params: bool = False  # FSDP CPUOffloadPolicy: params, grads and optimizer state on CPU
     recompute: str = "none"  # none | full | selective, applied to plan.recompute
     offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
+    expert_overlap_chunks: int = 1  # >1: EP dispatch in chunks overlapping expert compute
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -97,7 +98,7 @@ def parallelize(
 
     report = ParallelizeReport()
     if mesh.dims.ep > 1:
-        apply_expert_parallel(model, mesh, plan, experts, expert_params)
+        apply_expert_parallel(model, mesh, plan, experts, expert_params, config.expert_overlap_chunks)
         report.expert_parallel = [fqn for fqn, _ in experts]
     for fqn, module in recompute:
         apply_recompute(module, fqn, config.recompute)

@@ -23,6 +23,24 @@ def test_plan_matches_family(config_cls):
     assert plan.fp32_modules == ()
 
 
+def test_moe_plan_names_experts_and_their_tensors():
+    from transformers import Qwen3MoeConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            Qwen3MoeConfig(**SMALL, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+        )
+    plan = plan_for(model)
+    assert [f for f, _ in plan.match_modules(model, "experts")] == [
+        "model.layers.0.mlp.experts",
+        "model.layers.1.mlp.experts",
+    ]
+    assert sorted(plan.match_expert_params(model)) == [
+        f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("down_proj", "gate_up_proj")
+    ]
+    assert plan.expert_forward == "fused_gate_up"
+
+
 def test_unknown_family_is_named():
     with pytest.raises(PlanError, match="no parallel plan for Linear; known: LlamaForCausalLM"):
         plan_for(torch.nn.Linear(2, 2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -190,7 +191,13 @@ def _keep_and_mismatch(root: str) -> dict:
     steps = manager.complete_steps()
     other, _, _ = build_parallel(tiny_qwen2_config(num_hidden_layers=2), {"dp_shard": 2}, ParallelizeConfig())
     errors = {}
-    for name, parts in (("shape", {"model": ModelPart(other)}), ("part", {"optimizer": Counters()})):
+    vocab, _, _ = build_parallel(tiny_qwen2_config(vocab_size=96), {"dp_shard": 2}, ParallelizeConfig())
+    cases = (
+        ("shape", {"model": ModelPart(other)}),
+        ("part", {"optimizer": Counters()}),
+        ("vocab", {"model": ModelPart(vocab)}),
+    )
+    for name, parts in cases:
         try:
             manager.load(parts)
         except CheckpointError as e:
@@ -202,7 +209,11 @@ def test_keep_last_k_and_mismatched_models_are_named(tmp_path):
     out = run_ranks(_keep_and_mismatch, 2, str(tmp_path / "ckpt"))[0]
     assert out["steps"] == [2, 3]
     assert "the checkpoint has ['model/model.layers.2." in out["errors"]["shape"]
-    assert "has no part 'optimizer' (it has ['model', 'rng'])" in out["errors"]["part"]
+    assert "has no part(s) ['optimizer'] (it has ['model', 'rng'])" in out["errors"]["part"]
+    assert (
+        "model/model.embed_tokens.weight: shape (128, 32) in the checkpoint, (96, 32) now"
+        in out["errors"]["vocab"]
+    )
 
 
 def _export(out_dir: str, dtype: str) -> None:
@@ -218,9 +229,69 @@ def test_hf_export_of_sharded_model_loads_with_from_pretrained(tmp_path, dtype):
     run_ranks(_export, 2, str(tmp_path), dtype)
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=getattr(torch, dtype))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in loaded.state_dict().values()
+    )
     want = plain_model(tiny_qwen2_config())
     ids, _ = global_batch()
     with torch.no_grad():
         got = loaded.float()(input_ids=ids, use_cache=False).logits
         ref = (want.to(getattr(torch, dtype)).float())(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+class Cursor:
+    """A per-rank part whose state differs by rank and changes size (like a data loader's buffer)."""
+
+    per_rank = True
+
+    def __init__(self, items: list[int]) -> None:
+        self.items = torch.tensor(items, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.items, "rank": dist.get_rank()}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state["rank"] == dist.get_rank()
+        self.items = state["buffer"]
+
+
+def _part_semantics(root: str, phase: str) -> dict:
+    manager = CheckpointManager(root, keep=1)
+    cursor = Cursor([] if phase != "save" else [dist.get_rank()] * (3 + dist.get_rank()))
+    out: dict = {}
+    if phase == "save":
+        for step in (5, 3):  # resumed from an older step: the new save must survive keep=1
+            manager.save(step, {"cursor": cursor})
+        out["steps"], out["latest"] = manager.complete_steps(), manager.latest().name
+        try:
+            manager.save(7, {"same": _NotPerRank()})
+        except CheckpointError as e:
+            out["differing"] = str(e)
+        return out
+    out["step"] = manager.load({"cursor": cursor})
+    out["items"] = cursor.items.tolist()
+    return out
+
+
+class _NotPerRank:
+    """Claims to be the same on every rank but is not."""
+
+    def state_dict(self) -> dict:
+        return {"value": torch.tensor([dist.get_rank()])}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_per_rank_variable_size_parts_keep_k_and_replicated_checks(tmp_path):
+    root = str(tmp_path / "ckpt")
+    saved = run_ranks(_part_semantics, 2, root, "save")
+    assert saved[0]["steps"] == [3] and saved[0]["latest"] == "step-00000003"
+    for out in saved:
+        assert "parts ['same'] differ between ranks but are not per-rank" in out["differing"]
+    same = run_ranks(_part_semantics, 2, root, "load")
+    assert [o["items"] for o in same] == [[0, 0, 0], [1, 1, 1, 1]]  # each rank its own, sizes restored
+    other = run_ranks(_part_semantics, 4, root, "load")
+    assert all(o["items"] == [] and o["step"] == 3 for o in other)  # another world size: not restored

@@ -114,3 +114,11 @@ def test_missing_packing_keywords_are_named():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
     with pytest.raises(ValueError, match="unknown attention backend 'flash2'"):
         implementation_name("flash2")
+    sliding = AutoModelForCausalLM.from_config(
+        tiny_qwen2_config(attn_implementation=implementation_name("sdpa"), use_sliding_window=True,
+                          sliding_window=4, max_window_layers=0, layer_types=["sliding_attention"] * 3)
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match="asks for sliding_window=4, which packed attention does not implement"
+    ):
+        packed_loss_sum(sliding, pack(_samples()))

@@ -36,7 +36,7 @@ def export_hf_safetensors(
         out_dir.mkdir(parents=True, exist_ok=True)
     seen: set[int] = set()
     shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    size = total_bytes = 0
     weight_map: dict[str, int] = {}
     files: list[Path] = []
     for name, t in model.state_dict(keep_vars=True).items():
@@ -54,8 +54,10 @@ def export_hf_safetensors(
             size = 0
         shards[-1][name] = full
         size += nbytes
+        total_bytes += nbytes
         weight_map[name] = len(files)
     if not rank0:
+        dist.barrier()  # return only once rank 0 has written everything
         return []
     if shards[-1]:
         files.append(_write(save_file, out_dir, len(files), shards[-1]))
@@ -64,14 +66,15 @@ def export_hf_safetensors(
         dest = out_dir / f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         path.rename(dest)
         final.append(dest)
-    total = sum(f.stat().st_size for f in final)
     index = {
-        "metadata": {"total_size": total},
+        "metadata": {"total_size": total_bytes},
         "weight_map": {n: final[i].name for n, i in weight_map.items()},
     }
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     if config_json is not None:
         (out_dir / "config.json").write_text(config_json)
+    if dist.is_initialized():
+        dist.barrier()
     return final
 
 

@@ -39,8 +39,14 @@ _SAVE_OPS = tuple(
 _SAVE_OVERLOADS = {getattr(op, "default", op) for op in _SAVE_OPS}
 
 
+def _is_attention_kernel(op: Any) -> bool:
+    """GPU varlen/flash attention ops registered by torch or flash-attn (namespaces vary by version)."""
+    name = str(op)
+    return "varlen_attn" in name or "flash_attn_varlen_forward" in name
+
+
 def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-    if op in _SAVE_OVERLOADS:
+    if op in _SAVE_OVERLOADS or _is_attention_kernel(op):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -59,10 +59,15 @@ def pad_for_sp(seq: PackedSequence, sp_size: int, pad_id: int = 0) -> PackedSequ
     pad = -seq.length % sp_size
     if pad == 0:
         return seq
-    cu = torch.cat([seq.cu_seqlens, torch.tensor([seq.length + pad], dtype=seq.cu_seqlens.dtype)])
+    cu = torch.cat([seq.cu_seqlens, seq.cu_seqlens.new_tensor([seq.length + pad])])
     return PackedSequence(
         input_ids=torch.cat([seq.input_ids, seq.input_ids.new_full((pad,), pad_id)]),
-        position_ids=torch.cat([seq.position_ids, torch.arange(pad, dtype=seq.position_ids.dtype)]),
+        position_ids=torch.cat(
+            [
+                seq.position_ids,
+                torch.arange(pad, dtype=seq.position_ids.dtype, device=seq.position_ids.device),
+            ]
+        ),
         labels=torch.cat([seq.labels, seq.labels.new_full((pad,), IGNORE_INDEX)]),
         cu_seqlens=cu,
         max_seqlen=max(seq.max_seqlen, pad),

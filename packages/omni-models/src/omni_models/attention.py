@@ -55,6 +55,12 @@ def _hf_attention(backend: str) -> Callable[..., tuple[torch.Tensor, None]]:
             raise ValueError(
                 "attention dropout is not supported by packed attention; set attention_dropout=0."
             )
+        for unsupported in ("sliding_window", "softcap"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(
+                    f"{type(module).__name__} asks for {unsupported}={kwargs[unsupported]}, which packed "
+                    "attention does not implement (it would silently attend differently)."
+                )
         # HF layout (1, heads, T, D) -> varlen layout (T, heads, D)
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         causal = getattr(module, "is_causal", True)

@@ -106,22 +106,34 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
-def backend_status(device_type: str) -> dict[str, str]:
-    """Why each backend can or cannot run here: 'ok' or the reason."""
+def backend_status(device_type: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
+    """Why each backend can or cannot run here for `dtype`: 'ok' or the reason."""
     cuda = device_type == "cuda" and torch.cuda.is_available()
     status = {"sdpa": "ok"}
     if not cuda:
         status["varlen"] = status["flash_attn"] = "needs a CUDA device"
         return status
-    has_varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
-    status["varlen"] = "ok" if has_varlen else f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    status["flash_attn"] = "ok" if importlib.util.find_spec("flash_attn") else "flash-attn is not installed"
+    if dtype not in (torch.float16, torch.bfloat16):
+        status["varlen"] = status["flash_attn"] = f"its kernels need float16/bfloat16, not {dtype}"
+        return status
+    status["varlen"] = _importable("torch.nn.attention.varlen", "varlen_attn")
+    status["flash_attn"] = _importable("flash_attn", "flash_attn_varlen_func")
     return status
 
 
-def resolve_backend(name: str, device_type: str) -> tuple[str, AttentionFn]:
-    """The backend to use: `name`, or with 'auto' the fastest available (flash_attn > varlen > sdpa)."""
-    status = backend_status(device_type)
+def _importable(module: str, name: str) -> str:
+    try:
+        getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, OSError) as e:  # OSError: a binary built for another torch/CUDA
+        return f"{module}.{name} is not usable: {e}"
+    return "ok"
+
+
+def resolve_backend(
+    name: str, device_type: str, dtype: torch.dtype = torch.bfloat16
+) -> tuple[str, AttentionFn]:
+    """The backend for `dtype`: `name`, or with 'auto' the fastest available (flash_attn > varlen > sdpa)."""
+    status = backend_status(device_type, dtype)
     if name == "auto":
         chosen = next(n for n in AUTO_ORDER if status[n] == "ok")
         skipped = [f"{n}: {status[n]}" for n in AUTO_ORDER[: AUTO_ORDER.index(chosen)]]

@@ -14,6 +14,8 @@ pickle, so load checkpoints you or your jobs wrote, and take weights from others
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 
 from omni_dist.checkpoint.parts import Stateful, decode_json, encode_json, join_state, split_state
 
@@ -65,24 +68,21 @@ class CheckpointManager:
         start = time.perf_counter()
         self.wait()
         final, tmp = self._dir(step), self._dir(step).with_name(self._dir(step).name + ".tmp")
-        if self.rank == 0:
+
+        def prepare() -> None:
             self._remove_partial()
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
-        dist.barrier()
+
+        _on_rank0_then_agree(prepare, f"preparing {tmp}")
         state = self._flatten(step, parts)
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
-            self._pending = threading.Thread(
-                target=self._finish, args=(future, step, tmp, final), daemon=True
-            )
+            self._pending = threading.Thread(target=self._finish, args=(future, tmp, final), daemon=True)
             self._pending.start()
         else:
             dcp.save(state, checkpoint_id=str(tmp))
-            dist.barrier()
-            if self.rank == 0:
-                self._commit(step, tmp, final)
-            dist.barrier()
+            _on_rank0_then_agree(lambda: self._commit(tmp, final), f"committing {final}")
         self.last_blocked_s = time.perf_counter() - start
         if self.rank == 0:
             log.info("checkpoint step %d: training blocked %.3fs (%s)", step, self.last_blocked_s,
@@ -90,23 +90,25 @@ class CheckpointManager:
         return self.last_blocked_s
 
     def wait(self) -> None:
-        """Block until the in-flight async save (if any) is written and committed."""
+        """Block until the in-flight async save is written and committed, on every rank (collective
+        when saving asynchronously); a failure on any rank raises on all of them."""
+        if not self.async_save:
+            return
         if self._pending is not None:
             self._pending.join()
             self._pending = None
-        if self._pending_error is not None:
-            error, self._pending_error = self._pending_error, None
-            raise CheckpointError(f"the previous asynchronous checkpoint failed: {error!r}") from error
+        error, self._pending_error = self._pending_error, None
+        _agree(error, "the previous asynchronous checkpoint")
 
-    def _finish(self, future: Future, step: int, tmp: Path, final: Path) -> None:
+    def _finish(self, future: Future, tmp: Path, final: Path) -> None:
         try:
             future.result()  # DCP gathers every rank's results before rank 0 writes .metadata
             if self.rank == 0:
-                self._commit(step, tmp, final)
-        except BaseException as e:  # surfaced by the next save() or wait()
+                self._commit(tmp, final)
+        except BaseException as e:  # surfaced on every rank by the next save(), load() or wait()
             self._pending_error = e
 
-    def _commit(self, step: int, tmp: Path, final: Path) -> None:
+    def _commit(self, tmp: Path, final: Path) -> None:
         if not (tmp / ".metadata").exists():
             raise CheckpointError(f"{tmp} has no .metadata after the save: not committing it.")
         if final.exists():
@@ -115,8 +117,10 @@ class CheckpointManager:
         pointer = self.root / "latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, self.root / "latest")
-        complete = self.complete_steps()
-        for old in complete[: -self.keep]:
+        # Keep the one just written plus the newest keep-1 others (a run resumed from an older step
+        # must not lose what it just saved to checkpoints of the abandoned, later steps).
+        others = [s for s in self.complete_steps() if self._dir(s) != final]
+        for old in others[: max(0, len(others) - (self.keep - 1))]:
             shutil.rmtree(self._dir(old), ignore_errors=True)
 
     def _remove_partial(self) -> None:
@@ -128,11 +132,24 @@ class CheckpointManager:
             "meta/step": torch.tensor(step),
             "meta/world_size": torch.tensor(self.world_size),
         }
+        replicated = {}
         for name, part in parts.items():
             prefix = self._prefix(name, part)
             tensors, skeleton = split_state(part.state_dict(), prefix)
             state.update(tensors)
             state[f"{prefix}/{_SKELETON}"] = encode_json(skeleton)
+            if not getattr(part, "per_rank", False) and self.world_size > 1:
+                replicated[name] = _fingerprint(skeleton, tensors)
+        if self.world_size > 1:
+            # DCP stores one copy of a key that all ranks have: such parts must really be identical.
+            everyone: list = [None] * self.world_size
+            dist.all_gather_object(everyone, replicated)
+            differing = sorted(n for n in replicated if any(o.get(n) != replicated[n] for o in everyone))
+            if differing:
+                raise CheckpointError(
+                    f"parts {differing} differ between ranks but are not per-rank: mark them `per_rank = True` "
+                    "(each rank's state is then stored separately) or make them identical."
+                )
         return state
 
     def _prefix(self, name: str, part: Stateful) -> str:
@@ -166,8 +183,9 @@ class CheckpointManager:
     def load(self, parts: Mapping[str, Stateful], path: str | Path | None = None) -> int:
         """Load `parts` from `path` (default: the latest complete checkpoint); returns its step.
 
-        Per-rank parts saved by a different world size are skipped with a warning (their state
-        cannot be mapped onto other ranks); every other part must be present.
+        Per-rank parts (RNG, data cursors) are restored only when the checkpoint was written by the
+        same world size; otherwise every rank skips them (logged once). Every other part must be
+        present with the same tensors; a mismatch on any rank raises on all of them.
         """
         self.wait()
         path = Path(path) if path is not None else self.latest()
@@ -176,52 +194,63 @@ class CheckpointManager:
                 f"no complete checkpoint {'at ' + str(path) if path else 'under ' + str(self.root)}."
             )
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        saved_world = self._read(path, {"meta/world_size": torch.tensor(0), "meta/step": torch.tensor(0)})
-        templates, skeleton_keys, active = {}, {}, {}
+        meta = self._read(path, {"meta/world_size": torch.tensor(0), "meta/step": torch.tensor(0)})
+        same_world = int(meta["meta/world_size"]) == self.world_size
+        active = {}
         for name, part in parts.items():
-            prefix = self._prefix(name, part)
-            key = f"{prefix}/{_SKELETON}"
-            if key not in stored:
-                if (
-                    getattr(part, "per_rank", False)
-                    and int(saved_world["meta/world_size"]) != self.world_size
-                ):
-                    if self.rank == 0:
-                        log.warning("checkpoint %s: per-rank part %r was saved by %d ranks, not %d: not restored",
-                                    path, name, int(saved_world["meta/world_size"]), self.world_size)  # fmt: skip
-                    continue
-                raise CheckpointError(
-                    f"checkpoint {path} has no part {name!r} (it has {self._part_names(stored)})."
-                )
-            skeleton_keys[name] = key
-            templates[key] = torch.empty(stored[key].size, dtype=torch.uint8)
-            active[name] = (part, prefix)
-        skeletons = self._read(path, dict(templates))
+            if getattr(part, "per_rank", False) and not same_world:
+                if self.rank == 0:
+                    log.warning("checkpoint %s: per-rank part %r was saved by %d ranks, not %d: not restored",
+                                path, name, int(meta["meta/world_size"]), self.world_size)  # fmt: skip
+                continue
+            active[name] = (part, self._prefix(name, part))
+        keys = {name: f"{prefix}/{_SKELETON}" for name, (_, prefix) in active.items()}
+        absent = [name for name, key in keys.items() if key not in stored]
+        _agree(
+            CheckpointError(f"checkpoint {path} has no part(s) {absent} (it has {self._part_names(stored)}).")
+            if absent else None,
+            f"loading {path}",
+        )  # fmt: skip
+        raw = self._read(path, {k: torch.empty(stored[k].size, dtype=torch.uint8) for k in keys.values()})
+        skeletons = {name: decode_json(raw[key]) for name, key in keys.items()}
         state: dict[str, torch.Tensor] = {}
-        for name, (part, prefix) in active.items():
-            current, _ = split_state(part.state_dict(), prefix)
-            skeleton = decode_json(skeletons[skeleton_keys[name]])
-            wanted, _ = split_state(join_state(skeleton, _Keys()), prefix)
-            missing = sorted(set(wanted) - set(current))
-            if missing:
-                raise CheckpointError(
-                    f"part {name!r}: the checkpoint has {missing[:5]} which the current state lacks."
-                )
-            extra = sorted(set(current) - set(wanted))
-            if extra:
-                raise CheckpointError(
-                    f"part {name!r}: the checkpoint lacks {extra[:5]} (a different model?)."
-                )
-            for key in wanted:
-                if tuple(current[key].shape) != tuple(stored[key].size):
-                    raise CheckpointError(
-                        f"{key}: shape {tuple(stored[key].size)} in the checkpoint, {tuple(current[key].shape)} now."
-                    )
-                state[key] = current[key]
+        error = None
+        try:
+            for name, (part, prefix) in active.items():
+                self._plan_part(name, part, prefix, skeletons[name], path, stored, state)
+        except CheckpointError as e:
+            error = e
+        _agree(error, f"loading {path}")  # nobody enters the collective load unless everyone can
         dcp.load(state, checkpoint_id=str(path))
         for name, (part, _) in active.items():
-            part.load_state_dict(join_state(decode_json(skeletons[skeleton_keys[name]]), state))
-        return int(saved_world["meta/step"])
+            part.load_state_dict(join_state(skeletons[name], state))
+        return int(meta["meta/step"])
+
+    def _plan_part(self, name, part, prefix, skeleton, path, stored, state) -> None:
+        """Check one part against the checkpoint and add its load targets to `state` (no collectives)."""
+        current, _ = split_state(part.state_dict(), prefix)
+        wanted, _ = split_state(join_state(skeleton, _Keys()), prefix)
+        extra = sorted(set(current) - set(wanted))
+        if extra and any(isinstance(current[k], DTensor) for k in extra):
+            raise CheckpointError(f"part {name!r}: the checkpoint lacks {extra[:5]} (a different model?).")
+        for key in wanted:
+            if key not in stored:
+                raise CheckpointError(f"part {name!r}: {key} is missing from {path}.")
+            have = current.get(key)
+            if isinstance(have, DTensor):  # sharded: load into the live shards, resharding as needed
+                if tuple(have.shape) != tuple(stored[key].size):
+                    raise CheckpointError(
+                        f"{key}: shape {tuple(stored[key].size)} in the checkpoint, {tuple(have.shape)} now."
+                    )
+                state[key] = have
+            else:  # plain state may change size (buffers, counters): allocate what was stored
+                state[key] = torch.empty(stored[key].size, dtype=stored[key].properties.dtype)
+        model_like = [k for k in wanted if isinstance(current.get(k), DTensor)]
+        missing = sorted(k for k in wanted if k not in current and model_like)
+        if missing:
+            raise CheckpointError(
+                f"part {name!r}: the checkpoint has {missing[:5]} which the current model lacks."
+            )
 
     def _read(self, path: Path, templates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dcp.load(templates, checkpoint_id=str(path))
@@ -233,6 +262,36 @@ class CheckpointManager:
 
     def _dir(self, step: int) -> Path:
         return self.root / f"step-{step:08d}"
+
+
+def _fingerprint(skeleton, tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of a part's structure and of its plain (unsharded) tensor values."""
+    h = hashlib.sha256(json.dumps(skeleton, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not isinstance(t, DTensor):
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _agree(error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank if any rank failed `what` (so none is left in a collective)."""
+    failed = torch.tensor([0 if error is None else 1])
+    dist.all_reduce(failed)
+    if error is not None:
+        raise CheckpointError(f"{what} failed on rank {dist.get_rank()}: {error}") from error
+    if int(failed):
+        raise CheckpointError(f"{what} failed on {int(failed)} other rank(s); see their logs.")
+
+
+def _on_rank0_then_agree(fn, what: str) -> None:
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except BaseException as e:
+            error = e
+    _agree(error, what)
 
 
 class _Keys(dict):

@@ -59,7 +59,7 @@ class OptimizerPart:
 
 
 class RNGPart:
-    """This rank's random generators: torch CPU, every visible CUDA device, and Python's `random`."""
+    """This rank's random generators: torch CPU, its current CUDA device, and Python's `random`."""
 
     per_rank = True
 
@@ -69,14 +69,14 @@ class RNGPart:
             "python": _python_rng_to_json(random.getstate()),
         }
         if torch.cuda.is_available():
-            state["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+            state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         torch.set_rng_state(state_dict["cpu"])
         random.setstate(_python_rng_from_json(state_dict["python"]))
         if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([state_dict["cuda"][str(i)] for i in range(len(state_dict["cuda"]))])
+            torch.cuda.set_rng_state(state_dict["cuda"])
 
 
 def _python_rng_to_json(state: tuple) -> list:

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from omni_dist import ParallelConfigError, ParallelDims, ParallelMesh
 from omni_dist.checkpoint import CheckpointManager, ModelPart
+from omni_dist.hf_export import export_hf_safetensors
 from omni_dist.hf_load import load_hf_weights_
 from omni_dist.parallelize import ParallelizeConfig, parallelize
 from omni_dist.plan import PlanError
@@ -142,3 +143,19 @@ def test_bad_expert_parallel_configurations_are_named():
     )
     with pytest.raises(ParallelConfigError, match=r"ep \(3\) must divide dp_shard x sp = 4"):
         ParallelDims(world_size=4, ep=3)
+
+
+def _export_ep(out_dir: str) -> None:
+    model = _ep_model({"dp_shard": 2, "ep": 2})
+    init_weights_(model, model._init_weights, SEED)
+    export_hf_safetensors(
+        model, out_dir, dtype="float32", max_shard_bytes=60_000, config_json=moe_config().to_json_string()
+    )
+
+
+def test_hf_export_of_ep_sharded_moe_loads_with_from_pretrained(tmp_path):
+    run_ranks(_export_ep, 2, str(tmp_path))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    want = plain_model(moe_config())
+    for k, v in want.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k

@@ -25,11 +25,10 @@ from omni_dist.weights import init_weights_, materialize_
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.hf_plans import plan_for
 from tests.harness import run_ranks
-from tests.omni_dist.tiny import SEED, make_optimizer, meta_model
+from tests.omni_dist.tiny import SEED, assert_matches, make_optimizer, meta_model
 
 STEPS = 5
 GROUPS = [[9, 4, 12, 6], [5, 14, 3, 7, 2], [11, 11, 9], [3, 3, 20, 4]]
-RTOL = 1e-5
 
 
 def moe_config() -> Qwen3MoeConfig:
@@ -147,21 +146,13 @@ def _layouts(layouts: dict[str, dict]) -> dict:
     return out
 
 
-def _check(reference: dict, got: dict, label: str) -> None:
-    for key in ("loss", "grad_norm"):
-        want, have = torch.tensor(reference[key]), torch.tensor(got[key])
-        assert torch.allclose(have, want, rtol=RTOL, atol=0), (
-            f"{label} {key}: {have.tolist()} vs {want.tolist()}"
-        )
-
-
 def test_ep2_with_fsdp2_matches_single_process(reference):
     both = run_ranks(_layouts, 2, {"ep2": {"dp_shard": 2, "ep": 2}, "ep2_chunked": {"dp_shard": 2, "ep": 2}})[
         0
     ]
-    _check(reference, both["ep2_chunked"], "ep2_chunked")  # chunked overlapping dispatch
+    assert_matches(reference, both["ep2_chunked"], "ep2_chunked")  # chunked overlapping dispatch
     out = both["ep2"]
-    _check(reference, out, "ep2")
+    assert_matches(reference, out, "ep2")
     assert out["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert out["local_expert_shape"] == (4, 32, 32)  # 8 experts / ep 2, 2 x moe_intermediate, hidden
     _assert_unequal_routing(out["routed"])
@@ -172,7 +163,7 @@ def test_ep2_in_dp_shard4_and_ep2_x_sp2_match_single_process(reference):
     layouts = {"ep2_in_dp4": {"dp_shard": 4, "ep": 2}, "ep2_x_sp2": {"dp_shard": 2, "sp": 2, "ep": 2}}
     out = run_ranks(_layouts, 4, layouts)[0]
     for name in layouts:
-        _check(reference, out[name], name)
+        assert_matches(reference, out[name], name)
         _assert_unequal_routing(out[name]["routed"])
 
 

@@ -9,9 +9,14 @@ from torch.distributed.tensor import DTensor
 
 from omni_dist.parallelize import ParallelizeConfig
 from tests.harness import run_ranks
-from tests.omni_dist.tiny import build_parallel, plain_model, tiny_qwen2_config, train_parallel, train_single
-
-RTOL = 1e-5
+from tests.omni_dist.tiny import (
+    assert_matches,
+    build_parallel,
+    plain_model,
+    tiny_qwen2_config,
+    train_parallel,
+    train_single,
+)
 
 TWO_RANK_MODES = {
     "fsdp2": {},
@@ -42,19 +47,11 @@ def _train_modes(modes: dict[str, dict], layouts: dict[str, dict]) -> dict:
     return out
 
 
-def _assert_matches(reference: dict, got: dict, label: str) -> None:
-    for key in ("loss", "grad_norm"):
-        want, have = torch.tensor(reference[key]), torch.tensor(got[key])
-        assert torch.allclose(have, want, rtol=RTOL, atol=0), (
-            f"{label} {key}: {have.tolist()} vs {want.tolist()}"
-        )
-
-
 def test_two_rank_modes_match_single_process(reference):
     results = run_ranks(_train_modes, 2, TWO_RANK_MODES, {"dp2": {"dp_shard": 2}})
     assert results[0].keys() == {f"dp2/{m}" for m in TWO_RANK_MODES}
     for label, got in results[0].items():
-        _assert_matches(reference, got, label)
+        assert_matches(reference, got, label)
         assert results[1][label]["loss"] == got["loss"]  # every rank reports the same global loss
     assert results[0]["dp2/fsdp2+full_recompute"]["recomputed"] == 3
     assert results[0]["dp2/fsdp2+activation_offload"]["offload_saved"] > 0
@@ -67,7 +64,7 @@ def test_two_rank_modes_match_single_process(reference):
 def test_four_rank_layouts_match_single_process(reference):
     results = run_ranks(_train_modes, 4, {"plain": {}}, FOUR_RANK_LAYOUTS)
     for label, got in results[0].items():
-        _assert_matches(reference, got, label)
+        assert_matches(reference, got, label)
 
 
 def _full_weights_after_meta_init(dims: dict, tied: bool) -> dict:

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.harness import run_ranks
-from tests.omni_dist.tiny import packed_config, train_single_packed, train_sp
-
-RTOL = 1e-5
+from tests.omni_dist.tiny import assert_matches, packed_config, train_single_packed, train_sp
 
 
 @pytest.fixture(scope="module")
 def reference():
     return train_single_packed(packed_config())
-
-
-def _assert_matches(reference: dict, got: dict, label: str) -> None:
-    for key in ("loss", "grad_norm"):
-        want, have = torch.tensor(reference[key]), torch.tensor(got[key])
-        assert torch.allclose(have, want, rtol=RTOL, atol=0), (
-            f"{label} {key}: {have.tolist()} vs {want.tolist()}"
-        )
 
 
 def _sp_runs(cases: dict[str, tuple[dict, int]]) -> dict:
@@ -33,7 +22,7 @@ def test_sp2_sync_and_async_match_single_process(reference):
     cases = {"sp2": ({"sp": 2}, 1), "sp2_async": ({"sp": 2}, 2)}
     out = run_ranks(_sp_runs, 2, cases)
     for name in cases:
-        _assert_matches(reference, out[0][name], name)
+        assert_matches(reference, out[0][name], name)
         assert out[1][name]["loss"] == out[0][name]["loss"]
     assert reference["loss"][-1] < reference["loss"][0]
 
@@ -45,4 +34,4 @@ def test_sp2_with_fsdp2_on_four_ranks_matches_single_process(reference):
     }
     out = run_ranks(_sp_runs, 4, cases)
     for name in cases:
-        _assert_matches(reference, out[0][name], name)
+        assert_matches(reference, out[0][name], name)

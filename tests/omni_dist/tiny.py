@@ -20,6 +20,7 @@ from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.hf_plans import HF_DECODER_PLANS
 
 SEED = 1234
+RTOL = 1e-5  # parity tolerance (fp32, relative) for loss and grad norm against one process
 STEPS = 5
 GLOBAL_BATCH = 8
 SEQ = 16
@@ -221,3 +222,12 @@ def train_sp(config, dims_kwargs: dict, overlap_chunks: int = 1, steps: int = ST
         losses.append(loss)
         norms.append(norm)
     return {"loss": losses, "grad_norm": norms}
+
+
+def assert_matches(reference: dict, got: dict, label: str) -> None:
+    """Loss and grad norm of every step equal the single-process run within RTOL."""
+    for key in ("loss", "grad_norm"):
+        want, have = torch.tensor(reference[key]), torch.tensor(got[key])
+        assert torch.allclose(have, want, rtol=RTOL, atol=0), (
+            f"{label} {key}: {have.tolist()} vs {want.tolist()}"
+        )

@@ -49,42 +49,29 @@ class ExpertParallel:
         return self.num_experts // self.size
 
 
-class _AllToAllV(torch.autograd.Function):
-    """all_to_all_single with variable splits; backward sends gradients back along the same routes."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
-
-
 class _Handle:
-    """An all-to-all issued by _StartAllToAllV and not yet waited for."""
+    """An all-to-all issued asynchronously by _AllToAllV and not yet waited for (see _WaitAllToAll)."""
 
     work = None
     src: torch.Tensor | None = None
 
 
-class _StartAllToAllV(torch.autograd.Function):
-    """Issue the all-to-all and return its (not yet filled) output; _WaitAllToAll makes it usable."""
+class _AllToAllV(torch.autograd.Function):
+    """all_to_all_single with variable splits; backward sends gradients back along the same routes.
+
+    With a `handle` the exchange is only issued: the output is filled once _WaitAllToAll has run.
+    """
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group: ProcessGroup, handle: _Handle):
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group: ProcessGroup, handle=None):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        handle.src = x.contiguous()
+        src = x.contiguous()
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        handle.work = dist.all_to_all_single(
-            out, handle.src, out_splits, in_splits, group=group, async_op=True
+        work = dist.all_to_all_single(
+            out, src, out_splits, in_splits, group=group, async_op=handle is not None
         )
+        if handle is not None:
+            handle.work, handle.src = work, src  # the send buffer must live until the wait
         return out
 
     @staticmethod
@@ -135,14 +122,14 @@ def moe_dispatch_combine(
     dispatches = []
     for route, h in zip(plans, hiddens, strict=True):
         handle = _Handle()
-        dispatches.append((_StartAllToAllV.apply(h[route.token_of], route.recv_splits, route.send_splits,
+        dispatches.append((_AllToAllV.apply(h[route.token_of], route.recv_splits, route.send_splits,
                                                  ep.group, handle), handle))  # fmt: skip
     combines = []
     for route, (received, handle) in zip(plans, dispatches, strict=True):
         grouped = route.compute(_WaitAllToAll.apply(received, handle), expert_fn)
         back = _Handle()
         combines.append(
-            (_StartAllToAllV.apply(grouped, route.send_splits, route.recv_splits, ep.group, back), back)
+            (_AllToAllV.apply(grouped, route.send_splits, route.recv_splits, ep.group, back), back)
         )
     outs = [
         route.combine(_WaitAllToAll.apply(returned, handle), w, h)

@@ -106,18 +106,17 @@ def moe_dispatch_combine(
     ep: ExpertParallel,
 ) -> torch.Tensor:  # fmt: skip
     """Route `hidden` (T, H) to experts `top_k_index` (T, K) across the EP group; weighted sum (T, H)."""
-    chunks = min(ep.overlap_chunks, max(1, hidden.shape[0]))
-    plans = [
-        _Route(i, ep) for i in (top_k_index.chunk(chunks) if chunks > 1 else (top_k_index,))
-    ]  # fmt: skip
-    if chunks == 1 or len(plans) == 1:
-        route = plans[0]
+    if ep.overlap_chunks == 1:
+        route = _Route(top_k_index, ep)
         received = _AllToAllV.apply(hidden[route.token_of], route.recv_splits, route.send_splits, ep.group)
         returned = _AllToAllV.apply(
             route.compute(received, expert_fn), route.send_splits, route.recv_splits, ep.group
         )
         return route.combine(returned, top_k_weights, hidden)
-    hiddens, weights = hidden.chunk(chunks), top_k_weights.chunk(chunks)
+    # Exactly overlap_chunks pieces on every rank (some may be empty): ranks with different token
+    # counts must still issue the same number of collectives.
+    hiddens, weights = hidden.tensor_split(ep.overlap_chunks), top_k_weights.tensor_split(ep.overlap_chunks)
+    plans = [_Route(i, ep) for i in top_k_index.tensor_split(ep.overlap_chunks)]
     # Every rank issues the same collectives in the same order: all dispatches, then the combines.
     dispatches = []
     for route, h in zip(plans, hiddens, strict=True):

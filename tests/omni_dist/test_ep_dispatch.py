@@ -29,10 +29,11 @@ def _weights() -> torch.Tensor:
 def _reference(rank: int):
     x, idx, w = _inputs(rank)
     x.requires_grad_()
+    w.requires_grad_()
     weights = _weights().requires_grad_()
     out = sum(w[:, k, None] * torch.einsum("th,tgh->tg", x, weights[idx[:, k]]) for k in range(K))
     out.sum().backward()
-    return out.detach(), x.grad, weights.grad
+    return out.detach(), x.grad, weights.grad, w.grad
 
 
 def _ep(chunks: int) -> dict:
@@ -51,12 +52,13 @@ def _ep(chunks: int) -> dict:
 
     x, idx, w = _inputs(dist.get_rank())
     x.requires_grad_()
+    w.requires_grad_()
     out = moe_dispatch_combine(x, idx, w, experts, ep)
     out.sum().backward()
     grads = [torch.zeros_like(full) for _ in range(2)]
     dist.all_gather(grads, torch.cat([torch.zeros(rank * 2, H, H, dtype=full.dtype), local.grad,
                                       torch.zeros((1 - rank) * 2, H, H, dtype=full.dtype)]))  # fmt: skip
-    return {"out": out.detach(), "x_grad": x.grad, "w_grad": sum(grads)}
+    return {"out": out.detach(), "x_grad": x.grad, "w_grad": sum(grads), "route_grad": w.grad}
 
 
 def _both() -> dict:
@@ -67,8 +69,9 @@ def test_dispatch_combine_matches_local_routing_with_unequal_tokens():
     results = run_ranks(_both, 2)
     w_grad_ref = sum(_reference(r)[2] for r in range(2))
     for rank, per_chunks in enumerate(results):
-        out_ref, x_grad_ref, _ = _reference(rank)
+        out_ref, x_grad_ref, _, route_grad_ref = _reference(rank)
         for chunks, got in per_chunks.items():
             torch.testing.assert_close(got["out"], out_ref, msg=f"rank {rank} chunks {chunks}")
             torch.testing.assert_close(got["x_grad"], x_grad_ref, msg=f"rank {rank} chunks {chunks}")
             torch.testing.assert_close(got["w_grad"], w_grad_ref, msg=f"rank {rank} chunks {chunks}")
+            torch.testing.assert_close(got["route_grad"], route_grad_ref, msg=f"rank {rank} chunks {chunks}")

@@ -4,6 +4,7 @@ on the EP size, and bad EP configurations fail before training."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from omni_dist.hf_load import load_hf_weights_
 from omni_dist.parallelize import ParallelizeConfig, parallelize
 from omni_dist.plan import PlanError
 from omni_dist.weights import init_weights_, materialize_, non_persistent_buffers
-from omni_models.hf_keys import per_expert_keys
+from omni_models.hf_keys import per_expert_keys, per_expert_tensors
 from omni_models.hf_plans import plan_for
 from tests.harness import run_ranks
 from tests.omni_dist.test_ep_parity import moe_config
@@ -104,6 +105,7 @@ def _bad_ep() -> dict[str, str]:
         "experts_not_divisible": lambda: _ep_model({"dp_shard": 4, "ep": 4}, _six_experts()),
         "dense_model_with_ep": lambda: _dense_with_ep(),
         "missing_expert_tensor": lambda: _typo_plan(),
+        "partial_expert_plan": lambda: _partial_plan(),
     }.items():
         try:
             build()
@@ -126,6 +128,13 @@ def _dense_with_ep():
     return _ep_model({"dp_shard": 4, "ep": 2}, tiny_qwen2_config())
 
 
+def _partial_plan():
+    mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), ep=2), device_type="cpu")
+    model = meta_model(moe_config())
+    plan = dataclasses.replace(plan_for(model), expert_params={"*.mlp.experts.gate_up_proj": "shard0"})
+    parallelize(model, mesh, plan, ParallelizeConfig())
+
+
 def _typo_plan():
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), ep=2), device_type="cpu")
     model = meta_model(moe_config())
@@ -141,6 +150,10 @@ def test_bad_expert_parallel_configurations_are_named():
         "plan.expert_params pattern '*.mlp.experts.gate_up' matches no parameter"
         in out["missing_expert_tensor"]
     )
+    assert (
+        "plan.expert_params does not cover ['model.layers.0.mlp.experts.down_proj']"
+        in out["partial_expert_plan"]
+    )
     with pytest.raises(ParallelConfigError, match=r"ep \(3\) must divide dp_shard x sp = 4"):
         ParallelDims(world_size=4, ep=3)
 
@@ -149,13 +162,25 @@ def _export_ep(out_dir: str) -> None:
     model = _ep_model({"dp_shard": 2, "ep": 2})
     init_weights_(model, model._init_weights, SEED)
     export_hf_safetensors(
-        model, out_dir, dtype="float32", max_shard_bytes=60_000, config_json=moe_config().to_json_string()
-    )
+        model, out_dir, dtype="float32", max_shard_bytes=60_000, config_json=moe_config().to_json_string(),
+        rename=per_expert_tensors,
+    )  # fmt: skip
+
+
+def _reload_export(out_dir: str) -> dict:
+    model = _ep_model({"dp_shard": 2, "ep": 2})
+    load_hf_weights_(model, out_dir, split_keys=per_expert_keys)
+    return _full(model)
 
 
 def test_hf_export_of_ep_sharded_moe_loads_with_from_pretrained(tmp_path):
     run_ranks(_export_ep, 2, str(tmp_path))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert "model.layers.0.mlp.experts.7.up_proj.weight" in index["weight_map"]  # HF's per-expert layout
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     want = plain_model(moe_config())
     for k, v in want.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+    # and our own loader reads the export back into EP shards
+    for k, v in run_ranks(_reload_export, 2, str(tmp_path))[0].items():
+        assert torch.equal(v, want.state_dict()[k]), k

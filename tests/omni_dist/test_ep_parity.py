@@ -170,4 +170,3 @@ def test_ep2_in_dp_shard4_and_ep2_x_sp2_match_single_process(reference):
 def _assert_unequal_routing(routed: torch.Tensor) -> None:
     first = routed[:, 0]  # (ranks, layers, experts) at the first step
     assert (first == 0).any(), "every expert got tokens on every rank: the batch does not test empty experts"
-    assert (first.sum(0) > 0).sum() >= 2

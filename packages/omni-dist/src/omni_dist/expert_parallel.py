@@ -183,8 +183,18 @@ def fused_gate_up_experts(module: nn.Module, ep: ExpertParallel):
     """EP forward for experts stored as fused tensors (HF Qwen3-MoE, Qwen2-MoE, ...):
     `gate_up_proj` (E, 2I, H), `down_proj` (E, H, I), `act_fn`; local experts are the EP shard."""
 
+    layout = {"is_transposed": False, "is_concatenated": True, "has_bias": False}
+    differs = {k: getattr(module, k) for k, v in layout.items() if getattr(module, k, v) != v}
+    if differs:
+        raise PlanError(
+            f"fused_gate_up expects concatenated, untransposed, bias-free experts; {type(module).__name__} "
+            f"has {differs}: register an EP forward for that layout."
+        )
+
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         gate_up, down = _local(module.gate_up_proj), _local(module.down_proj)
+        if gate_up.shape[0] != ep.local_experts:
+            raise RuntimeError(f"{type(module).__name__}: expert tensors are not split over ep={ep.size}.")
 
         def experts(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
             outs, start = [], 0
@@ -228,9 +238,15 @@ def apply_expert_parallel(
     for fqn, module in experts:
         if getattr(module, "_omni_expert_parallel", False):
             raise PlanError(f"expert parallelism is already applied to {fqn!r}.")
-        owned = [n for n in module._parameters if f"{fqn}.{n}" in expert_params]
-        if not owned:
-            raise PlanError(f"plan.expert_params names no parameter of the experts module {fqn!r}.")
+        owned = [n for n, p in module._parameters.items() if p is not None]
+        unsharded = [n for n in owned if f"{fqn}.{n}" not in expert_params]
+        if unsharded:
+            # The EP forward indexes every expert tensor by local expert id: one left whole would be
+            # read with the wrong experts on all ranks but the first.
+            raise PlanError(
+                f"plan.expert_params does not cover {[f'{fqn}.{n}' for n in unsharded]}; every parameter "
+                "of an experts module must be split over ep."
+            )
         num_experts = None
         for name in owned:
             p = module._parameters[name]

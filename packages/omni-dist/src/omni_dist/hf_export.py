@@ -2,13 +2,15 @@
 
 Every rank takes part (each full tensor is gathered from its shards), rank 0 writes. Rank 0 holds one
 output shard file's worth of tensors plus the tensor being gathered, never the whole model. Tied
-tensors are written once, under their first name (HF re-ties them from the config). Needs the
+tensors are written once, under their first name (HF re-ties them from the config). `rename(name,
+full tensor)` may write a tensor under other keys (e.g. fused experts as HF's per-expert keys). Needs the
 `safetensors` package (installed with transformers, or `omni-dist[hf]`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ def export_hf_safetensors(
     dtype: str = "bfloat16",
     max_shard_bytes: int = 4 * 2**30,
     config_json: str | None = None,
+    rename: Callable[[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
 ) -> list[Path]:
     """Write `model`'s persistent state to `out_dir`; returns the shard files (on rank 0; [] elsewhere)."""
     from safetensors.torch import save_file
@@ -46,16 +49,19 @@ def export_hf_safetensors(
         full = t.full_tensor() if isinstance(t, DTensor) else t  # collective: every rank, same order
         if not rank0:
             continue
-        full = full.detach().to("cpu", dtype=target if full.is_floating_point() else full.dtype).contiguous()
-        nbytes = full.numel() * full.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            files.append(_write(save_file, out_dir, len(files), shards[-1]))
-            shards.append({})
-            size = 0
-        shards[-1][name] = full
-        size += nbytes
-        total_bytes += nbytes
-        weight_map[name] = len(files)
+        full = full.detach().to("cpu", dtype=target if full.is_floating_point() else full.dtype)
+        pieces = rename(name, full) if rename is not None else None
+        for key, tensor in (pieces or {name: full}).items():
+            tensor = tensor.contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                files.append(_write(save_file, out_dir, len(files), shards[-1]))
+                shards.append({})
+                size = 0
+            shards[-1][key] = tensor
+            size += nbytes
+            total_bytes += nbytes
+            weight_map[key] = len(files)
     if not rank0:
         dist.barrier()  # return only once rank 0 has written everything
         return []

@@ -70,45 +70,60 @@ def load_hf_weights_(
         tensors[id(t)] = t
     to_load: dict[str, torch.Tensor] = {}
     loaded: set[str] = set()
-    missing = []
-    for key, names in aliases.items():
-        parts = split_keys(names[0], tensors[key]) if split_keys is not None else None
-        if parts is not None:
-            absent = sorted(k for k in parts if k not in available)
-            if absent:
-                missing.extend(absent)
-                continue
-            for k, view in parts.items():
-                if tuple(view.shape) != tuple(available[k].size):
-                    raise CheckpointMismatchError(
-                        f"{k} (for {names[0]}): the model needs {tuple(view.shape)}, the checkpoint has "
-                        f"{tuple(available[k].size)} ({path})."
-                    )
-                to_load[k] = view
+    missing: list[str] = []
+    error = None
+    try:
+        for key, names in aliases.items():
+            parts = split_keys(names[0], tensors[key]) if split_keys is not None else None
+            if parts is not None:
+                absent = sorted(k for k in parts if k not in available)
+                if absent:  # a fused tensor cannot be half loaded: it is an error even without strict
+                    raise CheckpointMismatchError(f"{names[0]} needs {absent[:4]}, which are not in {path}.")
+                for k, view in parts.items():
+                    _check_shape(k, tuple(view.shape), tuple(available[k].size), path)
+                    to_load[k] = view
+            else:
+                present = [n for n in names if n in available]
+                if not present:
+                    missing.extend(names)
+                    continue
+                _check_shape(present[0], tuple(tensors[key].shape), tuple(available[present[0]].size), path)
+                t = tensors[key]
+                to_load[present[0]] = t.data if isinstance(t, nn.Parameter) else t
             loaded.update(names)
-            continue
-        present = [n for n in names if n in available]
-        if not present:
-            missing.extend(names)
-            continue
-        name = present[0]
-        want, have = tuple(tensors[key].shape), tuple(available[name].size)
-        if want != have:
+        if missing and strict:
             raise CheckpointMismatchError(
-                f"{name}: the model has shape {want}, the checkpoint {have} ({path})."
+                f"{len(missing)} tensors of {type(model).__name__} are not in {path}: {sorted(missing)[:8]}"
+                + (" ..." if len(missing) > 8 else "")
+                + " (pass strict=False to initialise them instead)."
             )
-        to_load[name] = tensors[key].data if isinstance(tensors[key], nn.Parameter) else tensors[key]
-        loaded.update(names)
-    if missing and strict:
-        raise CheckpointMismatchError(
-            f"{len(missing)} tensors of {type(model).__name__} are not in {path}: {sorted(missing)[:8]}"
-            + (" ..." if len(missing) > 8 else "")
-            + " (pass strict=False to initialise them instead)."
-        )
-    unused = set(available) - {n for names in aliases.values() for n in names} - set(to_load)
+    except CheckpointMismatchError as e:
+        error = e
+    # With sharded experts the checks differ per rank: agree before anyone enters the collective load.
+    used = set(to_load)
+    if dist.is_initialized():
+        failed = torch.tensor([0 if error is None else 1])
+        dist.all_reduce(failed)
+        if error is None and int(failed):
+            error = CheckpointMismatchError(
+                f"loading {path} failed on {int(failed)} other rank(s); see their logs."
+            )
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, used)
+        used = set().union(*everyone)
+    if error is not None:
+        raise error
+    unused = set(available) - {n for names in aliases.values() for n in names} - used
     if unused and (not dist.is_initialized() or dist.get_rank() == 0):
         log.warning(
             "%d checkpoint tensors are not used by the model, e.g. %s", len(unused), sorted(unused)[:4]
         )
     dcp.load(to_load, storage_reader=reader)
     return loaded
+
+
+def _check_shape(name: str, want: tuple, have: tuple, path: Path) -> None:
+    if want != have:
+        raise CheckpointMismatchError(
+            f"{name}: the model needs shape {want}, the checkpoint has {have} ({path})."
+        )

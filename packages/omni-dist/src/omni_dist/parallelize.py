@@ -95,6 +95,12 @@ def parallelize(
     if param_dtype == torch.float32:
         fp32 = []  # everything already computes in fp32: no separate units needed
     _check_combination(units, fp32, recompute, offload, config)
+    if mesh.dims.ep > 1:
+        overlap = sorted({f for f, _ in experts} & {f for f, _ in units + fp32})
+        if overlap:
+            raise PlanError(
+                f"{overlap[:3]} are listed as experts and as FSDP/fp32 units; list each module once."
+            )
 
     report = ParallelizeReport()
     if mesh.dims.ep > 1:

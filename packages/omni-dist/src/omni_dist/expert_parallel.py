@@ -94,11 +94,14 @@ class _WaitAllToAll(torch.autograd.Function):
         return grad, None
 
 
-def _exchange_counts(counts: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
-    """Per-expert counts (E,) this rank sends -> (ep, E/ep): rows each source sends to my experts."""
-    recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts, group=ep.group)
-    return recv.view(ep.size, ep.local_experts)
+def _routes(chunks: tuple[torch.Tensor, ...], ep: ExpertParallel) -> list[_Route]:
+    """Routing of every chunk, with one exchange of per-expert counts for all of them."""
+    counts = torch.stack([torch.bincount(c.reshape(-1), minlength=ep.num_experts) for c in chunks])
+    # (chunk, expert) -> (destination rank, chunk, local expert): one block per destination.
+    send = counts.view(len(chunks), ep.size, ep.local_experts).transpose(0, 1).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=ep.group)  # now (source rank, chunk, my local expert)
+    return [_Route(c, counts[i], recv[:, i], ep) for i, c in enumerate(chunks)]
 
 
 def moe_dispatch_combine(
@@ -107,7 +110,7 @@ def moe_dispatch_combine(
 ) -> torch.Tensor:  # fmt: skip
     """Route `hidden` (T, H) to experts `top_k_index` (T, K) across the EP group; weighted sum (T, H)."""
     if ep.overlap_chunks == 1:
-        route = _Route(top_k_index, ep)
+        (route,) = _routes((top_k_index,), ep)
         received = _AllToAllV.apply(hidden[route.token_of], route.recv_splits, route.send_splits, ep.group)
         returned = _AllToAllV.apply(
             route.compute(received, expert_fn), route.send_splits, route.recv_splits, ep.group
@@ -116,7 +119,7 @@ def moe_dispatch_combine(
     # Exactly overlap_chunks pieces on every rank (some may be empty): ranks with different token
     # counts must still issue the same number of collectives.
     hiddens, weights = hidden.tensor_split(ep.overlap_chunks), top_k_weights.tensor_split(ep.overlap_chunks)
-    plans = [_Route(i, ep) for i in top_k_index.tensor_split(ep.overlap_chunks)]
+    plans = _routes(top_k_index.tensor_split(ep.overlap_chunks), ep)
     # Every rank issues the same collectives in the same order: all dispatches, then the combines.
     dispatches = []
     for route, h in zip(plans, hiddens, strict=True):
@@ -140,13 +143,11 @@ def moe_dispatch_combine(
 class _Route:
     """Where each routed (token, expert) slot of one chunk goes, and how it comes back."""
 
-    def __init__(self, top_k_index: torch.Tensor, ep: ExpertParallel):
+    def __init__(self, top_k_index: torch.Tensor, counts: torch.Tensor, recv_counts: torch.Tensor, ep):
         self.k = top_k_index.shape[1]
-        flat_expert = top_k_index.reshape(-1)
-        self.order = torch.argsort(flat_expert, stable=True)
+        self.order = torch.argsort(top_k_index.reshape(-1), stable=True)
         self.token_of = self.order // self.k
-        counts = torch.bincount(flat_expert, minlength=ep.num_experts)
-        self.recv_counts = _exchange_counts(counts, ep)  # (source rank, local expert)
+        self.recv_counts = recv_counts  # (source rank, local expert)
         self.send_splits = counts.view(ep.size, ep.local_experts).sum(1).tolist()
         self.recv_splits = self.recv_counts.sum(1).tolist()
         # Received rows are grouped by source rank, then expert; the experts want them by expert.
@@ -168,15 +169,9 @@ class _Route:
 def _source_major_to_expert_major(counts: torch.Tensor) -> torch.Tensor:
     """Row permutation from (source, expert) block order to (expert, source) block order."""
     sources, experts = counts.shape
-    starts = torch.zeros(sources * experts, dtype=torch.long)
-    starts[1:] = counts.reshape(-1).cumsum(0)[:-1]
-    starts = starts.view(sources, experts)
-    pieces = [
-        torch.arange(int(starts[s, e]), int(starts[s, e] + counts[s, e]))
-        for e in range(experts)
-        for s in range(sources)
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    block = torch.repeat_interleave(torch.arange(sources * experts), counts.reshape(-1))
+    source, expert = block // experts, block % experts
+    return torch.argsort(expert * sources + source, stable=True)  # stable: rows keep their order
 
 
 def fused_gate_up_experts(module: nn.Module, ep: ExpertParallel):

@@ -16,7 +16,6 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
-from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
 from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.parallelize import ParallelizeConfig, parallelize
@@ -25,7 +24,7 @@ from omni_dist.weights import init_weights_, materialize_
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.hf_plans import plan_for
 from tests.harness import run_ranks
-from tests.omni_dist.tiny import SEED, assert_matches, make_optimizer, meta_model
+from tests.omni_dist.tiny import SEED, assert_matches, make_optimizer, meta_model, optimizer_step
 
 STEPS = 5
 GROUPS = [[9, 4, 12, 6], [5, 14, 3, 7, 2], [11, 11, 9], [3, 3, 20, 4]]
@@ -76,9 +75,7 @@ def train_single() -> dict:
         aux = load_balancing_loss_func(out.router_logits, config.num_experts, config.num_experts_per_tok)
         loss = ce / tokens + config.router_aux_loss_coef * aux
         loss.backward()
-        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
-        opt.step()
-        opt.zero_grad()
+        norms.append(optimizer_step(model, opt))
         losses.append(loss.item())
     return {"loss": losses, "grad_norm": norms}
 
@@ -116,9 +113,7 @@ def train_ep(dims: dict, chunks: int = 1) -> dict:
         routed.append(_routing_counts(out.router_logits, config.num_experts_per_tok, config.num_experts))
         loss = ce / tokens + config.router_aux_loss_coef * aux
         loss.backward()
-        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
-        opt.step()
-        opt.zero_grad()
+        norms.append(optimizer_step(model, opt))
         reported = loss.detach().clone()
         dist.all_reduce(reported, group=loss_group)
         losses.append(reported.item())

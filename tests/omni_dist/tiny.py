@@ -82,6 +82,14 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, foreach=False)
 
 
+def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer) -> float:
+    """Clip by the global norm (1.0), step, clear gradients; returns the norm before clipping."""
+    norm = clip_grad_norm_(model.parameters(), 1.0).item()
+    opt.step()
+    opt.zero_grad()
+    return norm
+
+
 def train_single(config, steps: int = STEPS) -> dict[str, list[float]]:
     model = plain_model(config)
     opt = make_optimizer(model)
@@ -91,9 +99,7 @@ def train_single(config, steps: int = STEPS) -> dict[str, list[float]]:
         total, tokens = loss_sum(model, ids, labels)
         loss = total / tokens
         loss.backward()
-        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
-        opt.step()
-        opt.zero_grad()
+        norms.append(optimizer_step(model, opt))
         losses.append(loss.item())
     return {"loss": losses, "grad_norm": norms}
 
@@ -119,9 +125,7 @@ def train_parallel(config, dims_kwargs: dict, cfg: ParallelizeConfig, steps: int
         total, tokens = loss_sum(model, ids[rows], labels[rows])
         loss = total / global_token_count(tokens, mesh["loss"]).to(total.dtype)
         loss.backward()
-        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
-        opt.step()
-        opt.zero_grad()
+        norms.append(optimizer_step(model, opt))
         reported = loss.detach().clone()
         dist.all_reduce(reported, group=mesh["loss"].get_group())
         losses.append(reported.item())
@@ -179,9 +183,7 @@ def train_single_packed(config, steps: int = STEPS) -> dict[str, list[float]]:
             total, _ = packed_loss_sum(model, seq)
             (total / tokens).backward()
             loss += (total / tokens).item()
-        norms.append(clip_grad_norm_(model.parameters(), 1.0).item())
-        opt.step()
-        opt.zero_grad()
+        norms.append(optimizer_step(model, opt))
         losses.append(loss)
     return {"loss": losses, "grad_norm": norms}
 
@@ -204,9 +206,7 @@ def packed_step(
         total, _ = packed_loss_sum(model, seq, sp)
         (total / tokens.to(total.dtype)).backward()
         loss += total.detach() / tokens
-    norm = clip_grad_norm_(model.parameters(), 1.0).item()
-    opt.step()
-    opt.zero_grad()
+    norm = optimizer_step(model, opt)
     dist.all_reduce(loss, group=mesh["loss"].get_group())
     return loss.item(), norm
 

@@ -20,6 +20,20 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def check_sp_heads(sp: int, num_heads: int | None, num_kv_heads: int | None = None) -> None:
+    """Ulysses gives each SP rank heads/sp query heads; kv heads are split or repeated to match."""
+    if num_heads is not None and num_heads % sp:
+        raise ParallelConfigError(
+            f"sp ({sp}) must divide the number of attention heads ({num_heads}): Ulysses gives each SP "
+            f"rank heads/sp heads. Valid sp values: {_divisors(num_heads)}."
+        )
+    if num_kv_heads is not None and sp > 1 and num_kv_heads % sp and sp % num_kv_heads:
+        raise ParallelConfigError(
+            f"with {num_kv_heads} key/value heads, sp ({sp}) must divide them or be a multiple of them "
+            "(kv heads are repeated when sp exceeds them)."
+        )
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     """Degrees of parallelism for `world_size` ranks; `dp_shard=-1` infers it from the others."""
@@ -97,18 +111,7 @@ class ParallelDims:
         num_experts: int | None = None,
     ) -> None:
         """Fail early when the model's shape does not fit these degrees."""
-        if num_attention_heads is not None and num_attention_heads % self.sp:
-            raise ParallelConfigError(
-                f"sp ({self.sp}) must divide the number of attention heads ({num_attention_heads}): Ulysses "
-                f"gives each SP rank heads/sp heads. Valid sp values: {_divisors(num_attention_heads)}."
-            )
-        if num_key_value_heads is not None and self.sp > 1:
-            kv, sp = num_key_value_heads, self.sp
-            if kv % sp and sp % kv:
-                raise ParallelConfigError(
-                    f"with {kv} key/value heads, sp ({sp}) must divide them or be a multiple of them "
-                    "(kv heads are repeated when sp exceeds them)."
-                )
+        check_sp_heads(self.sp, num_attention_heads, num_key_value_heads)
         if num_experts is not None and num_experts % self.ep:
             raise ParallelConfigError(
                 f"ep ({self.ep}) must divide the number of experts ({num_experts}). "

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from omni_dist.attention.backends import AttentionFn
-from omni_dist.parallel_dims import ParallelConfigError
+from omni_dist.parallel_dims import ParallelConfigError, check_sp_heads
 
 
 @dataclass(frozen=True)
@@ -84,15 +84,6 @@ def heads_to_seq(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     return blocks.transpose(0, 1).reshape(t // sp.size, sp.size * h, d)
 
 
-def check_heads(num_heads: int, num_kv_heads: int, sp: int) -> None:
-    if num_heads % sp:
-        raise ParallelConfigError(f"sp ({sp}) must divide the number of attention heads ({num_heads}).")
-    if num_kv_heads % sp and sp % num_kv_heads:
-        raise ParallelConfigError(
-            f"with {num_kv_heads} key/value heads, sp ({sp}) must divide them or be a multiple of them."
-        )
-
-
 def expand_kv_heads(k: torch.Tensor, sp: int) -> torch.Tensor:
     """GQA with fewer kv heads than SP ranks: repeat each kv head so every rank gets the one it needs."""
     return k.repeat_interleave(sp // k.shape[1], dim=1) if k.shape[1] < sp else k
@@ -110,7 +101,7 @@ def ulysses_attention(
     sp: SequenceParallel,
 ) -> torch.Tensor:
     """Attention of the local slice q (T/sp, H, D), k/v (T/sp, Hkv, D) -> (T/sp, H, D)."""
-    check_heads(q.shape[1], k.shape[1], sp.size)
+    check_sp_heads(sp.size, q.shape[1], k.shape[1])
     k, v = expand_kv_heads(k, sp.size), expand_kv_heads(v, sp.size)
     if sp.overlap_chunks > 1:
         return _PipelinedUlysses.apply(q, k, v, cu_seqlens, max_seqlen, scale, causal, attn_fn, sp)

@@ -1,0 +1,91 @@
+"""Typed data configuration (plain dataclasses: omni-data stays free of pydantic; unknown keys fail)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from omni_data.packing import Budget
+
+
+class DataConfigError(ValueError):
+    pass
+
+
+def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
+    names = [f.name for f in fields(cls)]
+    for key in d:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataConfigError(f"unknown key {where}.{key}{hint}; valid keys: {', '.join(names)}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str  # a registered source kind: webdataset, parquet, jsonl
+    paths: str | tuple[str, ...]
+    name: str | None = None
+    weight: float = 1.0
+    media_root: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise DataConfigError(f"source weight must be > 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    sources: tuple[SourceConfig, ...]
+    max_tokens: int  # LLM tokens per micro-batch
+    max_encoder_units: int | None = None
+    max_media_items: int | None = None
+    micro_batches_per_step: int = 1
+    num_workers: int = 0  # loader processes per rank (0: read in the training process)
+    seed: int = 0
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 0  # samples; 0 keeps shard order
+    pack_buffer: int = 64  # candidates the packer chooses from
+    overlong: str = "truncate"  # or "drop": samples over the token budget
+    max_error_rate: float = 0.01
+    error_min_samples: int = 200  # the rate is judged only after this many records
+    pad_to_multiple: int = 1  # the SP degree: every micro-batch's length is a multiple of it
+    balance: bool = False  # redistribute micro-batches across DP ranks by cost each step
+    epochs: int | None = None  # None: until the trainer stops
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise DataConfigError("data.sources is empty")
+        if self.overlong not in ("truncate", "drop"):
+            raise DataConfigError(f"data.overlong must be 'truncate' or 'drop', got {self.overlong!r}")
+        for name in ("micro_batches_per_step", "pack_buffer", "pad_to_multiple"):
+            if getattr(self, name) < 1:
+                raise DataConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise DataConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+        if not 0 <= self.max_error_rate <= 1:
+            raise DataConfigError(f"data.max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        if self.max_tokens % self.pad_to_multiple:
+            raise DataConfigError(
+                f"data.max_tokens ({self.max_tokens}) must be a multiple of pad_to_multiple "
+                f"({self.pad_to_multiple}) so a padded micro-batch stays within the budget"
+            )
+        Budget(self.max_tokens, self.max_encoder_units, self.max_media_items)  # validates the numbers
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.max_tokens, self.max_encoder_units, self.max_media_items)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        _check_keys(cls, d, "data")
+        if "sources" not in d or "max_tokens" not in d:
+            raise DataConfigError("data needs 'sources' and 'max_tokens'")
+        sources = []
+        for i, s in enumerate(d["sources"]):
+            _check_keys(SourceConfig, s, f"data.sources[{i}]")
+            paths = s.get("paths")
+            sources.append(SourceConfig(**{**s, "paths": paths if isinstance(paths, str) else tuple(paths)}))
+        return cls(**{**d, "sources": tuple(sources)})

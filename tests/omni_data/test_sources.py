@@ -181,3 +181,42 @@ def test_config_rejects_unknown_and_bad_values():
         OmniLoader(
             DataConfig.from_dict({**base, "sources": [{"kind": "csv", "paths": __file__}]}), processor()
         )
+
+
+def _ids(cfg: dict) -> list[str]:
+    return [
+        i
+        for step in OmniLoader(DataConfig.from_dict(cfg), processor())
+        for b in step.micro_batches
+        for i in b.sample_ids
+    ]
+
+
+def test_weighted_mixing_is_seeded_and_follows_the_weights(tmp_path):
+    a = write_wds(str(tmp_path / "a"), [200], image_every=0)
+    b = write_wds(str(tmp_path / "b"), [200], start=1000, image_every=0)
+    cfg = {
+        "sources": [{"kind": "webdataset", "paths": a, "weight": 3.0}, {"kind": "webdataset", "paths": b}],
+        "max_tokens": 64,
+        "pack_buffer": 1,
+        "epochs": 1,
+        "seed": 5,
+    }
+    ids = _ids(cfg)
+    assert sorted(ids) == sorted([f"s{i:05d}" for i in range(200)] + [f"s{i:05d}" for i in range(1000, 1200)])
+    first = ids[:160]
+    share_a = sum(int(i[1:]) < 1000 for i in first) / len(first)
+    assert 0.65 < share_a < 0.85, share_a  # 3:1 while both sources last
+    assert _ids(cfg) == ids and _ids({**cfg, "seed": 6}) != ids
+
+
+def test_overlong_samples_are_truncated_or_dropped_and_counted(tmp_path):
+    shard = write_wds(str(tmp_path), [60], image_every=2)
+    base = {"sources": [{"kind": "webdataset", "paths": shard}], "max_tokens": 48, "epochs": 1}
+    loader = OmniLoader(DataConfig.from_dict(base), processor())
+    batches = [b for step in loader for b in step.micro_batches]
+    assert loader.truncated > 0 and loader.dropped == 0 and sum(b.num_samples for b in batches) == 60
+    assert all(b.num_tokens <= 48 for b in batches)
+    loader = OmniLoader(DataConfig.from_dict({**base, "overlong": "drop"}), processor())
+    kept = sum(b.num_samples for step in loader for b in step.micro_batches)
+    assert loader.dropped > 0 and loader.truncated == 0 and kept == 60 - loader.dropped

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from omni_data.processor import ChatProcessor, MediaCount, modality_tokens
-from omni_data.schema import MediaItem, SampleError
+from omni_data.schema import MediaItem
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -77,8 +77,8 @@ class ToyImageProcessor:
         try:
             with Image.open(io.BytesIO(item.data)) as im:
                 w, h = im.size
-        except Exception as e:
-            raise SampleError("decode_error", f"{item.name}: {e}") from None
+        except OSError as e:  # PIL's "cannot identify image file"
+            raise ValueError(str(e)) from None
         units = (h // self.patch) * (w // self.patch)
         return MediaCount(max(1, units // 4), units)
 
@@ -87,8 +87,8 @@ class ToyImageProcessor:
             with Image.open(io.BytesIO(item.data)) as im:
                 arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
                 w, h = im.size
-        except Exception as e:
-            raise SampleError("decode_error", f"{item.name}: {e}") from None
+        except OSError as e:  # PIL's "cannot identify image file"
+            raise ValueError(str(e)) from None
         p = self.patch
         x = arr.view(h, w, 3)[: h // p * p, : w // p * p].float() / 255
         patches = x.view(h // p, p, w // p, p, 3).permute(0, 2, 1, 3, 4).reshape(-1, p * p * 3)

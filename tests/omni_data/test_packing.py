@@ -45,6 +45,7 @@ def test_chat_processor_labels_assistant_turns_and_expands_media():
     m = proc.measure(_conversation())
     start, ph, end = (tok.convert_tokens_to_ids(t) for t in modality_tokens("image"))
     assert [s.count.llm_tokens for s in m.media] == [2, 1]  # (2x4 patches)/4, (2x2)/4
+    assert m.text_tokens == m.llm_tokens - 3
     ids = list(m.input_ids)
     for span in m.media:
         n = span.count.llm_tokens

@@ -35,7 +35,11 @@ class MediaProcessor(Protocol):
         ...
 
     def process(self, item: MediaItem) -> dict[str, torch.Tensor]:
-        """Decode into tensors; raise SampleError('decode_error', ...) for bytes that do not decode."""
+        """Decode into tensors.
+
+        Both methods raise ValueError for bytes that do not decode (the sample is then skipped and
+        counted as `decode_error`); any other exception is a bug and propagates.
+        """
         ...
 
 
@@ -60,6 +64,11 @@ class Measured:
     @property
     def llm_tokens(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens that are not media placeholders (markers included)."""
+        return self.llm_tokens - sum(m.count.llm_tokens for m in self.media)
 
     @property
     def encoder_units(self) -> int:
@@ -112,6 +121,15 @@ class Processor(Protocol):
     def measure(self, sample: Sample) -> Measured: ...
 
     def process(self, measured: Measured) -> ProcessedSample: ...
+
+
+def _media_call(fn, item: MediaItem):
+    try:
+        return fn(item)
+    except SampleError:
+        raise
+    except ValueError as e:
+        raise SampleError("decode_error", f"{item.modality} {item.name!r}: {e}") from None
 
 
 def modality_tokens(modality: str) -> tuple[str, str, str]:
@@ -223,7 +241,7 @@ class ChatProcessor:
             if isinstance(rec, list) and j < len(rec) and isinstance(rec[j], list) and len(rec[j]) == 2:
                 out.append(MediaCount(int(rec[j][0]), int(rec[j][1])))
             else:
-                out.append(self._processor_for(item).count(item))
+                out.append(_media_call(self._processor_for(item).count, item))
         return out
 
     def process(self, measured: Measured) -> ProcessedSample:
@@ -231,7 +249,7 @@ class ChatProcessor:
             ProcessedMedia(
                 m.item.modality,
                 m.item.generate,
-                self._processor_for(m.item).process(m.item),
+                _media_call(self._processor_for(m.item).process, m.item),
                 m.count.llm_tokens,
                 m.count.encoder_units,
                 m.start,

@@ -111,6 +111,35 @@ class ParallelPlan:
         return out
 
 
+def compose_plans(
+    model: nn.Module, parts: Mapping[str, ParallelPlan], part_units: bool = True
+) -> ParallelPlan:
+    """One plan for a composite model from the plans of its parts (submodule path -> plan).
+
+    Each part's patterns are resolved against that part alone and become exact qualified names, so
+    two parts built from the same classes keep their own treatment. With `part_units`, every part's
+    root is an FSDP unit too (its leftover parameters, e.g. embeddings or a patch merger, are then
+    gathered with that part instead of with the whole model's root).
+    """
+    out: dict[str, list[str]] = {
+        f: [] for f in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts")
+    }
+    expert_params: dict[str, str] = {}
+    forwards = {p.expert_forward for p in parts.values() if p.expert_forward}
+    if len(forwards) > 1:
+        raise PlanError(
+            f"parts ask for different expert forwards {sorted(forwards)}; one model, one EP forward."
+        )
+    for prefix, plan in parts.items():
+        sub = model.get_submodule(prefix)
+        for attr in out:
+            out[attr] += [f"{prefix}.{fqn}" for fqn, _ in plan.match_modules(sub, attr)]
+        expert_params.update({f"{prefix}.{n}": p for n, p in plan.match_expert_params(sub).items()})
+        if part_units:
+            out["fsdp_units"].append(prefix)
+    return ParallelPlan(expert_params=expert_params, expert_forward=forwards.pop() if forwards else "", **out)
+
+
 def _closest(pattern: str, candidates: list[str]) -> str:
     close = difflib.get_close_matches(pattern, candidates, n=3, cutoff=0.5)
     return f" Closest: {', '.join(close)}." if close else ""

@@ -1,0 +1,123 @@
+"""The omni model's configuration (YAML-able, validated) and building the model from it.
+
+    foundation: {name: qwen2, config: {...HF config fields...}, path: hf_dir, freeze: false}
+    encoders:
+      vision: {name: qwen2_vl_vision, modalities: [image, video], config: {...}, freeze: true,
+               projector: mlp, options: {max_pixels: 401408}}
+      audio:  {name: whisper, modalities: [audio], config: {...}, path: whisper_encoder_dir}
+
+`config` holds the part's HF config fields (tiny ones in tests, the real ones for users); `path`
+names a directory whose safetensors fill the part (`load_part_weights_`); `plan` overrides the
+part's default ParallelPlan. Frozen parts get requires_grad=False: no gradients, no optimizer state.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from omni_models.attention import implementation_name, register_packed_attention
+from omni_models.omni import OmniModel, projector
+from omni_models.registry import ENCODERS, FOUNDATIONS
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+def _strict(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ModelConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ModelConfigError(f"unknown key {where}.{key}{hint}; valid keys: {', '.join(names)}")
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class FoundationConfig:
+    name: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    freeze: bool = False
+    plan: Mapping[str, Any] | None = None
+    attention: str = "sdpa"  # an omni-dist packed-attention backend: sdpa | varlen | flash_attn
+
+    def __post_init__(self) -> None:
+        if self.name not in FOUNDATIONS:
+            raise ModelConfigError(f"unknown foundation {self.name!r}; registered: {sorted(FOUNDATIONS)}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    name: str
+    modalities: tuple[str, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    freeze: bool = True
+    projector: str = "mlp"
+    freeze_projector: bool = False
+    plan: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ENCODERS:
+            raise ModelConfigError(f"unknown encoder {self.name!r}; registered: {sorted(ENCODERS)}")
+        if self.projector not in ("mlp", "linear"):
+            raise ModelConfigError(f"projector must be 'mlp' or 'linear', got {self.projector!r}")
+        if not self.modalities:
+            raise ModelConfigError(f"encoder {self.name!r} lists no modalities")
+
+
+@dataclass(frozen=True)
+class OmniModelConfig:
+    foundation: FoundationConfig
+    encoders: Mapping[str, EncoderConfig] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OmniModelConfig:
+        d = _strict(cls, data, "model")
+        if "foundation" not in d:
+            raise ModelConfigError("model.foundation is required")
+        encoders = {}
+        for name, e in (d.get("encoders") or {}).items():
+            e = _strict(EncoderConfig, e, f"model.encoders.{name}")
+            encoders[name] = EncoderConfig(**{**e, "modalities": tuple(e.get("modalities", ()))})
+        return cls(
+            FoundationConfig(**_strict(FoundationConfig, d["foundation"], "model.foundation")), encoders
+        )
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for e in self.encoders.values() for m in e.modalities]
+
+
+def build_foundation(cfg: FoundationConfig) -> nn.Module:
+    register_packed_attention()
+    hf_cfg = FOUNDATIONS[cfg.name](**cfg.config)
+    hf_cfg._attn_implementation = implementation_name(cfg.attention)
+    return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def build_omni_model(cfg: OmniModelConfig) -> OmniModel:
+    """Build on the current default device (use `with torch.device("meta")` before parallelizing)."""
+    foundation = build_foundation(cfg.foundation)
+    width = foundation.config.hidden_size
+    encoders, projectors = {}, {}
+    for name, e in cfg.encoders.items():
+        encoders[name] = ENCODERS[e.name](dict(e.config), modalities=e.modalities, **e.options)
+        projectors[name] = projector(e.projector, encoders[name].output_size, width)
+    model = OmniModel(foundation, encoders, projectors)
+    model.foundation.requires_grad_(not cfg.foundation.freeze)
+    for name, e in cfg.encoders.items():
+        model.encoders[name].requires_grad_(not e.freeze)
+        model.projectors[name].requires_grad_(not e.freeze_projector)
+    return model

@@ -1,0 +1,1 @@
+"""Built-in encoders (each with its processors): Qwen2-VL vision, SigLIP, Whisper."""

@@ -1,0 +1,82 @@
+"""Qwen2-VL's vision transformer as the encoder of images and videos (one tower, packed patches)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+from omni_dist.plan import ParallelPlan
+from omni_models.encoders.qwen2_vl_processing import (
+    PatchGeometry,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+from omni_models.flops import transformer_flops
+from omni_models.modality import Media, MediaInputs
+
+
+class Qwen2VLVisionEncoder(nn.Module):
+    """Images and videos through one Qwen2-VL vision tower; output width is the merger's hidden_size."""
+
+    def __init__(
+        self,
+        config: Mapping[str, Any] | Qwen2VLVisionConfig,
+        modalities: tuple[str, ...] = ("image", "video"),
+        min_pixels: int = 56 * 56,
+        max_pixels: int = 28 * 28 * 1280,
+        video_fps: float = 2.0,
+        video_max_frames: int = 32,
+    ):
+        super().__init__()
+        cfg = config if isinstance(config, Qwen2VLVisionConfig) else Qwen2VLVisionConfig(**config)
+        unknown = set(modalities) - {"image", "video"}
+        if unknown:
+            raise ValueError(f"the Qwen2-VL vision encoder reads images and videos, not {sorted(unknown)}")
+        self.modalities = tuple(modalities)
+        self.tower = Qwen2VisionTransformerPretrainedModel(cfg)
+        self.output_size = cfg.hidden_size
+        self.geometry = PatchGeometry(
+            cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size, min_pixels, max_pixels
+        )
+        self._video = (video_fps, video_max_frames)
+
+    def processor(self, modality: str):
+        if modality == "image":
+            return Qwen2VLImageProcessor(self.geometry)
+        if modality == "video":
+            return Qwen2VLVideoProcessor(self.geometry, *self._video)
+        raise KeyError(modality)
+
+    def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, torch.Tensor]:
+        names = [m for m in self.modalities if m in media]
+        pixels = torch.cat([media[m].tensors["pixel_values"] for m in names])
+        grid = torch.cat([media[m].tensors["grid_thw"] for m in names])
+        dtype = self.tower.patch_embed.proj.weight.dtype
+        merged = self.tower(pixels.to(dtype), grid_thw=grid).pooler_output
+        if len(names) == 1:
+            return {names[0]: merged}
+        counts = [int(media[m].llm_tokens.sum()) for m in names]
+        # Copies, not views: FSDP hooks the outputs of lm_encode for backward.
+        return {m: part.clone() for m, part in zip(names, merged.split(counts), strict=True)}
+
+    def dummy_media(self) -> dict[str, Media]:
+        g = self.geometry
+        frames = torch.zeros(1, 3, g.factor, g.factor)
+        return {self.modalities[0]: Media.of([g.patchify(frames)], [1])}
+
+    def plan(self) -> ParallelPlan:
+        return ParallelPlan(fsdp_units=("Qwen2VLVisionBlock",), recompute=("Qwen2VLVisionBlock",))
+
+    def flops(self, media: Mapping[str, MediaInputs]) -> float:
+        cfg = self.tower.config
+        # Attention runs within each temporal slice of h x w patches.
+        lengths = [
+            h * w for m in media.values() for t, h, w in m.tensors["grid_thw"].tolist() for _ in range(t)
+        ]
+        block = sum(p.numel() for p in self.tower.blocks.parameters())
+        return transformer_flops(block, lengths, cfg.depth, cfg.embed_dim, causal=False)

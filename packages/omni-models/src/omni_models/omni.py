@@ -1,0 +1,176 @@
+"""OmniModel: encoders -> projectors -> an HF causal LM foundation, on one packed micro-batch.
+
+Text embeddings come from the foundation; each modality's encoder output, projected to the
+foundation's width, replaces the embeddings at that modality's placeholder positions; the foundation
+runs with packed attention; the loss is the token-summed cross entropy over labelled positions (the
+caller divides by the global label-token count, so every parallel layout trains the same model).
+
+An encoder whose modalities are absent from a micro-batch still runs, on its smallest dummy input,
+whose features are spliced in at no position: on every rank the same modules run forward and
+backward in the same order (FSDP's all-gathers and reduce-scatters never wait on a rank that skipped
+one), and the dummy's contribution to loss and gradients is exactly zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_dist.attention import SequenceParallel
+from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
+from omni_models.flops import transformer_flops
+from omni_models.modality import MediaInputs
+
+
+class PackedInputs(Protocol):
+    """A packed micro-batch (omni_data.collate.PackedBatch satisfies it structurally)."""
+
+    input_ids: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T)
+    labels: torch.Tensor  # (1, T), already shifted
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    media: Mapping[str, MediaInputs]
+
+
+@dataclass
+class OmniOutput:
+    loss_sum: torch.Tensor  # summed token losses of this rank's tokens (fp32)
+    label_tokens: int  # tokens that contributed to loss_sum
+
+
+def projector(kind: str, in_size: int, out_size: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_size, out_size)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_size, out_size), nn.GELU(), nn.Linear(out_size, out_size))
+    raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+
+
+class OmniModel(nn.Module):
+    def __init__(
+        self,
+        foundation: nn.Module,
+        encoders: Mapping[str, nn.Module],
+        projectors: Mapping[str, nn.Module],
+    ):
+        super().__init__()
+        self.foundation = foundation
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.projectors = nn.ModuleDict(dict(projectors))
+        if set(self.encoders) != set(self.projectors):
+            raise ValueError(
+                f"encoders {sorted(self.encoders)} and projectors {sorted(self.projectors)} differ"
+            )
+        self.modality_encoder: dict[str, str] = {}
+        for name, enc in self.encoders.items():
+            for m in enc.modalities:
+                if m in self.modality_encoder:
+                    raise ValueError(
+                        f"modality {m!r} is read by both {self.modality_encoder[m]!r} and {name!r}"
+                    )
+                self.modality_encoder[m] = name
+
+    def _check_media(self, media: Mapping[str, MediaInputs]) -> None:
+        unknown = sorted(set(media) - set(self.modality_encoder))
+        if unknown:
+            raise ValueError(
+                f"the batch has media {unknown} that no encoder reads (encoders: {self.modality_encoder})"
+            )
+
+    def embed(self, batch: PackedInputs, sp: SequenceParallel | None = None) -> torch.Tensor:
+        """Input embeddings of this rank's part of the sequence, media features in place."""
+        self._check_media(batch.media)
+        ids = batch.input_ids[0]
+        start, length = 0, ids.shape[0]
+        if sp is not None:
+            ids = slice_for_sp(ids, sp)
+            start, length = sp.rank * ids.shape[0], ids.shape[0]
+        embeds = self.foundation.get_input_embeddings()(ids)
+        for name, encoder in self.encoders.items():
+            present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
+            media = present or {m: x.to(ids.device) for m, x in encoder.dummy_media().items()}
+            # The same ops in the same order whether or not the media is real (so every rank's backward
+            # reaches the FSDP units in the same order; one projector call per encoder for the same
+            # reason); a dummy's features are spliced in at no position.
+            feats = encoder.lm_encode(media)
+            projected = self.projectors[name](torch.cat(list(feats.values())))
+            rows, targets, offset = [], [], 0
+            for m, f in feats.items():
+                pos = media[m].positions.to(ids.device) - start
+                if not present:
+                    pos = pos[:0]
+                elif f.shape[0] != pos.shape[0]:
+                    raise ValueError(
+                        f"{name} gave {f.shape[0]} {m} embeddings for {pos.shape[0]} placeholders"
+                    )
+                keep = torch.nonzero((pos >= 0) & (pos < length)).flatten()
+                rows.append(keep + offset)
+                targets.append(pos[keep])
+                offset += f.shape[0]
+            embeds = embeds.index_put((torch.cat(targets),), projected[torch.cat(rows)].to(embeds.dtype))
+        return embeds
+
+    def forward(self, batch: PackedInputs, sequence_parallel: SequenceParallel | None = None) -> OmniOutput:
+        sp = sequence_parallel
+        embeds = self.embed(batch, sp)
+        positions, labels = batch.position_ids[0], batch.labels[0]
+        if sp is not None:
+            positions, labels = slice_for_sp(positions, sp), slice_for_sp(labels, sp)
+        out = self.foundation(
+            inputs_embeds=embeds.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            cu_seq_lens_q=batch.cu_seqlens,
+            cu_seq_lens_k=batch.cu_seqlens,
+            max_length_q=batch.max_seqlen,
+            max_length_k=batch.max_seqlen,
+            use_cache=False,
+            sequence_parallel=sp,
+        )
+        logits = out.logits[0].float()
+        loss = F.cross_entropy(logits, labels.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
+        return OmniOutput(loss, int((labels != IGNORE_INDEX).sum()))
+
+    def flops(self, batch: PackedInputs) -> dict[str, float]:
+        """Training FLOPs of this micro-batch per part (see omni_models.flops)."""
+        cfg = self.foundation.config
+        cu = batch.cu_seqlens.tolist()
+        lengths = [b - a for a, b in itertools.pairwise(cu)]
+        out = {
+            "foundation": transformer_flops(
+                active_block_params(self.foundation),
+                lengths,
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads * _head_dim(cfg),
+                causal=True,
+            )
+            + 3.0 * 2 * cfg.vocab_size * cfg.hidden_size * sum(lengths)
+        }
+        for name, encoder in self.encoders.items():
+            present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
+            out[name] = encoder.flops(present) if present else 0.0
+        return out
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def active_block_params(foundation: nn.Module) -> int:
+    """Parameters of the decoder blocks a token uses: for MoE, top-k of the experts."""
+    cfg = foundation.config
+    total = 0
+    for name, p in foundation.named_parameters():
+        if ".layers." not in name:
+            continue
+        if ".mlp.experts." in name:
+            total += p.numel() * cfg.num_experts_per_tok // cfg.num_experts
+        else:
+            total += p.numel()
+    return total

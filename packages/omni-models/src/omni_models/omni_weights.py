@@ -1,0 +1,76 @@
+"""Weights of the composite: per-part init, per-part loading from HF directories, per-part export."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from torch import nn
+
+from omni_dist.hf_export import export_hf_safetensors
+from omni_dist.hf_load import load_hf_weights_
+from omni_dist.weights import init_weights_
+from omni_models.config import OmniModelConfig
+from omni_models.omni import OmniModel
+
+
+def _towers(model: OmniModel) -> dict[str, nn.Module]:
+    """Part path -> the HF module whose checkpoint layout the part uses."""
+    out: dict[str, nn.Module] = {"foundation": model.foundation}
+    for name, enc in model.encoders.items():
+        out[f"encoders.{name}"] = getattr(enc, "tower", enc)
+    for name, proj in model.projectors.items():
+        out[f"projectors.{name}"] = proj
+    return out
+
+
+def init_function(model: OmniModel) -> Callable[[nn.Module], None]:
+    """Each module initialised by its own part: HF `_init_weights` for HF parts, reset_parameters else."""
+    owner: dict[int, Callable[[nn.Module], None]] = {}
+    for _, root in sorted(model.named_children()):
+        for part in root.children() if isinstance(root, nn.ModuleDict) else [root]:
+            hf = getattr(part, "tower", part)
+            fn = getattr(hf, "_init_weights", None)
+            for m in part.modules():
+                owner[id(m)] = fn if fn is not None and any(m is x for x in hf.modules()) else _reset
+
+    def init(module: nn.Module) -> None:
+        owner.get(id(module), _reset)(module)
+
+    return init
+
+
+def _reset(module: nn.Module) -> None:
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+
+
+def init_omni_weights_(model: OmniModel, seed: int, names: Iterable[str] | None = None) -> None:
+    """Random init that gives the same full weights on any parallel layout (see init_weights_)."""
+    init_weights_(model, init_function(model), seed, names)
+
+
+def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
+    """Fill every part that names a `path` from its safetensors; returns the qualified names filled."""
+    towers = _towers(model)
+    paths = {"foundation": cfg.foundation.path} | {f"encoders.{n}": e.path for n, e in cfg.encoders.items()}
+    loaded: set[str] = set()
+    for part, path in paths.items():
+        if path is None:
+            continue
+        tower = towers[part]
+        prefix = next(f"{n}." for n, m in model.named_modules() if m is tower)
+        loaded |= {prefix + n for n in load_hf_weights_(tower, path)}
+    return loaded
+
+
+def export_parts(model: OmniModel, out_dir: str | Path, dtype: str = "bfloat16") -> dict[str, list[Path]]:
+    """One HF directory per part (`foundation`, `encoders/<name>`, `projectors/<name>`); collective."""
+    out: dict[str, list[Path]] = {}
+    for part, tower in _towers(model).items():
+        config = getattr(tower, "config", None)
+        config_json = config.to_json_string() if config is not None else None
+        out[part] = export_hf_safetensors(
+            tower, Path(out_dir) / part.replace(".", "/"), dtype, config_json=config_json
+        )
+    return out

@@ -1,0 +1,60 @@
+"""Parallelizing the omni model: each part's plan on the one global mesh.
+
+The foundation's input embedding becomes its own FSDP unit because the omni model calls it directly
+(to splice media features in) rather than through the foundation's forward, and each encoder's
+`lm_encode` is registered as an FSDP forward method so its unit gathers parameters around it.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.fsdp import register_fsdp_forward_method
+
+from omni_dist.mesh import ParallelMesh
+from omni_dist.parallelize import ParallelizeConfig, ParallelizeReport, parallelize
+from omni_dist.plan import ParallelPlan, compose_plans
+from omni_models.config import OmniModelConfig
+from omni_models.hf_plans import plan_for
+from omni_models.omni import OmniModel
+
+
+def omni_plan(model: OmniModel, cfg: OmniModelConfig) -> ParallelPlan:
+    """One ParallelPlan for the whole model: each part's own plan (or its override), scoped to it."""
+    foundation = (
+        ParallelPlan.from_dict(cfg.foundation.plan) if cfg.foundation.plan else plan_for(model.foundation)
+    )
+    embedding = next(
+        n for n, m in model.foundation.named_modules() if m is model.foundation.get_input_embeddings()
+    )
+    parts = {
+        "foundation": ParallelPlan.from_dict(
+            {**_fields(foundation), "fsdp_units": (*foundation.fsdp_units, embedding)}
+        )
+    }
+    for name, e in cfg.encoders.items():
+        parts[f"encoders.{name}"] = ParallelPlan.from_dict(e.plan) if e.plan else model.encoders[name].plan()
+        parts[f"projectors.{name}"] = ParallelPlan()
+    return compose_plans(model, parts)
+
+
+def _fields(plan: ParallelPlan) -> dict:
+    return {
+        k: getattr(plan, k)
+        for k in (
+            "fsdp_units",
+            "expert_params",
+            "recompute",
+            "offload",
+            "fp32_modules",
+            "experts",
+            "expert_forward",
+        )
+    }
+
+
+def parallelize_omni(
+    model: OmniModel, mesh: ParallelMesh, cfg: OmniModelConfig, config: ParallelizeConfig | None = None
+) -> ParallelizeReport:
+    report = parallelize(model, mesh, omni_plan(model, cfg), config)
+    for encoder in model.encoders.values():
+        register_fsdp_forward_method(encoder, "lm_encode")
+    return report

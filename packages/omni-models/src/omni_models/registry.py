@@ -1,0 +1,38 @@
+"""Registries: encoders by name (a class taking (config, modalities, **options)) and foundations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+from omni_models.encoders.qwen2_vl import Qwen2VLVisionEncoder
+from omni_models.encoders.siglip import SiglipImageEncoder
+from omni_models.encoders.whisper import WhisperAudioEncoder
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "qwen2_vl_vision": Qwen2VLVisionEncoder,
+    "siglip": SiglipImageEncoder,
+    "whisper": WhisperAudioEncoder,
+}
+
+FOUNDATIONS: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "qwen3_moe": Qwen3MoeConfig,
+}
+
+
+def register_encoder(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Add an encoder (e.g. a new modality); its class follows omni_models.modality.Encoder."""
+    if name in ENCODERS:
+        raise ValueError(f"encoder {name!r} is already registered")
+    ENCODERS[name] = factory
+
+
+def register_foundation(name: str, config_class: type[PretrainedConfig]) -> None:
+    if name in FOUNDATIONS:
+        raise ValueError(f"foundation {name!r} is already registered")
+    FOUNDATIONS[name] = config_class

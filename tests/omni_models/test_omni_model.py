@@ -1,0 +1,158 @@
+"""The composite omni model in one process: training, missing modalities, frozen parts, config, weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omni_dist.weights import materialize_
+from omni_models.config import ModelConfigError, OmniModelConfig, build_omni_model
+from omni_models.omni_weights import export_parts, init_omni_weights_, load_part_weights_
+from omni_models.parallel import omni_plan
+from tests.omni_models.omni_fixtures import chat_processor, micro_batch, omni_config, sample
+
+MIXES = [("image", "audio"), ("video",), (), ("image",), ("audio", "video"), ("image", "video", "audio")]
+
+
+def _model(cfg: OmniModelConfig, seed: int = 0):
+    with torch.device("meta"):
+        model = build_omni_model(cfg)
+    materialize_(model, "cpu")
+    init_omni_weights_(model, seed)
+    return model
+
+
+def _batches(model, n_batches: int = 3):
+    proc = chat_processor(model)
+    samples = [sample(i, MIXES[i % len(MIXES)]) for i in range(2 * n_batches)]
+    return [micro_batch(proc, samples[2 * k : 2 * k + 2]) for k in range(n_batches)]
+
+
+def test_omni_model_trains_and_the_loss_falls():
+    torch.manual_seed(0)
+    model = _model(omni_config())
+    batches = _batches(model)
+    assert {m for b in batches for m in b.media} == {"image", "video", "audio"}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    tokens = sum(b.num_label_tokens for b in batches)
+    losses = []
+    for _ in range(30):
+        total = 0.0
+        for b in batches:
+            loss = model(b).loss_sum / tokens
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_missing_modality_gives_exactly_zero_encoder_gradients():
+    model = _model(omni_config())
+    proc = chat_processor(model)
+    batch = micro_batch(proc, [sample(0, ("image",)), sample(1, ())])
+    assert "audio" not in batch.media and "video" not in batch.media
+    model(batch).loss_sum.backward()
+    audio = list(model.encoders["audio"].parameters()) + list(model.projectors["audio"].parameters())
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in audio)
+    vision = [p.grad for p in model.encoders["vision"].parameters()]
+    assert all(g is not None for g in vision) and any(torch.count_nonzero(g) > 0 for g in vision)
+
+
+def test_frozen_parts_get_no_gradient_and_no_optimizer_state():
+    model = _model(omni_config(freeze_encoders=True))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    for b in _batches(model, 2):
+        model(b).loss_sum.backward()
+    opt.step()
+    frozen = list(model.encoders.parameters())
+    assert frozen and all(not p.requires_grad and p.grad is None for p in frozen)
+    assert all(p not in opt.state for p in frozen)
+    assert all(p in opt.state for p in model.projectors.parameters())
+    assert all(p in opt.state for p in model.foundation.parameters())
+
+
+def test_config_is_validated():
+    good = {"foundation": {"name": "qwen2"}, "encoders": {"v": {"name": "siglip", "modalities": ["image"]}}}
+    OmniModelConfig.from_dict(good)
+    with pytest.raises(ModelConfigError, match="did you mean 'encoders'"):
+        OmniModelConfig.from_dict({**good, "encoder": {}})
+    with pytest.raises(ModelConfigError, match="did you mean 'freeze'"):
+        OmniModelConfig.from_dict(
+            {**good, "encoders": {"v": {"name": "siglip", "modalities": ["image"], "frozen": 1}}}
+        )
+    with pytest.raises(ModelConfigError, match="unknown encoder 'clip'"):
+        OmniModelConfig.from_dict({**good, "encoders": {"v": {"name": "clip", "modalities": ["image"]}}})
+    with pytest.raises(ModelConfigError, match="unknown foundation 'gpt9'"):
+        OmniModelConfig.from_dict({"foundation": {"name": "gpt9"}})
+    two = {
+        "a": {"name": "qwen2_vl_vision", "modalities": ["image"], "config": {"depth": 1}},
+        "b": {"name": "siglip", "modalities": ["image"], "config": {"num_hidden_layers": 1}},
+    }
+    with torch.device("meta"), pytest.raises(ValueError, match="'image' is read by both 'a' and 'b'"):
+        build_omni_model(
+            OmniModelConfig.from_dict(
+                {"foundation": {"name": "qwen2", "config": {"num_hidden_layers": 1}}, "encoders": two}
+            )
+        )
+
+
+def test_plan_scopes_each_part():
+    with torch.device("meta"):
+        model = build_omni_model(omni_config())
+    plan = omni_plan(model, omni_config())
+    assert (
+        "encoders.vision.tower.blocks.1" in plan.fsdp_units
+        and "encoders.audio.tower.layers.0" in plan.fsdp_units
+    )
+    assert "foundation.model.layers.1" in plan.fsdp_units and "encoders.vision" in plan.fsdp_units
+    assert "projectors.audio" in plan.fsdp_units and "foundation" in plan.fsdp_units
+    assert "foundation.model.embed_tokens" in plan.fsdp_units
+
+
+def test_parts_export_and_load_back(tmp_path):
+    model = _model(omni_config(), seed=1)
+    export_parts(model, tmp_path, dtype="float32")
+    cfg = omni_config()
+    paths = OmniModelConfig.from_dict(
+        {
+            "foundation": {
+                "name": "qwen2",
+                "config": dict(cfg.foundation.config),
+                "path": str(tmp_path / "foundation"),
+            },
+            "encoders": {
+                n: {
+                    "name": e.name,
+                    "modalities": list(e.modalities),
+                    "config": dict(e.config),
+                    "options": dict(e.options),
+                    "path": str(tmp_path / "encoders" / n),
+                }
+                for n, e in cfg.encoders.items()
+            },
+        }
+    )
+    fresh = _model(paths, seed=2)
+    loaded = load_part_weights_(fresh, paths)
+    assert "foundation.model.embed_tokens.weight" in loaded and "encoders.audio.tower.conv1.weight" in loaded
+    ref = model.state_dict()
+    for name, t in fresh.state_dict().items():
+        # Projectors have no path: they keep their own (different-seed) init; every other part is loaded.
+        assert torch.equal(t, ref[name]) != name.startswith("projectors"), name
+    fresh.projectors.load_state_dict(model.projectors.state_dict())
+    batch = _batches(model, 1)[0]
+    assert torch.equal(fresh(batch).loss_sum, model(batch).loss_sum)
+    assert {p.name for p in (tmp_path / "encoders" / "vision").iterdir()} >= {
+        "config.json",
+        "model.safetensors.index.json",
+    }
+
+
+def test_flops_cover_every_part():
+    model = _model(omni_config())
+    batch = _batches(model, 1)[0]
+    flops = model.flops(batch)
+    assert set(flops) == {"foundation", "vision", "audio"} and all(v > 0 for v in flops.values())

@@ -57,9 +57,7 @@ class SiglipImageEncoder(nn.Module):
     def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, torch.Tensor]:
         (name,) = [m for m in self.modalities if m in media]
         pixels = media[name].tensors["pixel_values"]
-        hidden = self.tower(
-            pixels.to(self.tower.vision_model.embeddings.patch_embedding.weight.dtype)
-        ).last_hidden_state
+        hidden = self.tower(pixels.to(next(self.tower.parameters()).dtype)).last_hidden_state
         return {name: hidden.flatten(0, 1).clone()}  # a copy: FSDP hooks lm_encode outputs for backward
 
     def dummy_media(self) -> dict[str, Media]:
@@ -73,6 +71,7 @@ class SiglipImageEncoder(nn.Module):
     def flops(self, media: Mapping[str, MediaInputs]) -> float:
         cfg = self.tower.config
         images = sum(int(m.tensors["pixel_values"].shape[0]) for m in media.values())
-        block = sum(p.numel() for p in self.tower.vision_model.encoder.parameters())
+        layers = [m for m in self.tower.modules() if type(m).__name__ == "SiglipEncoderLayer"]
+        block = sum(p.numel() for m in layers for p in m.parameters())
         n = (cfg.image_size // cfg.patch_size) ** 2
         return transformer_flops(block, [n] * images, cfg.num_hidden_layers, cfg.hidden_size, causal=False)

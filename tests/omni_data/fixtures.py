@@ -95,8 +95,31 @@ class ToyImageProcessor:
         return {"patches": patches, "grid": torch.tensor([[h // p, w // p]])}
 
 
+class ToyAudioProcessor:
+    """One LLM token per 0.1 s of audio (any format libsndfile reads)."""
+
+    def count(self, item: MediaItem) -> MediaCount:
+        import soundfile as sf
+
+        try:
+            info = sf.info(io.BytesIO(item.data))
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise ValueError(str(e)) from None
+        n = max(1, int(info.duration * 10))
+        return MediaCount(n, n)
+
+    def process(self, item: MediaItem) -> dict[str, torch.Tensor]:
+        import soundfile as sf
+
+        wave, _ = sf.read(io.BytesIO(item.data), dtype="float32")
+        n = self.count(item).llm_tokens
+        return {"wave": torch.from_numpy(wave)[: n * (len(wave) // n)].view(n, -1)}
+
+
 def processor(**kw) -> ChatProcessor:
-    return ChatProcessor(tokenizer(), media={"image": ToyImageProcessor()}, **kw)
+    return ChatProcessor(
+        tokenizer(), media={"image": ToyImageProcessor(), "audio": ToyAudioProcessor()}, **kw
+    )
 
 
 def png(w: int, h: int, seed: int) -> bytes:

@@ -1,0 +1,149 @@
+"""The preprocessing job on Ray Data.
+
+The driver reads the manifests (text and paths only), plans shards deterministically (input order,
+`shard_samples` per shard and about `shard_bytes`), skips shards a previous run finished, and maps the
+rest over Ray Data tasks (`write_shard`, `cpus_per_task` / `memory_per_task` each). It then merges the
+per-shard index and error parts into `index.parquet` and `errors.jsonl` and returns the summary.
+Ray is an embedded local cluster unless `ray.address` or RAY_ADDRESS names one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from omni_data.preprocess.manifest import read_rows
+from omni_data.preprocess.shard_writer import (
+    INDEX_SCHEMA,
+    errors_part,
+    index_part,
+    load_factory,
+    shard_name,
+    write_shard,
+)
+from omni_data.preprocess.spec import PreprocessSpec
+
+log = logging.getLogger("omni_data")
+
+
+@dataclass
+class Summary:
+    shards: int = 0
+    written: int = 0
+    skipped: int = 0  # finished by an earlier run
+    samples: int = 0
+    errors: Counter = field(default_factory=Counter)
+    bytes: int = 0
+
+    def text(self) -> str:
+        lines = [
+            f"shards: {self.shards} ({self.written} written, {self.skipped} already done)",
+            f"samples: {self.samples}",
+            f"bytes: {self.bytes}",
+        ]
+        lines.append("errors: " + (", ".join(f"{r}={n}" for r, n in self.errors.most_common()) or "none"))
+        return "\n".join(lines)
+
+
+def plan_shards(spec: PreprocessSpec) -> list[list[dict[str, Any]]]:
+    shards: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for inp in spec.inputs:
+        for row in read_rows(inp):
+            full = len(shards[-1]) >= spec.shard_samples or (
+                spec.shard_bytes is not None and shards[-1] and size + row["size"] > spec.shard_bytes
+            )
+            if full:
+                shards.append([])
+                size = 0
+            shards[-1].append(row)
+            size += row["size"]
+    return [s for s in shards if s]
+
+
+def _shard_task(item: dict[str, Any], out_dir: str, factory: str | None, options: dict) -> dict[str, Any]:
+    processor = load_factory(factory)(**options) if factory else None
+    return write_shard(int(item["shard"]), json.loads(item["rows"]), out_dir, processor)
+
+
+def _connect(spec: PreprocessSpec) -> bool:
+    """Connect to or start Ray; returns whether this call started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on otherwise
+    ray.init(
+        num_cpus=spec.ray.num_cpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
+    )
+    return True
+
+
+def _pythonpath() -> str:
+    """Workers import what the driver can (e.g. a processor factory from the project tree)."""
+    import sys
+
+    return os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))
+
+
+def run_preprocess(spec: PreprocessSpec) -> Summary:
+    import ray
+
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    shards = plan_shards(spec)
+    todo = [
+        i
+        for i in range(len(shards))
+        if not (index_part(out, i).exists() and (out / f"{shard_name(i)}.tar").exists())
+    ]
+    summary = Summary(shards=len(shards), skipped=len(shards) - len(todo), written=len(todo))
+    log.info("preprocess: %d shards planned, %d to write", len(shards), len(todo))
+    if todo:
+        started = _connect(spec)
+        try:
+            items = [{"shard": i, "rows": json.dumps(shards[i])} for i in todo]
+            remote = {"num_cpus": spec.ray.cpus_per_task}
+            if spec.ray.memory_per_task:
+                remote["memory"] = spec.ray.memory_per_task
+            factory = spec.processor.factory if spec.processor else None
+            options = dict(spec.processor.options) if spec.processor else {}
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+                _shard_task, fn_kwargs={"out_dir": str(out), "factory": factory, "options": options}, **remote
+            )
+            ds.take_all()
+        finally:
+            if started:
+                ray.shutdown()
+    _merge(out, len(shards), summary)
+    return summary
+
+
+def _merge(out: Path, n: int, summary: Summary) -> None:
+    tables, errors = [], []
+    for i in range(n):
+        tables.append(pq.read_table(index_part(out, i)))
+        errors += [json.loads(line) for line in errors_part(out, i).read_text().splitlines()]
+    table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+    pq.write_table(table, out / "index.parquet.tmp")
+    os.replace(out / "index.parquet.tmp", out / "index.parquet")
+    (out / "errors.jsonl").write_text("".join(json.dumps(e) + "\n" for e in errors))
+    summary.samples = table.num_rows
+    summary.bytes = sum(p.stat().st_size for p in out.glob("shard-*.tar"))
+    summary.errors = Counter(e["reason"] for e in errors)

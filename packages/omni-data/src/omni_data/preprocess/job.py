@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class Summary:
     samples: int = 0
     errors: Counter = field(default_factory=Counter)
     bytes: int = 0
+    write_seconds: float = 0.0  # the Ray Data map (cluster start excluded)
 
     def text(self) -> str:
         lines = [
@@ -69,22 +71,36 @@ def plan_shards(spec: PreprocessSpec) -> list[list[dict[str, Any]]]:
     return [s for s in shards if s]
 
 
-def _shard_task(item: dict[str, Any], out_dir: str, factory: str | None, options: dict) -> dict[str, Any]:
-    processor = load_factory(factory)(**options) if factory else None
-    return write_shard(int(item["shard"]), json.loads(item["rows"]), out_dir, processor)
+class _ShardTask:
+    """A Ray Data actor: builds the processor once (seconds: tokenizer, model processors), then shards."""
+
+    def __init__(self, out_dir: str, factory: str | None, options: dict):
+        self.out_dir = out_dir
+        self.processor = load_factory(factory)(**options) if factory else None
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return write_shard(int(item["shard"]), json.loads(item["rows"]), self.out_dir, self.processor)
 
 
-def _connect(spec: PreprocessSpec) -> bool:
-    """Connect to or start Ray; returns whether this call started it (and so must shut it down)."""
+def _import_ray():
+    """Import Ray with the settings an embedded cluster needs (read by Ray at import time)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on otherwise
+    # Under `uv run`, Ray would start every worker through `uv run` too and package the working
+    # directory (seconds per worker); the workers here share this interpreter and environment.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
+    return ray
+
+
+def _connect(ray, spec: PreprocessSpec) -> bool:
+    """Connect to or start Ray; returns whether this call started it (and so must shut it down)."""
     if ray.is_initialized():
         return False
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return True
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on otherwise
     ray.init(
         num_cpus=spec.ray.num_cpus,
         include_dashboard=False,
@@ -103,8 +119,6 @@ def _pythonpath() -> str:
 
 
 def run_preprocess(spec: PreprocessSpec) -> Summary:
-    import ray
-
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(spec)
@@ -116,7 +130,8 @@ def run_preprocess(spec: PreprocessSpec) -> Summary:
     summary = Summary(shards=len(shards), skipped=len(shards) - len(todo), written=len(todo))
     log.info("preprocess: %d shards planned, %d to write", len(shards), len(todo))
     if todo:
-        started = _connect(spec)
+        ray = _import_ray()
+        started = _connect(ray, spec)
         try:
             items = [{"shard": i, "rows": json.dumps(shards[i])} for i in todo]
             remote = {"num_cpus": spec.ray.cpus_per_task}
@@ -124,10 +139,16 @@ def run_preprocess(spec: PreprocessSpec) -> Summary:
                 remote["memory"] = spec.ray.memory_per_task
             factory = spec.processor.factory if spec.processor else None
             options = dict(spec.processor.options) if spec.processor else {}
+            workers = int(ray.cluster_resources().get("CPU", 1) // spec.ray.cpus_per_task)
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-                _shard_task, fn_kwargs={"out_dir": str(out), "factory": factory, "options": options}, **remote
+                _ShardTask,
+                fn_constructor_kwargs={"out_dir": str(out), "factory": factory, "options": options},
+                compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(items)))),
+                **remote,
             )
+            t0 = time.perf_counter()
             ds.take_all()
+            summary.write_seconds = time.perf_counter() - t0
         finally:
             if started:
                 ray.shutdown()

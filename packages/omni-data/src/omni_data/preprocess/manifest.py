@@ -32,17 +32,22 @@ MEDIA_KINDS = {
 }
 
 
+def _tar_bytes(n: int) -> int:
+    """Bytes a member of n bytes takes in a tar: a 512-byte header plus data padded to 512."""
+    return 512 + -(-n // 512) * 512
+
+
 def _size(doc: Any, files: dict[str, str], root: str) -> int:
-    size = len(json.dumps(doc)) + sum(len(v) * 3 // 4 for v in files.values())
-    if isinstance(doc, dict):
-        for m in doc.get("messages") or []:
-            for p in (
-                m.get("content") or [] if isinstance(m, dict) and isinstance(m.get("content"), list) else []
-            ):
-                path = p.get("path") if isinstance(p, dict) else None
-                if isinstance(path, str):
-                    full = path if os.path.isabs(path) else os.path.join(root, path)
-                    size += os.path.getsize(full) if os.path.isfile(full) else 0
+    """Estimated bytes in the shard: the JSON member and every media member, tar overhead included."""
+    size = _tar_bytes(len(json.dumps(doc))) + sum(_tar_bytes(len(v) * 3 // 4) for v in files.values())
+    messages = doc.get("messages") if isinstance(doc, dict) else None
+    for m in messages if isinstance(messages, list) else []:
+        content = m.get("content") if isinstance(m, dict) else None
+        for p in content if isinstance(content, list) else []:
+            path = p.get("path") if isinstance(p, dict) else None
+            if isinstance(path, str):
+                full = path if os.path.isabs(path) else os.path.join(root, path)
+                size += _tar_bytes(os.path.getsize(full)) if os.path.isfile(full) else 0
     return size
 
 

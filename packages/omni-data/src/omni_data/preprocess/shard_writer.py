@@ -77,7 +77,7 @@ def write_shard(
     name = shard_name(i)
     tar_tmp = out / f".{name}.tar.tmp"
     index, errors = [], []
-    with wds.TarWriter(str(tar_tmp)) as writer:
+    with wds.TarWriter(str(tar_tmp), mtime=0) as writer:  # fixed member times: reproducible shards
         for j, row in enumerate(rows):
             key = f"{row['source']}-{i:06d}-{j:06d}"
             doc = row["doc"]

@@ -21,8 +21,18 @@ from pathlib import Path
 import numpy as np
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DTMF = {1: (697, 1209), 2: (697, 1336), 3: (697, 1477), 4: (770, 1209), 5: (770, 1336), 6: (770, 1477),
-        7: (852, 1209), 8: (852, 1336), 9: (852, 1477), 0: (941, 1336)}
+DTMF = {
+    1: (697, 1209),
+    2: (697, 1336),
+    3: (697, 1477),
+    4: (770, 1209),
+    5: (770, 1336),
+    6: (770, 1477),
+    7: (852, 1209),
+    8: (852, 1336),
+    9: (852, 1477),
+    0: (941, 1336),
+}
 RATE = 16000
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -74,8 +84,10 @@ def dtmf_wav(digits: list[int]) -> bytes:
 
 
 def chat(user: list[dict], answer: list[dict] | str, i: int, source: str) -> dict:
-    return {"id": f"{source}-{i:05d}", "messages": [{"role": "user", "content": user},
-                                                      {"role": "assistant", "content": answer}]}
+    return {
+        "id": f"{source}-{i:05d}",
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+    }
 
 
 def make_raw(out: Path, seed: int = 0) -> dict[str, Path]:
@@ -94,23 +106,39 @@ def make_raw(out: Path, seed: int = 0) -> dict[str, Path]:
         if not (raw / name).exists():
             (raw / name).write_bytes(png_bytes(digit_image(digits.images[k])))
         q = rng.choice(["What digit is this?", "Which number is written here?", "Read the digit."])
-        manifests["image_qa"].append(chat([{"type": "image", "path": name}, {"type": "text", "text": q}],
-                                          f"It is {WORDS[digits.target[k]]}.", i, "image_qa"))
+        manifests["image_qa"].append(
+            chat(
+                [{"type": "image", "path": name}, {"type": "text", "text": q}],
+                f"It is {WORDS[digits.target[k]]}.",
+                i,
+                "image_qa",
+            )
+        )
     for i in range(COUNTS["video_qa"]):
         seq = [rng.randrange(10) for _ in range(4)]
         frames = [digit_image(digits.images[rng.choice(by_digit[d])]) for d in seq]
         name = f"videos/{i}.mp4"
         (raw / name).write_bytes(mp4_bytes(frames))
-        manifests["video_qa"].append(chat([{"type": "video", "path": name},
-                                           {"type": "text", "text": "Which digits appear, in order?"}],
-                                          " ".join(WORDS[d] for d in seq), i, "video_qa"))
+        manifests["video_qa"].append(
+            chat(
+                [{"type": "video", "path": name}, {"type": "text", "text": "Which digits appear, in order?"}],
+                " ".join(WORDS[d] for d in seq),
+                i,
+                "video_qa",
+            )
+        )
     for i in range(COUNTS["audio_qa"]):
         seq = [rng.randrange(10) for _ in range(rng.randint(1, 3))]
         name = f"audio/{i}.wav"
         (raw / name).write_bytes(dtmf_wav(seq))
-        manifests["audio_qa"].append(chat([{"type": "audio", "path": name},
-                                           {"type": "text", "text": "Which digits were dialed?"}],
-                                          " ".join(WORDS[d] for d in seq), i, "audio_qa"))
+        manifests["audio_qa"].append(
+            chat(
+                [{"type": "audio", "path": name}, {"type": "text", "text": "Which digits were dialed?"}],
+                " ".join(WORDS[d] for d in seq),
+                i,
+                "audio_qa",
+            )
+        )
     for i in range(COUNTS["text_qa"]):
         a, b = rng.randrange(10), rng.randrange(10)
         if a + b < 10:
@@ -123,8 +151,14 @@ def make_raw(out: Path, seed: int = 0) -> dict[str, Path]:
         name = f"images/{k}.png"
         if not (raw / name).exists():
             (raw / name).write_bytes(png_bytes(digit_image(digits.images[k])))
-        manifests["draw"].append(chat([{"type": "text", "text": f"Draw the digit {WORDS[digits.target[k]]}."}],
-                                      [{"type": "image", "path": name, "generate": True}], i, "draw"))
+        manifests["draw"].append(
+            chat(
+                [{"type": "text", "text": f"Draw the digit {WORDS[digits.target[k]]}."}],
+                [{"type": "image", "path": name, "generate": True}],
+                i,
+                "draw",
+            )
+        )
     paths = {}
     for source, docs in manifests.items():
         paths[source] = raw / f"{source}.jsonl"
@@ -148,32 +182,50 @@ def train_tokenizer(out: Path, manifests: dict[str, Path]) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts + ["user assistant system"], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>",
-                                   chat_template=CHAT_TEMPLATE, additional_special_tokens=specials[1:])
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([*texts, "user assistant system"], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=specials[1:],
+    )
     fast.save_pretrained(out / "tokenizer")
     return out / "tokenizer"
 
 
-def build(out: str = "data/quickstart", model: str = "apps/quickstart/model.yaml", num_cpus: int | None = None):
+def build(
+    out: str = "data/quickstart", model: str = "apps/quickstart/model.yaml", num_cpus: int | None = None
+):
     from omni_data.preprocess.job import run_preprocess
     from omni_data.preprocess.spec import PreprocessSpec
 
     root = Path(out)
     manifests = make_raw(root)
     tokenizer = train_tokenizer(root, manifests)
-    spec = PreprocessSpec.from_dict({
-        # "draw" (image-generation targets) joins once the model has an image decoder.
-        "inputs": [{"kind": "jsonl", "paths": str(p), "source": s, "media_root": str(root / "raw")}
-                   for s, p in manifests.items() if s != "draw"],
-        "output": str(root / "shards"),
-        "shard_samples": 150,
-        "processor": {"factory": "omni_train.processing:chat_processor",
-                      "options": {"model": str(Path(model).resolve()), "tokenizer": str(tokenizer.resolve())}},
-        "ray": {"num_cpus": num_cpus},
-    })
+    spec = PreprocessSpec.from_dict(
+        {
+            # "draw" (image-generation targets) joins once the model has an image decoder.
+            "inputs": [
+                {"kind": "jsonl", "paths": str(p), "source": s, "media_root": str(root / "raw")}
+                for s, p in manifests.items()
+                if s != "draw"
+            ],
+            "output": str(root / "shards"),
+            "shard_samples": 150,
+            "processor": {
+                "factory": "omni_train.processing:chat_processor",
+                "options": {"model": str(Path(model).resolve()), "tokenizer": str(tokenizer.resolve())},
+            },
+            "ray": {"num_cpus": num_cpus},
+        }
+    )
     return run_preprocess(spec)
 
 

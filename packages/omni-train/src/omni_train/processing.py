@@ -37,9 +37,14 @@ def media_processors(cfg: OmniModelConfig) -> dict[str, Any]:
     return out
 
 
-def chat_processor(model: str | Mapping[str, Any], tokenizer: str, use_recorded_counts: bool = True) -> ChatProcessor:
+def chat_processor(
+    model: str | Mapping[str, Any], tokenizer: str, use_recorded_counts: bool = True
+) -> ChatProcessor:
     from transformers import AutoTokenizer
 
     cfg = model_config(model)
-    return ChatProcessor(AutoTokenizer.from_pretrained(tokenizer), media=media_processors(cfg),
-                         use_recorded_counts=use_recorded_counts)
+    return ChatProcessor(
+        AutoTokenizer.from_pretrained(tokenizer),
+        media=media_processors(cfg),
+        use_recorded_counts=use_recorded_counts,
+    )

@@ -91,6 +91,10 @@ def test_two_ranks_two_workers_cover_every_sample_once_per_epoch_with_equal_step
     for step in range(len(plain[0])):
         moved = sorted(i for r in balanced for mb in r[step]["ids"] for i in mb)
         assert moved == sorted(i for r in plain for mb in r[step]["ids"] for i in mb)
+    # One process reading both streams sees each step's global batch exactly.
+    single = OmniLoader(_config(str(tmp_path), streams=2), processor())
+    steps = [sorted(i for b in step.micro_batches for i in b.sample_ids) for step in single]
+    assert steps == [sorted(i for r in plain for mb in r[k]["ids"] for i in mb) for k in range(len(plain[0]))]
     spread = lambda runs: sum(abs(runs[0][k]["cost"] - runs[1][k]["cost"]) for k in range(len(runs[0])))  # noqa: E731
     assert spread(balanced) < spread(plain)
 
@@ -116,7 +120,7 @@ def _resume_rank(
 
 
 def _buffered(state: str) -> int:
-    workers = json.loads(state)["loader"]["_snapshot"]["_worker_snapshots"].values()
+    workers = json.loads(state)["streams"][0]["loader"]["_snapshot"]["_worker_snapshots"].values()
     return sum(len(w["dataset_state"]["pack"]) + len(w["dataset_state"]["shuffle"]) for w in workers)
 
 

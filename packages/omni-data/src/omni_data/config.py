@@ -53,6 +53,7 @@ class DataConfig:
     error_min_samples: int = 200  # the rate is judged only after this many records
     pad_to_multiple: int = 1  # the SP degree: every micro-batch's length is a multiple of it
     balance: bool = False  # redistribute micro-batches across DP ranks by cost each step
+    streams: int | None = None  # data streams (default: the DP size); a multiple of it
     epochs: int | None = None  # None: until the trainer stops
 
     def __post_init__(self) -> None:

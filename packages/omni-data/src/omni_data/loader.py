@@ -9,6 +9,11 @@ small all-reduce) on whether any of them still has data and whether any has seen
 A rank whose stream has ended fills its step with padding micro-batches (no labels, no samples), so
 every rank runs the same number of forward/backward passes and no collective hangs; when no rank
 has data left the epoch ends everywhere. No sample is dropped to equalise.
+
+The data is split into `streams` (default: one per DP rank); each rank reads streams
+[dp_rank * k, (dp_rank + 1) * k) with k = streams / dp_size, and a step holds micro_batches_per_step
+from each. With the same number of streams, any number of ranks sees the same global batch per step:
+one process with streams=2 trains on exactly what two DP ranks do.
 """
 
 from __future__ import annotations
@@ -43,6 +48,38 @@ def _identity(x):
     return x
 
 
+class _Stream:
+    """One data stream: its dataset (a slot layout of its own) and its StatefulDataLoader."""
+
+    def __init__(self, config: DataConfig, processor: Processor, index: int, total: int, pad_id: int):
+        self.dataset = StreamingDataset(config, processor, dp_rank=index, dp_size=total, pad_id=pad_id)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API here
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            self.loader = StatefulDataLoader(
+                self.dataset,
+                batch_size=None,
+                num_workers=config.num_workers,
+                collate_fn=_identity,
+                prefetch_factor=2 if config.num_workers else None,
+            )
+        self.iterator: Iterator[WorkerItem] | None = None
+        self.exhausted = False
+
+    def next(self, epoch: int) -> WorkerItem | None:
+        if self.exhausted:
+            return None
+        if self.iterator is None:
+            self.dataset.set_epoch(epoch)
+            self.iterator = iter(self.loader)
+        item = next(self.iterator, None)
+        if item is None:
+            self.exhausted = True
+        return item
+
+    def new_epoch(self) -> None:
+        self.iterator, self.exhausted = None, False
+
+
 class OmniLoader:
     """Yields `Step`s (equal micro-batch counts on every DP rank); `state_dict` resumes exactly."""
 
@@ -61,27 +98,25 @@ class OmniLoader:
             raise RuntimeError(
                 "dp_size > 1 needs torch.distributed initialised (steps are agreed across ranks)"
             )
+        total = config.streams or dp_size
+        if total % dp_size:
+            raise ValueError(
+                f"data.streams ({total}) must be a multiple of the data-parallel size ({dp_size})"
+            )
+        per = total // dp_size
         self.config = config
         self.group = group
         self.device = torch.device(device)
         self.pad_id = pad_id
         self.dp_size = dp_size
-        self.dataset = StreamingDataset(config, processor, dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id)
-        with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API here
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            self._loader = StatefulDataLoader(
-                self.dataset,
-                batch_size=None,
-                num_workers=config.num_workers,
-                collate_fn=_identity,
-                prefetch_factor=2 if config.num_workers else None,
-            )
+        self._streams = [
+            _Stream(config, processor, s, total, pad_id) for s in range(dp_rank * per, (dp_rank + 1) * per)
+        ]
         self.epoch = 0
         self.steps = 0
-        self._exhausted = False
-        self._worker_errors: dict[int, ErrorCounts] = {}
-        self._dropped: dict[int, int] = {}
-        self._truncated: dict[int, int] = {}
+        self._worker_errors: dict[tuple[int, int], ErrorCounts] = {}
+        self._dropped: dict[tuple[int, int], int] = {}
+        self._truncated: dict[tuple[int, int], int] = {}
 
     # -- stats ---------------------------------------------------------------------------------
     @property
@@ -97,10 +132,11 @@ class OmniLoader:
     def truncated(self) -> int:
         return sum(self._truncated.values())
 
-    def _note(self, item: WorkerItem) -> None:
-        self._worker_errors[item.slot] = ErrorCounts.from_state(item.errors)
-        self._dropped[item.slot] = item.dropped
-        self._truncated[item.slot] = item.truncated
+    def _note(self, stream: int, item: WorkerItem) -> None:
+        key = (stream, item.slot)
+        self._worker_errors[key] = ErrorCounts.from_state(item.errors)
+        self._dropped[key] = item.dropped
+        self._truncated[key] = item.truncated
 
     # -- iteration -----------------------------------------------------------------------------
     def _agree(self, real: int, abort: bool) -> tuple[int, bool]:
@@ -111,33 +147,32 @@ class OmniLoader:
 
     def __iter__(self) -> Iterator[Step]:
         g = self.config.micro_batches_per_step
-        it = None
         while self.config.epochs is None or self.epoch < self.config.epochs:
-            if it is None and not self._exhausted:
-                self.dataset.set_epoch(self.epoch)
-                it = iter(self._loader)
-            real: list[PackedBatch] = []
+            per_stream: list[list[PackedBatch]] = []
             abort = None
-            while len(real) < g and not self._exhausted and abort is None:
-                item = next(it, None)
-                if item is None:
-                    self._exhausted = True
-                    break
-                self._note(item)
-                abort = item.abort
-                if item.batch is not None:
-                    real.append(item.batch)
-            most, any_abort = self._agree(len(real), abort is not None)
+            for k, stream in enumerate(self._streams):
+                real: list[PackedBatch] = []
+                while len(real) < g and abort is None:
+                    item = stream.next(self.epoch)
+                    if item is None:
+                        break
+                    self._note(k, item)
+                    abort = item.abort
+                    if item.batch is not None:
+                        real.append(item.batch)
+                per_stream.append(real)
+            most, any_abort = self._agree(max(len(r) for r in per_stream), abort is not None)
             if any_abort:
                 raise DataErrorRateExceeded(
                     abort or "another data-parallel rank exceeded data.max_error_rate"
                 )
-            if most == 0:  # no rank has data: the epoch is over everywhere
+            if most == 0:  # no stream on any rank has data: the epoch is over everywhere
                 self.epoch += 1
-                self._exhausted = False
-                it = None
+                for stream in self._streams:
+                    stream.new_epoch()
                 continue
-            batches = real + [padding_batch(self.config.pad_to_multiple, self.pad_id)] * (g - len(real))
+            filler = padding_batch(self.config.pad_to_multiple, self.pad_id)
+            batches = [b for real in per_stream for b in real + [filler] * (g - len(real))]
             if self.config.balance and self.dp_size > 1:
                 batches = balance_step(batches, self.group, self.device)
             self.steps += 1
@@ -145,15 +180,21 @@ class OmniLoader:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Valid between steps; JSON-able except for what StatefulDataLoader keeps (plain Python)."""
+        """Valid between steps; plain Python (JSON-able): per stream, its loader's worker states."""
         return {
             "epoch": self.epoch,
             "steps": self.steps,
-            "exhausted": self._exhausted,
-            "loader": self._loader.state_dict(),
+            "streams": [{"exhausted": s.exhausted, "loader": s.loader.state_dict()} for s in self._streams],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.steps, self._exhausted = state["epoch"], state["steps"], state["exhausted"]
-        if not self._exhausted:  # an ended stream restarts fresh at the next epoch
-            self._loader.load_state_dict(state["loader"])
+        if len(state["streams"]) != len(self._streams):
+            raise ValueError(
+                f"data loader state has {len(state['streams'])} streams on this rank, the loader {len(self._streams)}: "
+                "exact resume needs the same data.streams and data-parallel size"
+            )
+        self.epoch, self.steps = state["epoch"], state["steps"]
+        for stream, st in zip(self._streams, state["streams"], strict=True):
+            stream.exhausted = st["exhausted"]
+            if not stream.exhausted:  # an ended stream restarts fresh at the next epoch
+                stream.loader.load_state_dict(st["loader"])

@@ -44,9 +44,12 @@ def main() -> None:
             spec = PreprocessSpec.from_dict(
                 {
                     "inputs": [
-                        {"kind": "jsonl", "paths": str(p), "source": s, "media_root": str(root / "raw")}
-                        for s, p in manifests.items()
-                        if s != "draw"
+                        {
+                            "kind": "jsonl",
+                            "paths": str(manifests["quickstart"]),
+                            "source": "quickstart",
+                            "media_root": str(root / "raw"),
+                        }
                     ],
                     "output": str(root / f"out{cpus}"),
                     "shard_samples": 100000,
@@ -54,7 +57,7 @@ def main() -> None:
                     "processor": {
                         "factory": "omni_train.processing:chat_processor",
                         "options": {
-                            "model": str(ROOT / "apps/quickstart/model.yaml"),
+                            "model": str(ROOT / "apps/quickstart/recipe.yaml"),
                             "tokenizer": str(tokenizer),
                         },
                     },

@@ -1,7 +1,7 @@
 """The quickstart dataset: real handwritten digits (scikit-learn's bundled scans) as images, videos of
 digit sequences, DTMF audio of dialed digits, arithmetic text and "draw the digit" targets.
 
-    uv run python apps/quickstart/make_data.py [--out data/quickstart] [--model apps/quickstart/model.yaml]
+    uv run python apps/quickstart/make_data.py [--out data/quickstart] [--model apps/quickstart/recipe.yaml]
 
 Writes raw media + JSONL manifests under OUT/raw, trains a byte-level BPE tokenizer (with the chat
 template and modality tokens) into OUT/tokenizer, then runs the preprocessing job (a local Ray
@@ -159,10 +159,12 @@ def make_raw(out: Path, seed: int = 0) -> dict[str, Path]:
                 "draw",
             )
         )
-    paths = {}
-    for source, docs in manifests.items():
-        paths[source] = raw / f"{source}.jsonl"
-        paths[source].write_text("".join(json.dumps(d) + "\n" for d in docs))
+    # One shuffled manifest for understanding (so every shard mixes modalities), one for generation.
+    mixed = [{**d, "source": source} for source, docs in manifests.items() if source != "draw" for d in docs]
+    rng.shuffle(mixed)
+    paths = {"quickstart": raw / "quickstart.jsonl", "draw": raw / "draw.jsonl"}
+    paths["quickstart"].write_text("".join(json.dumps(d) + "\n" for d in mixed))
+    paths["draw"].write_text("".join(json.dumps({**d, "source": "draw"}) + "\n" for d in manifests["draw"]))
     return paths
 
 
@@ -201,7 +203,7 @@ def train_tokenizer(out: Path, manifests: dict[str, Path]) -> Path:
 
 
 def build(
-    out: str = "data/quickstart", model: str = "apps/quickstart/model.yaml", num_cpus: int | None = None
+    out: str = "data/quickstart", model: str = "apps/quickstart/recipe.yaml", num_cpus: int | None = None
 ):
     from omni_data.preprocess.job import run_preprocess
     from omni_data.preprocess.spec import PreprocessSpec
@@ -213,9 +215,12 @@ def build(
         {
             # "draw" (image-generation targets) joins once the model has an image decoder.
             "inputs": [
-                {"kind": "jsonl", "paths": str(p), "source": s, "media_root": str(root / "raw")}
-                for s, p in manifests.items()
-                if s != "draw"
+                {
+                    "kind": "jsonl",
+                    "paths": str(manifests["quickstart"]),
+                    "source": "quickstart",
+                    "media_root": str(root / "raw"),
+                }
             ],
             "output": str(root / "shards"),
             "shard_samples": 150,
@@ -232,7 +237,7 @@ def build(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/quickstart")
-    ap.add_argument("--model", default="apps/quickstart/model.yaml")
+    ap.add_argument("--model", default="apps/quickstart/recipe.yaml")
     ap.add_argument("--num-cpus", type=int, default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()

@@ -24,15 +24,16 @@ def _make_data():
 
 def test_quickstart_dataset_builds_and_its_counts_match_training_time_processing(tmp_path):
     make_data = _make_data()
-    summary = make_data.build(str(tmp_path), str(ROOT / "apps/quickstart/model.yaml"), num_cpus=2)
+    summary = make_data.build(str(tmp_path), str(ROOT / "apps/quickstart/recipe.yaml"), num_cpus=2)
     expected = sum(n for source, n in make_data.COUNTS.items() if source != "draw")
     assert summary.samples == expected and not summary.errors
     index = pq.read_table(tmp_path / "shards/index.parquet").to_pylist()
     assert {r["source"] for r in index} == {"image_qa", "video_qa", "audio_qa", "text_qa"}
+    assert len({r["modalities"] for r in index if r["shard"] == "shard-000007.tar"}) > 2  # shards mix sources
     assert {m for r in index for m in r["modalities"].split(",") if m} == {"image", "video", "audio"}
     # The loader, with counts recomputed by the model's processors, sees the same tokens as the index.
     proc = chat_processor(
-        str(ROOT / "apps/quickstart/model.yaml"), str(tmp_path / "tokenizer"), use_recorded_counts=False
+        str(ROOT / "apps/quickstart/recipe.yaml"), str(tmp_path / "tokenizer"), use_recorded_counts=False
     )
     cfg = DataConfig.from_dict(
         {

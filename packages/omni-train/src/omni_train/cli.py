@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from omni_train import __version__
@@ -51,6 +53,65 @@ def layout(
         raise typer.BadParameter(str(e)) from None
     per_rank = run_ranks(rank_views, nproc, args=(degrees,), timeout_s=timeout)
     typer.echo(format_layout(dims, per_rank))
+
+
+@app.command()
+def run(
+    config: str = typer.Argument(..., help="Training recipe (YAML)."),
+    nproc: int = typer.Option(
+        None, "--nproc", "-n", min=1, help="Local processes (default launcher.num_workers)."
+    ),
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: --set train.lr=1e-4 (repeatable).")
+    ] = None,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved config, mesh, plan and memory; do not train."
+    ),
+) -> None:
+    """Train on this machine in NPROC local processes (gloo on CPU, nccl on GPU); also works under torchrun."""
+    import os
+
+    from omni_train.config import ConfigError, check_layout, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        world = int(os.environ.get("WORLD_SIZE", 0)) or nproc or cfg.launcher.num_workers
+        check_layout(cfg, world)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if dry_run:
+        from omni_train.dry_run import describe
+
+        typer.echo(describe(cfg, world))
+        return
+    from omni_train.local import run_local
+
+    results = run_local(cfg, world)
+    summary = results[0]
+    losses = summary["losses"]
+    if losses:
+        typer.echo(f"trained {summary['step']} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    typer.echo(f"run dir: {cfg.run_dir}  (metrics.jsonl, config.yaml, checkpoints/, tensorboard/)")
+
+
+@app.command()
+def convert(
+    checkpoint: str = typer.Argument(..., help="A checkpoint directory (RUN_DIR/checkpoints/step-N)."),
+    out: str = typer.Argument(..., help="Output directory."),
+    to: str = typer.Option("hf", "--to", help="Output format (hf: safetensors + config per model part)."),
+    config: str = typer.Option(
+        None, "--config", help="The run's config.yaml (default: RUN_DIR/config.yaml)."
+    ),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Tensor dtype of the export."),
+) -> None:
+    """Export a training checkpoint as Hugging Face safetensors, one directory per model part."""
+    if to != "hf":
+        raise typer.BadParameter(f"--to must be 'hf', got {to!r}")
+    from omni_train.convert import convert_checkpoint
+
+    parts = convert_checkpoint(checkpoint, out, config, dtype)
+    typer.echo(f"wrote {', '.join(parts)} under {out}")
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ def write_shard(
                     "shard": f"{name}.tar",
                     "key": key,
                     "id": sample.id,
-                    "source": row["source"],
+                    "source": sample.source,
                     "llm_tokens": measured.llm_tokens if measured else None,
                     "text_tokens": measured.text_tokens if measured else None,
                     "encoder_units": measured.encoder_units if measured else None,

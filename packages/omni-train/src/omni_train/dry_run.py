@@ -1,0 +1,64 @@
+"""`--dry-run`: the resolved config, mesh, plan and per-rank memory, without starting any process.
+
+The model is built on the meta device (no memory), so recipes at real scale validate on a laptop.
+Per-rank memory counts FSDP-sharded parameters (dense over dp_shard x sp; experts split over ep and
+then sharded over the rest, the same total factor), fp32 gradients and AdamW moments for trainable
+parameters; activations are not included.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from omni_train.config import TrainConfig, check_layout, dump
+
+
+def describe(cfg: TrainConfig, world_size: int) -> str:
+    from omni_models.config import build_omni_model
+    from omni_models.parallel import omni_plan
+
+    check_layout(cfg, world_size)
+    dims = cfg.dims(world_size)
+    mc = cfg.omni_model()
+    with torch.device("meta"):
+        model = build_omni_model(mc)
+    plan = omni_plan(model, mc)
+    units = Counter(
+        u.split(".")[0] if not u.startswith(("encoders", "projectors")) else ".".join(u.split(".")[:2])
+        for u in plan.fsdp_units
+    )
+    shard = dims.dp_shard * dims.sp
+    param_bytes = torch.finfo(getattr(torch, cfg.parallel.param_dtype)).bits // 8
+    lines = [
+        "# resolved config",
+        dump(cfg).rstrip(),
+        "",
+        "# layout",
+        f"world {world_size}: dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} sp={dims.sp} "
+        f"ep={dims.ep} (dense weights sharded over {shard} ranks, replicated {dims.dp_replicate}x)",
+        "",
+        "# plan (FSDP units per part)",
+    ]
+    lines += [f"{part}: {n}" for part, n in sorted(units.items())]
+    if plan.expert_params:
+        lines.append(f"expert-parallel tensors: {len(plan.expert_params)} ({plan.expert_forward})")
+    lines += ["", "# parameters and per-rank memory (params + fp32 grads + AdamW moments; no activations)"]
+    total_gb = 0.0
+    for part, module in [
+        ("foundation", model.foundation),
+        *[(f"encoders.{n}", m) for n, m in model.encoders.items()],
+        *[(f"projectors.{n}", m) for n, m in model.projectors.items()],
+    ]:
+        params = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        per_rank = (params * 4 + trainable * (4 + 8)) / shard / 2**30  # fp32 master + grads + 2 moments
+        total_gb += per_rank
+        state = "trainable" if trainable == params else ("frozen" if trainable == 0 else "partly frozen")
+        lines.append(f"{part}: {params / 1e9:.3f}B params ({state}) -> {per_rank:.2f} GiB per rank")
+    lines.append(
+        f"total: {total_gb:.2f} GiB per rank (compute copies in {cfg.parallel.param_dtype}: "
+        f"{param_bytes} bytes per gathered parameter)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,359 @@
+"""The trainer: a short loop that delegates to components (mesh, model, data, optimizer, checkpoints,
+metrics). `train(cfg)` runs in every rank; the launchers only start processes around it.
+
+Loss normalisation: each step's loss is the sum of token losses over every micro-batch of every rank
+divided by the global count of labelled tokens (one all-reduce per step), and gradients are summed
+over data-parallel ranks, so any layout and any split into micro-batches trains the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from omni_data.loader import OmniLoader, Step
+from omni_dist import ParallelMesh, init_distributed
+from omni_dist.attention import SequenceParallel
+from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RNGPart
+from omni_dist.grad_norm import clip_grad_norm_
+from omni_dist.loss import global_token_count
+from omni_dist.parallelize import ParallelizeConfig
+from omni_dist.sequence import IGNORE_INDEX
+from omni_dist.weights import materialize_
+from omni_models.config import build_omni_model
+from omni_models.omni_weights import init_omni_weights_, load_part_weights_
+from omni_models.parallel import parallelize_omni
+from omni_train.config import TrainConfig, dump
+from omni_train.hardware import peak_flops, peak_memory_gb
+from omni_train.metrics import Metrics
+from omni_train.schedule import lr_lambda
+
+log = logging.getLogger("omni_train")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class _LoaderPart:
+    """The data loader as a per-rank checkpoint part (its cursors and buffered restore keys)."""
+
+    per_rank = True
+
+    def __init__(self, loader: OmniLoader):
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    bad_in_a_row: int = 0
+    skipped_steps: int = 0
+    tokens_seen: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "bad_in_a_row": self.bad_in_a_row,
+            "skipped_steps": self.skipped_steps,
+            "tokens_seen": self.tokens_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.bad_in_a_row = state["step"], state["bad_in_a_row"]
+        self.skipped_steps, self.tokens_seen = state["skipped_steps"], state["tokens_seen"]
+
+
+def _device(env) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
+    return torch.device("cpu")
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.env = init_distributed()
+        self.device = _device(self.env)
+        self.rank0 = self.env.rank == 0
+        self.mesh = ParallelMesh.build(cfg.dims(self.env.world_size), device_type=self.device.type)
+        p = cfg.parallel
+        self.sp = SequenceParallel.from_mesh(self.mesh["sp"], p.sp_async) if p.sp > 1 else None
+        self._build_model()
+        self._build_data()
+        self.counters = Counters()
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+        )
+        self.parts = {
+            "model": ModelPart(self.model),
+            "optimizer": OptimizerPart(self.model, self.optimizer),
+            "scheduler": self.scheduler,
+            "rng": RNGPart(),
+            "data": _LoaderPart(self.loader),
+            "trainer": self.counters,
+        }
+
+    # -- components --------------------------------------------------------------------------
+    def _build_model(self) -> None:
+        cfg, p = self.cfg, self.cfg.parallel
+        self.model_cfg = cfg.omni_model()
+        with torch.device("meta"):
+            self.model = build_omni_model(self.model_cfg)
+        pcfg = ParallelizeConfig(
+            param_dtype=p.param_dtype,
+            reduce_dtype=p.reduce_dtype,
+            reshard_after_forward=p.reshard_after_forward,
+            offload_params=p.offload_params,
+            recompute=p.recompute,
+            offload_activations=p.offload_activations,
+        )
+        self.param_dtype = getattr(torch, p.param_dtype)
+        self.report = parallelize_omni(self.model, self.mesh, self.model_cfg, pcfg)
+        materialize_(self.model, self.device, offload_params=p.offload_params)
+        loaded = load_part_weights_(self.model, self.model_cfg)
+        names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+        init_omni_weights_(self.model, cfg.train.seed, names=names - loaded)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            _trainable(self.model),
+            lr=t.lr,
+            betas=t.betas,
+            weight_decay=t.weight_decay,
+            foreach=self.device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.schedule, t.steps, t.warmup_steps, t.min_lr_ratio)
+        )
+        self.peak = peak_flops(self.device, self.param_dtype)
+
+    def _processor(self):
+        from transformers import AutoTokenizer
+
+        from omni_data.processor import ChatProcessor
+
+        tokenizer = AutoTokenizer.from_pretrained(self.cfg.data.tokenizer)
+        media = {m: self.model.encoders[e].processor(m) for m, e in self.model.modality_encoder.items()}
+        return ChatProcessor(tokenizer, media=media), tokenizer
+
+    def _loader(self, sources, epochs) -> OmniLoader:
+        return OmniLoader(
+            self.cfg.data_config(sources, epochs),
+            self.processor,
+            dp_rank=self.mesh.dp_rank,
+            dp_size=self.mesh.dims.dp,
+            group=self.mesh["dp"].get_group(),
+            device=self.device,
+            pad_id=self.pad_id,
+        )
+
+    def _build_data(self) -> None:
+        self.processor, tokenizer = self._processor()
+        vocab = self.model.foundation.config.vocab_size
+        if len(tokenizer) > vocab:
+            raise TrainingError(
+                f"the tokenizer has {len(tokenizer)} tokens, the foundation's vocab_size is {vocab}"
+            )
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.loader = self._loader(None, None)
+
+    # -- one step ----------------------------------------------------------------------------
+    def _local_label_tokens(self, step: Step) -> int:
+        total = 0
+        for b in step.micro_batches:
+            labels = b.labels[0]
+            if self.sp is not None:
+                labels = labels.chunk(self.sp.size)[self.sp.rank]
+            total += int((labels != IGNORE_INDEX).sum())
+        return total
+
+    def _to_device(self, batch):
+        if self.device.type == "cpu":
+            return batch
+        for name in ("input_ids", "position_ids", "labels", "cu_seqlens"):
+            setattr(batch, name, getattr(batch, name).to(self.device, non_blocking=True))
+        for media in (*batch.media.values(), *batch.targets.values()):
+            media.tensors = {k: v.to(self.device, non_blocking=True) for k, v in media.tensors.items()}
+            media.positions = media.positions.to(self.device, non_blocking=True)
+        return batch
+
+    def _forward_backward(self, step: Step, backward: bool = True) -> tuple[torch.Tensor, float, float]:
+        """Returns (global mean loss, global label tokens, this rank's FLOPs)."""
+        tokens = global_token_count(self._local_label_tokens(step), self.mesh["loss"])
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        flops = 0.0
+        for batch in step.micro_batches:
+            batch = self._to_device(batch)
+            out = self.model(batch, sequence_parallel=self.sp)
+            loss = out.loss_sum / tokens.clamp(min=1).to(out.loss_sum.dtype)
+            if backward:
+                loss.backward()
+            total += loss.detach().double()
+            flops += sum(self.model.flops(batch).values())
+        dist.all_reduce(total, group=self.mesh["loss"].get_group())
+        return total, float(tokens), flops
+
+    def train(self) -> Counters:
+        cfg = self.cfg
+        self._resume()
+        if self.rank0:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "config.yaml").write_text(dump(cfg))
+            log.info(
+                "run dir %s: %d ranks, mesh %s, %d FSDP units",
+                cfg.run_dir,
+                self.env.world_size,
+                self.mesh.dims,
+                len(self.report.fsdp_units),
+            )
+        metrics = Metrics(
+            cfg.run_dir,
+            cfg.train.steps,
+            self.counters.step,
+            cfg.logging.tensorboard,
+            cfg.logging.progress,
+            enabled=self.rank0,
+        )
+        start = time.perf_counter()
+        try:
+            steps = iter(self.loader)
+            while self.counters.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                step = next(steps, None)
+                if step is None:
+                    raise TrainingError("the data ended before train.steps (set data epochs or fewer steps)")
+                waited = time.perf_counter() - t0
+                record = self._step(step)
+                elapsed_step = time.perf_counter() - t0
+                self.counters.step += 1
+                record.update(self._rates(record, elapsed_step, waited, start))
+                metrics.progress(self.counters.step, record["loss"], record["tokens_per_s"])
+                if self.counters.step % cfg.logging.log_every == 0 or self.counters.step == cfg.train.steps:
+                    metrics.log(record)
+                if (
+                    cfg.train.eval_every
+                    and self.counters.step % cfg.train.eval_every == 0
+                    and cfg.data.eval_sources
+                ):
+                    metrics.log({"step": self.counters.step, "eval/loss": self.evaluate()})
+                interval = cfg.checkpoint.interval
+                if interval and self.counters.step % interval == 0 and self.counters.step < cfg.train.steps:
+                    self.checkpoints.save(self.counters.step, self.parts)
+            self.checkpoints.save(self.counters.step, self.parts)
+            self.checkpoints.wait()
+        finally:
+            metrics.close()
+        return self.counters
+
+    def _step(self, step: Step) -> dict[str, Any]:
+        loss, tokens, flops = self._forward_backward(step)
+        lr = self.scheduler.get_last_lr()[0]
+        params = _trainable(self.model)
+        norm = clip_grad_norm_(params, self.cfg.train.grad_clip).item()
+        finite = math.isfinite(loss.item()) and math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.counters.bad_in_a_row = 0
+        else:
+            self.counters.bad_in_a_row += 1
+            self.counters.skipped_steps += 1
+            if self.rank0:
+                log.warning(
+                    "step %d: non-finite loss %s / grad norm %s: update skipped",
+                    self.counters.step + 1,
+                    loss.item(),
+                    norm,
+                )
+            if self.counters.bad_in_a_row >= self.cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"{self.counters.bad_in_a_row} steps in a row had a non-finite loss or "
+                    "gradient norm: lower train.lr, check the data, or use fp32"
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        # Real tokens (labelled or not) and FLOPs of the step, over all ranks; SP ranks share a batch.
+        sums = torch.tensor(
+            [sum(b.num_tokens for b in step.micro_batches), flops], dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(sums, group=self.mesh["loss"].get_group())
+        real_tokens, total_flops = int(sums[0]) // self.mesh.dims.sp, float(sums[1]) / self.mesh.dims.sp
+        self.counters.tokens_seen += real_tokens
+        self.counters.losses.append(loss.item())
+        return {
+            "step": self.counters.step + 1,
+            "loss": loss.item(),
+            "grad_norm": norm,
+            "lr": lr,
+            "tokens": real_tokens,
+            "label_tokens": int(tokens),
+            "skipped": not finite,
+            "_flops": total_flops,
+        }
+
+    def _rates(self, record: dict[str, Any], seconds: float, waited: float, start: float) -> dict[str, Any]:
+        flops = record.pop("_flops")
+        world = self.env.world_size
+        return {
+            "tokens_per_s": record["tokens"] / seconds,
+            "tokens_per_s_per_device": record["tokens"] / seconds / world,
+            "mfu": flops / seconds / (self.peak * world) if self.peak else None,
+            "mem_gb": peak_memory_gb(self.device),
+            "data_wait_frac": waited / seconds,
+            "elapsed_s": time.perf_counter() - start,
+        }
+
+    # -- evaluation and state ----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        loader = self._loader(self.cfg.data.eval_sources, epochs=1)
+        self.model.eval()
+        losses, weights = 0.0, 0.0
+        try:
+            for i, step in enumerate(loader):
+                if i >= self.cfg.train.eval_steps:
+                    break
+                loss, tokens, _ = self._forward_backward(step, backward=False)
+                losses += float(loss) * tokens
+                weights += tokens
+        finally:
+            self.model.train()
+        return losses / max(weights, 1.0)
+
+    def _resume(self) -> None:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return
+        path = None if mode == "auto" else mode
+        if path is None and self.checkpoints.latest() is None:
+            return
+        step = self.checkpoints.load(self.parts, path)
+        if self.rank0:
+            log.info("resumed from step %d (%s)", step, path or self.checkpoints.latest())
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Entry point of every rank (local processes, torchrun, or Ray actors)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    trainer = Trainer(cfg)
+    counters = trainer.train()
+    return {"step": counters.step, "losses": counters.losses, "skipped_steps": counters.skipped_steps}

@@ -1,6 +1,6 @@
 """Packed-sequence attention for HF models, registered through transformers' AttentionInterface.
 
-`register_packed_attention()` adds `omni_sdpa`, `omni_varlen` and `omni_flash_attn`; a model uses one
+`register_packed_attention()` adds `omni_sdpa`, `omni_varlen` and `omni_fa` (flash-attn); a model uses one
 by setting `config._attn_implementation` / `attn_implementation`. The functions read the packed-batch
 keywords that HF forwards from the model call (`cu_seq_lens_q`, `max_length_q`) and, when the call
 also passes `sequence_parallel=SequenceParallel(...)`, run Ulysses around the backend. No model file
@@ -25,7 +25,12 @@ def implementation_name(backend: str) -> str:
     """The `attn_implementation` value for an omni-dist backend name."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-    return PREFIX + backend
+    # transformers treats any implementation name containing "flash" as its own flash attention
+    # (and tries to import it), so the flash-attn backend registers under a name without it.
+    return PREFIX + _SHORT.get(backend, backend)
+
+
+_SHORT = {"flash_attn": "fa"}
 
 
 def _hf_attention(backend: str) -> Callable[..., tuple[torch.Tensor, None]]:
@@ -44,7 +49,7 @@ def _hf_attention(backend: str) -> Callable[..., tuple[torch.Tensor, None]]:
         cu_seqlens, max_seqlen = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
         if cu_seqlens is None or max_seqlen is None:
             raise ValueError(
-                f"{PREFIX}{backend} attention needs cu_seq_lens_q and max_length_q in the model call "
+                f"{implementation_name(backend)} attention needs cu_seq_lens_q and max_length_q in the model call "
                 "(the packing collator provides them)."
             )
         if query.shape[0] != 1:

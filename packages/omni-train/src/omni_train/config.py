@@ -203,7 +203,8 @@ def _explain(e: ValidationError) -> str:
         elif err["type"] == "missing":
             lines.append(f"missing key {key}")
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})" if loc else err["msg"])
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {err.get('input')!r})" if loc else msg)
     return "; ".join(lines)
 
 

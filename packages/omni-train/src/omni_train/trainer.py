@@ -90,6 +90,56 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
+    total = 0
+    for b in micro_batches:
+        labels = b.labels[0]
+        if sp is not None:
+            labels = labels.chunk(sp.size)[sp.rank]
+        total += int((labels != IGNORE_INDEX).sum())
+    return total
+
+
+def _to_device(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    for name in ("input_ids", "position_ids", "labels", "cu_seqlens"):
+        setattr(batch, name, getattr(batch, name).to(device, non_blocking=True))
+    for media in (*batch.media.values(), *batch.targets.values()):
+        media.tensors = {k: v.to(device, non_blocking=True) for k, v in media.tensors.items()}
+        media.positions = media.positions.to(device, non_blocking=True)
+    return batch
+
+
+def forward_backward(
+    model,
+    micro_batches,
+    mesh: ParallelMesh,
+    sp: SequenceParallel | None,
+    device: torch.device,
+    backward: bool = True,
+) -> tuple[torch.Tensor, float, float]:
+    """One step's micro-batches: token-weighted loss over all of them and all ranks.
+
+    Returns (the step's global mean loss, global labelled tokens, this rank's FLOPs). Gradients
+    accumulate over the micro-batches; dividing every micro-batch by the global token count makes
+    k micro-batches equal one micro-batch holding the same samples.
+    """
+    tokens = global_token_count(_local_label_tokens(micro_batches, sp), mesh["loss"])
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    flops = 0.0
+    for batch in micro_batches:
+        batch = _to_device(batch, device)
+        out = model(batch, sequence_parallel=sp)
+        loss = out.loss_sum / tokens.clamp(min=1).to(out.loss_sum.dtype)
+        if backward:
+            loss.backward()
+        total += loss.detach().double()
+        flops += sum(model.flops(batch).values())
+    dist.all_reduce(total, group=mesh["loss"].get_group())
+    return total, float(tokens), flops
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -177,41 +227,8 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id or 0
         self.loader = self._loader(None, None)
 
-    # -- one step ----------------------------------------------------------------------------
-    def _local_label_tokens(self, step: Step) -> int:
-        total = 0
-        for b in step.micro_batches:
-            labels = b.labels[0]
-            if self.sp is not None:
-                labels = labels.chunk(self.sp.size)[self.sp.rank]
-            total += int((labels != IGNORE_INDEX).sum())
-        return total
-
-    def _to_device(self, batch):
-        if self.device.type == "cpu":
-            return batch
-        for name in ("input_ids", "position_ids", "labels", "cu_seqlens"):
-            setattr(batch, name, getattr(batch, name).to(self.device, non_blocking=True))
-        for media in (*batch.media.values(), *batch.targets.values()):
-            media.tensors = {k: v.to(self.device, non_blocking=True) for k, v in media.tensors.items()}
-            media.positions = media.positions.to(self.device, non_blocking=True)
-        return batch
-
     def _forward_backward(self, step: Step, backward: bool = True) -> tuple[torch.Tensor, float, float]:
-        """Returns (global mean loss, global label tokens, this rank's FLOPs)."""
-        tokens = global_token_count(self._local_label_tokens(step), self.mesh["loss"])
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        flops = 0.0
-        for batch in step.micro_batches:
-            batch = self._to_device(batch)
-            out = self.model(batch, sequence_parallel=self.sp)
-            loss = out.loss_sum / tokens.clamp(min=1).to(out.loss_sum.dtype)
-            if backward:
-                loss.backward()
-            total += loss.detach().double()
-            flops += sum(self.model.flops(batch).values())
-        dist.all_reduce(total, group=self.mesh["loss"].get_group())
-        return total, float(tokens), flops
+        return forward_backward(self.model, step.micro_batches, self.mesh, self.sp, self.device, backward)
 
     def train(self) -> Counters:
         cfg = self.cfg

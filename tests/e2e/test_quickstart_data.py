@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,20 +10,14 @@ import pyarrow.parquet as pq
 from omni_data.config import DataConfig
 from omni_data.loader import OmniLoader
 from omni_train.processing import chat_processor
+from tests.e2e.conftest import load_make_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _make_data():
-    spec = importlib.util.spec_from_file_location("make_data", ROOT / "apps/quickstart/make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_quickstart_dataset_builds_and_its_counts_match_training_time_processing(tmp_path):
-    make_data = _make_data()
-    summary = make_data.build(str(tmp_path), str(ROOT / "apps/quickstart/recipe.yaml"), num_cpus=2)
+def test_quickstart_dataset_builds_and_its_counts_match_training_time_processing(quickstart_data):
+    tmp_path, summary = quickstart_data
+    make_data = load_make_data()
     expected = sum(n for source, n in make_data.COUNTS.items() if source != "draw")
     assert summary.samples == expected and not summary.errors
     index = pq.read_table(tmp_path / "shards/index.parquet").to_pylist()

@@ -18,6 +18,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -126,6 +127,19 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this rank if the launcher dies (a rank never outlives its job)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the call
+        os._exit(1)
+
+
 def _rank_main(
     payload: bytes,
     rank: int,
@@ -136,6 +150,7 @@ def _rank_main(
     results: queue.Queue,
 ) -> None:
     os.setsid()  # own process group: stopping the rank also stops anything it started
+    _die_with_parent()
     stack_file = open(Path(stack_dir) / f"rank{rank}.txt", "w")  # noqa: SIM115 (lives as long as the rank)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     import torch

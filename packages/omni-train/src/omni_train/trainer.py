@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from omni_data.loader import OmniLoader, Step
-from omni_dist import ParallelMesh, init_distributed
+from omni_dist import ParallelMesh, destroy_distributed, init_distributed
 from omni_dist.attention import SequenceParallel
 from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RNGPart
 from omni_dist.grad_norm import clip_grad_norm_
@@ -371,6 +371,10 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Entry point of every rank (local processes, torchrun, or Ray actors)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    trainer = Trainer(cfg)
-    counters = trainer.train()
+    started = not dist.is_initialized()
+    try:
+        counters = Trainer(cfg).train()
+    finally:
+        if started:
+            destroy_distributed()
     return {"step": counters.step, "losses": counters.losses, "skipped_steps": counters.skipped_steps}

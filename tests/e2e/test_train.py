@@ -1,0 +1,180 @@
+"""End to end on CPU: the quickstart recipe trains through `omni-train run`'s machinery.
+
+- metrics.jsonl holds the required keys;
+- FSDP on 2 processes and sp=2 on 2 processes match 1 process (loss and grad norm, rel 1e-5) over
+  the same steps: all runs read the same two data streams, so every step has the same global batch;
+- a real `omni-train run` process group is SIGKILLed after a checkpoint and re-run with
+  checkpoint.resume=auto: the remaining steps reproduce the uninterrupted run's losses;
+- 2 micro-batches in one step equal 1 micro-batch holding both samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from omni_train.config import load_config
+from omni_train.local import run_local
+from omni_train.metrics import REQUIRED
+from tests.e2e.conftest import RECIPE
+from tests.harness import run_ranks
+from tests.omni_dist.tiny import RTOL
+
+STEPS = 12
+
+
+def _overrides(data: Path, run_dir: Path, extra: list[str] = ()) -> list[str]:
+    return [
+        f"data.tokenizer={data / 'tokenizer'}",
+        f"data.sources=[{{kind: webdataset, paths: '{data}/shards/shard-{{000000..000006}}.tar'}}]",
+        f"data.eval_sources=[{{kind: webdataset, paths: '{data}/shards/shard-000007.tar'}}]",
+        "data.streams=2",
+        f"train.steps={STEPS}",
+        "train.eval_every=6",
+        "checkpoint.interval=2",
+        "checkpoint.async_save=false",
+        f"logging.run_dir={run_dir}",
+        "logging.progress=false",
+        *extra,
+    ]
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record  # a resumed run's records replace the killed run's
+    return out
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= RTOL * abs(b)
+
+
+@pytest.fixture(scope="module")
+def runs(quickstart_data, tmp_path_factory):
+    data, _ = quickstart_data
+    root = tmp_path_factory.mktemp("runs")
+    layouts = {"single": (1, []), "fsdp": (2, ["parallel.dp_shard=2"]), "sp": (2, ["parallel.sp=2"])}
+    out = {}
+    for name, (n, extra) in layouts.items():
+        cfg = load_config(RECIPE, _overrides(data, root / name, extra))
+        results = (
+            run_local(cfg, n)
+            if n > 1
+            else run_ranks(_single, 1, cfg.model_dump(mode="json"), init_process_group=False)
+        )
+        out[name] = (root / name, results)
+    return data, root, out
+
+
+def _single(config: dict):
+    from omni_train.local import _rank_entry
+
+    return _rank_entry(config)
+
+
+def test_metrics_and_parity_across_layouts(runs):
+    _, _, out = runs
+    metrics = {name: _metrics(run_dir) for name, (run_dir, _) in out.items()}
+    single = metrics["single"]
+    assert sorted(single) == list(range(1, STEPS + 1))
+    for record in single.values():
+        assert set(REQUIRED) <= set(record) and record["tokens"] > 0 and record["mfu"] is None
+    assert single[STEPS]["loss"] < 0.7 * single[1]["loss"]
+    for name in ("fsdp", "sp"):
+        for step in range(1, STEPS + 1):
+            a, b = metrics[name][step], single[step]
+            assert _close(a["loss"], b["loss"]) and _close(a["grad_norm"], b["grad_norm"]), (name, step, a, b)
+            assert a["tokens"] == b["tokens"]
+    run_dir = out["fsdp"][0]
+    assert (run_dir / "config.yaml").exists() and any((run_dir / "tensorboard").iterdir())
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x]
+    assert [e["step"] for e in evals] == [6, 12] and evals[1]["eval/loss"] < evals[0]["eval/loss"] * 1.5
+
+
+def test_kill_and_resume_continues_with_identical_losses(runs):
+    data, root, out = runs
+    run_dir = root / "killed"
+    cmd = [sys.executable, "-m", "omni_train.cli", "run", str(RECIPE), "--nproc", "2"]
+    for o in _overrides(data, run_dir, ["parallel.dp_shard=2"]):
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        latest = run_dir / "checkpoints" / "latest"
+        if latest.exists() and latest.read_text().strip() >= "step-00000004":
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
+            killed_at = latest.read_text().strip()
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, proc.stderr.read().decode()[-3000:]
+    done_before = max(_metrics(run_dir))
+    assert done_before < STEPS  # it really was interrupted
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step" in result.stderr
+    resumed, reference = _metrics(run_dir), _metrics(out["fsdp"][0])
+    first = int(killed_at.split("-")[1]) + 1
+    for step in range(first, STEPS + 1):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=RTOL), step
+        assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=RTOL), step
+
+
+def _accumulation_rank(data: str) -> tuple[list[float], list[float]]:
+    from omni_data.collate import collate
+    from omni_data.schema import parse_sample
+    from omni_dist import ParallelDims, ParallelMesh
+    from omni_dist.grad_norm import clip_grad_norm_
+    from omni_dist.weights import materialize_
+    from omni_models.config import build_omni_model
+    from omni_models.omni_weights import init_omni_weights_
+    from omni_train.config import load_config as load
+    from omni_train.processing import chat_processor
+    from omni_train.trainer import forward_backward
+
+    cfg = load(str(RECIPE), [f"data.tokenizer={data}/tokenizer"]).omni_model()
+    mesh = ParallelMesh.build(ParallelDims(world_size=1), device_type="cpu")
+    proc = chat_processor(str(RECIPE), f"{data}/tokenizer")
+    docs = [json.loads(x) for x in Path(data, "raw/quickstart.jsonl").read_text().splitlines()[:4]]
+    samples = [
+        proc.process(
+            proc.measure(
+                parse_sample(
+                    d,
+                    key=d["id"],
+                    source="t",
+                    media_bytes=lambda n: None,
+                    read_path=lambda p: Path(data, "raw", p).read_bytes(),
+                )
+            )
+        )
+        for d in docs
+    ]
+    results = []
+    for micro in ([collate(samples[:2]), collate(samples[2:])], [collate(samples)]):
+        with torch.device("meta"):
+            model = build_omni_model(cfg)
+        materialize_(model, "cpu")
+        init_omni_weights_(model, 0)
+        loss, _, _ = forward_backward(model, micro, mesh, None, torch.device("cpu"))
+        norm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1e9).item()
+        results.append([float(loss), norm])
+    return results[0], results[1]
+
+
+def test_two_micro_batches_equal_one_with_both_samples(quickstart_data):
+    data, _ = quickstart_data
+    ((two, one),) = run_ranks(_accumulation_rank, 1, str(data))
+    assert _close(two[0], one[0]) and _close(two[1], one[1]), (two, one)

@@ -132,6 +132,22 @@ def test_kill_and_resume_continues_with_identical_losses(runs):
         assert resumed[step]["grad_norm"] == pytest.approx(reference[step]["grad_norm"], rel=RTOL), step
 
 
+def test_convert_exports_hf_parts_that_load(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from omni_train.cli import app
+
+    run_dir = runs[2]["fsdp"][0]
+    ckpt = run_dir / "checkpoints" / f"step-{STEPS:08d}"
+    result = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "hf"), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"foundation", "encoders", "projectors"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "foundation")
+    out = model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert torch.isfinite(out.logits).all()
+
+
 def _accumulation_rank(data: str) -> tuple[list[float], list[float]]:
     from omni_data.collate import collate
     from omni_data.schema import parse_sample

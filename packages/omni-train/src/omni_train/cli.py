@@ -91,7 +91,9 @@ def run(
     summary = results[0]
     losses = summary["losses"]
     if losses:
-        typer.echo(f"trained {summary['step']} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        typer.echo(f"trained to step {summary['step']}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    else:
+        typer.echo(f"already at step {summary['step']} (train.steps): nothing to train")
     typer.echo(f"run dir: {cfg.run_dir}  (metrics.jsonl, config.yaml, checkpoints/, tensorboard/)")
 
 

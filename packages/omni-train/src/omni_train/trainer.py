@@ -233,6 +233,7 @@ class Trainer:
     def train(self) -> Counters:
         cfg = self.cfg
         self._resume()
+        resumed_at = self.counters.step
         if self.rank0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.yaml").write_text(dump(cfg))
@@ -276,7 +277,8 @@ class Trainer:
                 interval = cfg.checkpoint.interval
                 if interval and self.counters.step % interval == 0 and self.counters.step < cfg.train.steps:
                     self.checkpoints.save(self.counters.step, self.parts)
-            self.checkpoints.save(self.counters.step, self.parts)
+            if self.counters.step > resumed_at:  # nothing new to save when resumed at the end
+                self.checkpoints.save(self.counters.step, self.parts)
             self.checkpoints.wait()
         finally:
             metrics.close()

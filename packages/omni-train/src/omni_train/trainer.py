@@ -90,7 +90,7 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
+def local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
     total = 0
     for b in micro_batches:
         labels = b.labels[0]
@@ -125,7 +125,7 @@ def forward_backward(
     accumulate over the micro-batches; dividing every micro-batch by the global token count makes
     k micro-batches equal one micro-batch holding the same samples.
     """
-    tokens = global_token_count(_local_label_tokens(micro_batches, sp), mesh["loss"])
+    tokens = global_token_count(local_label_tokens(micro_batches, sp), mesh["loss"])
     total = torch.zeros((), dtype=torch.float64, device=device)
     flops = 0.0
     for batch in micro_batches:

@@ -88,6 +88,8 @@ def run(
     from omni_train.local import run_local
 
     results = run_local(cfg, world)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun every rank runs this command; rank 0 reports
     summary = results[0]
     losses = summary["losses"]
     if losses:

@@ -115,7 +115,7 @@ def main() -> None:
             RECIPE,
             [
                 "data.streams=2",
-                "logging.progress=false",
+                "logging.console=none",
                 "logging.tensorboard=false",
                 f"train.steps={args.steps + args.warmup}",
                 "checkpoint.resume=none",

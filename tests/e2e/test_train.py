@@ -21,71 +21,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from omni_train.config import load_config
-from omni_train.local import run_local
 from omni_train.metrics import REQUIRED
-from tests.e2e.conftest import RECIPE
+from tests.e2e.conftest import RECIPE, STEPS, close, overrides, read_metrics
 from tests.harness import run_ranks
 from tests.omni_dist.tiny import RTOL
-
-STEPS = 12
-
-
-def _overrides(data: Path, run_dir: Path, extra: list[str] = ()) -> list[str]:
-    return [
-        f"data.tokenizer={data / 'tokenizer'}",
-        f"data.sources=[{{kind: webdataset, paths: '{data}/shards/shard-{{000000..000006}}.tar'}}]",
-        f"data.eval_sources=[{{kind: webdataset, paths: '{data}/shards/shard-000007.tar'}}]",
-        "data.streams=2",
-        f"train.steps={STEPS}",
-        "train.eval_every=6",
-        "checkpoint.interval=2",
-        "checkpoint.async_save=false",
-        f"logging.run_dir={run_dir}",
-        "logging.progress=false",
-        *extra,
-    ]
-
-
-def _metrics(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record  # a resumed run's records replace the killed run's
-    return out
-
-
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= RTOL * abs(b)
-
-
-@pytest.fixture(scope="module")
-def runs(quickstart_data, tmp_path_factory):
-    data, _ = quickstart_data
-    root = tmp_path_factory.mktemp("runs")
-    layouts = {"single": (1, []), "fsdp": (2, ["parallel.dp_shard=2"]), "sp": (2, ["parallel.sp=2"])}
-    out = {}
-    for name, (n, extra) in layouts.items():
-        cfg = load_config(RECIPE, _overrides(data, root / name, extra))
-        results = (
-            run_local(cfg, n)
-            if n > 1
-            else run_ranks(_single, 1, cfg.model_dump(mode="json"), init_process_group=False)
-        )
-        out[name] = (root / name, results)
-    return data, root, out
-
-
-def _single(config: dict):
-    from omni_train.local import _rank_entry
-
-    return _rank_entry(config)
 
 
 def test_metrics_and_parity_across_layouts(runs):
     _, _, out = runs
-    metrics = {name: _metrics(run_dir) for name, (run_dir, _) in out.items()}
+    metrics = {name: read_metrics(run_dir) for name, (run_dir, _) in out.items()}
     single = metrics["single"]
     assert sorted(single) == list(range(1, STEPS + 1))
     for record in single.values():
@@ -94,7 +38,7 @@ def test_metrics_and_parity_across_layouts(runs):
     for name in ("fsdp", "sp"):
         for step in range(1, STEPS + 1):
             a, b = metrics[name][step], single[step]
-            assert _close(a["loss"], b["loss"]) and _close(a["grad_norm"], b["grad_norm"]), (name, step, a, b)
+            assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (name, step, a, b)
             assert a["tokens"] == b["tokens"]
     run_dir = out["fsdp"][0]
     assert (run_dir / "config.yaml").exists() and any((run_dir / "tensorboard").iterdir())
@@ -106,7 +50,7 @@ def test_kill_and_resume_continues_with_identical_losses(runs):
     data, root, out = runs
     run_dir = root / "killed"
     cmd = [sys.executable, "-m", "omni_train.cli", "run", str(RECIPE), "--nproc", "2"]
-    for o in _overrides(data, run_dir, ["parallel.dp_shard=2"]):
+    for o in overrides(data, run_dir, ["parallel.dp_shard=2"]):
         cmd += ["--set", o]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed_at = None
@@ -120,12 +64,12 @@ def test_kill_and_resume_continues_with_identical_losses(runs):
         time.sleep(0.05)
     proc.wait()
     assert killed_at is not None, proc.stderr.read().decode()[-3000:]
-    done_before = max(_metrics(run_dir))
+    done_before = max(read_metrics(run_dir))
     assert done_before < STEPS  # it really was interrupted
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step" in result.stderr
-    resumed, reference = _metrics(run_dir), _metrics(out["fsdp"][0])
+    resumed, reference = read_metrics(run_dir), read_metrics(out["fsdp"][0])
     first = int(killed_at.split("-")[1]) + 1
     for step in range(first, STEPS + 1):
         assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=RTOL), step
@@ -193,4 +137,4 @@ def _accumulation_rank(data: str) -> tuple[list[float], list[float]]:
 def test_two_micro_batches_equal_one_with_both_samples(quickstart_data):
     data, _ = quickstart_data
     ((two, one),) = run_ranks(_accumulation_rank, 1, str(data))
-    assert _close(two[0], one[0]) and _close(two[1], one[1]), (two, one)
+    assert close(two[0], one[0]) and close(two[1], one[1]), (two, one)

@@ -100,6 +100,49 @@ def run(
 
 
 @app.command()
+def launch(
+    config: str = typer.Argument(..., help="Training recipe (YAML)."),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key: --set launcher.num_workers=4 (repeatable)."),
+    ] = None,
+    address: str = typer.Option(
+        None, "--address", help="Ray cluster address (default: RAY_ADDRESS or a local one)."
+    ),
+) -> None:
+    """Train on a Ray cluster: place and supervise the workers, restart from checkpoint on failures."""
+    from omni_train.config import ConfigError, check_layout, load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        check_layout(cfg, cfg.launcher.num_workers)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    from omni_train.ray_launcher import LaunchError
+    from omni_train.ray_launcher import launch as ray_launch
+
+    try:
+        results, timings = ray_launch(cfg, address)
+    except LaunchError as e:
+        typer.echo(f"launch failed: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: all workers stopped", err=True)
+        raise typer.Exit(130) from None
+    summary = results[0]
+    if summary["losses"]:
+        typer.echo(
+            f"trained to step {summary['step']}: loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}"
+        )
+    typer.echo(
+        f"run dir: {cfg.run_dir}  (metrics.jsonl, config.yaml, checkpoints/, tensorboard/, launch.json)"
+    )
+    if timings:
+        typer.echo("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+@app.command()
 def convert(
     checkpoint: str = typer.Argument(..., help="A checkpoint directory (RUN_DIR/checkpoints/step-N)."),
     out: str = typer.Argument(..., help="Output directory."),

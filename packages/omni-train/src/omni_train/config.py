@@ -94,6 +94,8 @@ class LauncherSection(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     max_failures: int = Field(0, ge=0)
     address: str | None = None  # Ray cluster; None: RAY_ADDRESS or an embedded local one
+    placement: Literal["PACK", "STRICT_PACK", "SPREAD"] = "PACK"
+    heartbeat_timeout_s: float = Field(600.0, gt=0)  # no progress from a worker for this long = hung
     timeout_s: float = Field(1800.0, gt=0)
 
 
@@ -101,7 +103,10 @@ class LoggingSection(_Section):
     run_dir: str = "runs/default"
     tensorboard: bool = True
     log_every: int = Field(1, ge=1)
-    progress: bool = True
+    console: Literal["progress", "lines", "none"] = (
+        "progress"  # a progress bar, one JSON line per record, or quiet
+    )
+    sample_ids: bool = False  # log each step's sample ids per data-parallel rank (RUN_DIR/samples/)
 
 
 class TrainConfig(_Section):

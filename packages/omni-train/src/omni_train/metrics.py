@@ -17,7 +17,7 @@ class Metrics:
         total_steps: int,
         start_step: int,
         tensorboard: bool,
-        progress: bool,
+        console: str,
         enabled: bool,
     ):
         self.enabled = enabled
@@ -32,7 +32,8 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if progress:
+        self._lines = console == "lines"
+        if console == "progress":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -63,7 +64,7 @@ class Metrics:
             for k, v in clean.items():
                 if k != "step" and isinstance(v, int | float):
                     self._tb.add_scalar(k if "/" in k else f"train/{k}", v, record["step"])
-        if self._progress is None:
+        if self._lines:
             print(json.dumps(clean), flush=True)
 
     def close(self) -> None:

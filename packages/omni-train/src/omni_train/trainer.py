@@ -8,10 +8,12 @@ over data-parallel ranks, so any layout and any split into micro-batches trains 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +82,10 @@ class Counters:
 
 def _device(env) -> torch.device:
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        # Ray gives each actor only its own GPU; torchrun shows all of the node's.
+        index = env.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
     return torch.device("cpu")
 
@@ -141,8 +145,10 @@ def forward_backward(
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, on_progress: Callable[[int, float | None], None] | None = None):
+        """`on_progress(step, loss)` is called once ready (loss None) and after every step (heartbeats)."""
         self.cfg = cfg
+        self.on_progress = on_progress or (lambda step, loss: None)
         self.env = init_distributed()
         self.device = _device(self.env)
         self.rank0 = self.env.rank == 0
@@ -244,12 +250,14 @@ class Trainer:
                 self.mesh.dims,
                 len(self.report.fsdp_units),
             )
+        self.on_progress(resumed_at, None)
+        samples_log = self._samples_log()
         metrics = Metrics(
             cfg.run_dir,
             cfg.train.steps,
             self.counters.step,
             cfg.logging.tensorboard,
-            cfg.logging.progress,
+            cfg.logging.console,
             enabled=self.rank0,
         )
         start = time.perf_counter()
@@ -265,6 +273,11 @@ class Trainer:
                 elapsed_step = time.perf_counter() - t0
                 self.counters.step += 1
                 record.update(self._rates(record, elapsed_step, waited, start))
+                self.on_progress(self.counters.step, record["loss"])
+                if samples_log is not None:
+                    ids = [i for b in step.micro_batches for i in b.sample_ids]
+                    samples_log.write(json.dumps({"step": self.counters.step, "ids": ids}) + "\n")
+                    samples_log.flush()
                 metrics.progress(self.counters.step, record["loss"], record["tokens_per_s"])
                 if self.counters.step % cfg.logging.log_every == 0 or self.counters.step == cfg.train.steps:
                     metrics.log(record)
@@ -282,7 +295,17 @@ class Trainer:
             self.checkpoints.wait()
         finally:
             metrics.close()
+            if samples_log is not None:
+                samples_log.close()
         return self.counters
+
+    def _samples_log(self):
+        """Per-rank log of the sample ids each step trained on (logging.sample_ids), for audits."""
+        if not self.cfg.logging.sample_ids or (self.sp is not None and self.sp.rank != 0):
+            return None
+        path = self.cfg.run_dir / "samples" / f"dp{self.mesh.dp_rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a")  # closed at the end of train()
 
     def _step(self, step: Step) -> dict[str, Any]:
         loss, tokens, flops = self._forward_backward(step)
@@ -370,12 +393,12 @@ class Trainer:
             log.info("resumed from step %d (%s)", step, path or self.checkpoints.latest())
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, on_progress: Callable[[int, float | None], None] | None = None) -> dict[str, Any]:
     """Entry point of every rank (local processes, torchrun, or Ray actors)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = not dist.is_initialized()
     try:
-        counters = Trainer(cfg).train()
+        counters = Trainer(cfg, on_progress).train()
     finally:
         if started:
             destroy_distributed()

@@ -31,6 +31,7 @@ from omni_data.preprocess.shard_writer import (
     write_shard,
 )
 from omni_data.preprocess.spec import PreprocessSpec
+from omni_data.ray_cluster import connect, import_ray
 
 log = logging.getLogger("omni_data")
 
@@ -82,42 +83,6 @@ class _ShardTask:
         return write_shard(int(item["shard"]), json.loads(item["rows"]), self.out_dir, self.processor)
 
 
-def _import_ray():
-    """Import Ray with the settings an embedded cluster needs (read by Ray at import time)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns token auth on otherwise
-    # Under `uv run`, Ray would start every worker through `uv run` too and package the working
-    # directory (seconds per worker); the workers here share this interpreter and environment.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
-
-    return ray
-
-
-def _connect(ray, spec: PreprocessSpec) -> bool:
-    """Connect to or start Ray; returns whether this call started it (and so must shut it down)."""
-    if ray.is_initialized():
-        return False
-    address = spec.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return True
-    ray.init(
-        num_cpus=spec.ray.num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath()}},
-    )
-    return True
-
-
-def _pythonpath() -> str:
-    """Workers import what the driver can (e.g. a processor factory from the project tree)."""
-    import sys
-
-    return os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))
-
-
 def run_preprocess(spec: PreprocessSpec) -> Summary:
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +95,8 @@ def run_preprocess(spec: PreprocessSpec) -> Summary:
     summary = Summary(shards=len(shards), skipped=len(shards) - len(todo), written=len(todo))
     log.info("preprocess: %d shards planned, %d to write", len(shards), len(todo))
     if todo:
-        ray = _import_ray()
-        started = _connect(ray, spec)
+        ray = import_ray()
+        started = connect(spec.ray.address, spec.ray.num_cpus)
         try:
             items = [{"shard": i, "rows": json.dumps(shards[i])} for i in todo]
             remote = {"num_cpus": spec.ray.cpus_per_task}

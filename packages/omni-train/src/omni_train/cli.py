@@ -111,6 +111,9 @@ def launch(
     ),
 ) -> None:
     """Train on a Ray cluster: place and supervise the workers, restart from checkpoint on failures."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from omni_train.config import ConfigError, check_layout, load_config
 
     try:

@@ -181,7 +181,10 @@ class Launcher:
             now = time.time()
             for rank, ref in enumerate(beats):
                 if ref in ready:
-                    beat = ray.get(ref)
+                    try:
+                        beat = ray.get(ref)
+                    except Exception as e:  # the actor is gone: its run task reports the same soon
+                        return "failed", f"rank {rank}: {type(e).__name__}: {_first_line(e)}", None
                     if beat["step"] != last[rank][1]:
                         last[rank] = (now, beat["step"])
                     if rank == 0:

@@ -245,6 +245,7 @@ class Launcher:
                         f"restarts used up (last complete checkpoint: step {step})"
                     )
                 failures += 1
+                config["checkpoint"]["resume"] = "auto"  # a restart continues from the newest checkpoint
                 log.warning(
                     "worker failure (%s); restart %d/%d from checkpoint step %d",
                     cause,

@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT / "apps" / "quickstart"))
 import make_data  # noqa: E402
 
 from omni_data.preprocess.job import run_preprocess  # noqa: E402
-from omni_data.preprocess.spec import PreprocessSpec  # noqa: E402
 
 
 def main() -> None:
@@ -41,28 +40,15 @@ def main() -> None:
             path.write_text(path.read_text() * args.copies)
         results = {}
         for cpus in (1, 2):
-            spec = PreprocessSpec.from_dict(
-                {
-                    "inputs": [
-                        {
-                            "kind": "jsonl",
-                            "paths": str(manifests["quickstart"]),
-                            "source": "quickstart",
-                            "media_root": str(root / "raw"),
-                        }
-                    ],
-                    "output": str(root / f"out{cpus}"),
-                    "shard_samples": 100000,
-                    "shard_bytes": args.shard_bytes,
-                    "processor": {
-                        "factory": "omni_train.processing:chat_processor",
-                        "options": {
-                            "model": str(ROOT / "apps/quickstart/recipe.yaml"),
-                            "tokenizer": str(tokenizer),
-                        },
-                    },
-                    "ray": {"num_cpus": cpus},
-                }
+            spec = make_data.preprocess_spec(
+                root,
+                manifests,
+                tokenizer,
+                str(ROOT / "apps/quickstart/recipe.yaml"),
+                output=str(root / f"out{cpus}"),
+                shard_samples=100000,
+                shard_bytes=args.shard_bytes,
+                ray={"num_cpus": cpus},
             )
             t0 = time.perf_counter()
             summary = run_preprocess(spec)

@@ -202,16 +202,11 @@ def train_tokenizer(out: Path, manifests: dict[str, Path]) -> Path:
     return out / "tokenizer"
 
 
-def build(
-    out: str = "data/quickstart", model: str = "apps/quickstart/recipe.yaml", num_cpus: int | None = None
-):
-    from omni_data.preprocess.job import run_preprocess
+def preprocess_spec(root: Path, manifests: dict[str, Path], tokenizer: Path, model: str, **overrides):
+    """The preprocessing job over the quickstart manifest (the bench reuses it with other sizes)."""
     from omni_data.preprocess.spec import PreprocessSpec
 
-    root = Path(out)
-    manifests = make_raw(root)
-    tokenizer = train_tokenizer(root, manifests)
-    spec = PreprocessSpec.from_dict(
+    return PreprocessSpec.from_dict(
         {
             # "draw" (image-generation targets) joins once the model has an image decoder.
             "inputs": [
@@ -228,10 +223,20 @@ def build(
                 "factory": "omni_train.processing:chat_processor",
                 "options": {"model": str(Path(model).resolve()), "tokenizer": str(tokenizer.resolve())},
             },
-            "ray": {"num_cpus": num_cpus},
+            **overrides,
         }
     )
-    return run_preprocess(spec)
+
+
+def build(
+    out: str = "data/quickstart", model: str = "apps/quickstart/recipe.yaml", num_cpus: int | None = None
+):
+    from omni_data.preprocess.job import run_preprocess
+
+    root = Path(out)
+    manifests = make_raw(root)
+    tokenizer = train_tokenizer(root, manifests)
+    return run_preprocess(preprocess_spec(root, manifests, tokenizer, model, ray={"num_cpus": num_cpus}))
 
 
 def main() -> None:

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from omni_data.packing import Budget
+from omni_dist.strict import strict_fields
 
 
 class DataConfigError(ValueError):
     pass
-
-
-def _check_keys(cls: type, d: Mapping[str, Any], where: str) -> None:
-    names = [f.name for f in fields(cls)]
-    for key in d:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise DataConfigError(f"unknown key {where}.{key}{hint}; valid keys: {', '.join(names)}")
 
 
 @dataclass(frozen=True)
@@ -81,12 +72,12 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        _check_keys(cls, d, "data")
+        d = strict_fields(cls, d, "data", DataConfigError)
         if "sources" not in d or "max_tokens" not in d:
             raise DataConfigError("data needs 'sources' and 'max_tokens'")
         sources = []
         for i, s in enumerate(d["sources"]):
-            _check_keys(SourceConfig, s, f"data.sources[{i}]")
+            s = strict_fields(SourceConfig, s, f"data.sources[{i}]", DataConfigError)
             paths = s.get("paths")
             sources.append(SourceConfig(**{**s, "paths": paths if isinstance(paths, str) else tuple(paths)}))
         return cls(**{**d, "sources": tuple(sources)})

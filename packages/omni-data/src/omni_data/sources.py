@@ -70,12 +70,8 @@ def _record(shard: str, index: int, key: str, doc: Any, source: str, media, read
     return Record(shard, index, key, sample)
 
 
-class WebDatasetSource:
-    """Tar shards in WebDataset layout: `<key>.json` holds the sample, `<key>.<name>` its inline media.
-
-    Members are read with webdataset's tar iterator and grouped by key, so shards written by
-    `webdataset.ShardWriter` and by the preprocessing job read the same way.
-    """
+class _FileSource:
+    """Shards are files (globs and braces expanded); referenced media resolve against media_root."""
 
     def __init__(self, name: str, paths: str | list[str], media_root: str | None = None):
         self.name = name
@@ -84,6 +80,14 @@ class WebDatasetSource:
 
     def shards(self) -> list[str]:
         return list(self._shards)
+
+
+class WebDatasetSource(_FileSource):
+    """Tar shards in WebDataset layout: `<key>.json` holds the sample, `<key>.<name>` its inline media.
+
+    Members are read with webdataset's tar iterator and grouped by key, so shards written by
+    `webdataset.ShardWriter` and by the preprocessing job read the same way.
+    """
 
     def read(self, shard: str) -> Iterator[Record]:
         from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -113,19 +117,14 @@ class WebDatasetSource:
             stream.close()
 
 
-class ParquetSource:
+class ParquetSource(_FileSource):
     """Parquet files with a `json` string column and an optional `media` column of {name, data} lists."""
 
     def __init__(
         self, name: str, paths: str | list[str], media_root: str | None = None, batch_rows: int = 256
     ):
-        self.name = name
-        self._shards = expand_paths(paths)
-        self._media_root = media_root
+        super().__init__(name, paths, media_root)
         self._batch_rows = batch_rows
-
-    def shards(self) -> list[str]:
-        return list(self._shards)
 
     def read(self, shard: str) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -155,16 +154,8 @@ class ParquetSource:
             yield Record(shard, index, "", None, SampleError("shard_read", f"{type(e).__name__}: {e}"))
 
 
-class JsonlSource:
+class JsonlSource(_FileSource):
     """JSONL files, one sample per line; inline media as base64 in the line's `files` object."""
-
-    def __init__(self, name: str, paths: str | list[str], media_root: str | None = None):
-        self.name = name
-        self._shards = expand_paths(paths)
-        self._media_root = media_root
-
-    def shards(self) -> list[str]:
-        return list(self._shards)
 
     def read(self, shard: str) -> Iterator[Record]:
         read_path = _reader(self._media_root or os.path.dirname(shard))

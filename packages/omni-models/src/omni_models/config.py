@@ -13,14 +13,14 @@ part's default ParallelPlan. Frozen parts get requires_grad=False: no gradients,
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from omni_dist.strict import strict_fields
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.omni import OmniModel, projector
 from omni_models.registry import ENCODERS, FOUNDATIONS
@@ -30,16 +30,8 @@ class ModelConfigError(ValueError):
     pass
 
 
-def _strict(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(data, Mapping):
-        raise ModelConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    names = [f.name for f in fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ModelConfigError(f"unknown key {where}.{key}{hint}; valid keys: {', '.join(names)}")
-    return dict(data)
+def _strict(cls: type, data: Any, where: str) -> dict[str, Any]:
+    return strict_fields(cls, data, where, ModelConfigError)
 
 
 @dataclass(frozen=True)

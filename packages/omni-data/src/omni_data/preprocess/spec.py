@@ -17,10 +17,11 @@ rejects samples the training-time processor would reject.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
+
+from omni_dist.strict import strict_fields
 
 
 class SpecError(ValueError):
@@ -28,15 +29,7 @@ class SpecError(ValueError):
 
 
 def _strict(cls: type, d: Any, where: str) -> dict[str, Any]:
-    if not isinstance(d, Mapping):
-        raise SpecError(f"{where} must be a mapping")
-    names = [f.name for f in fields(cls)]
-    for key in d:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SpecError(f"unknown key {where}.{key}{hint}; valid keys: {', '.join(names)}")
-    return dict(d)
+    return strict_fields(cls, d, where, SpecError)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,18 @@ WHISPER = {
 }
 
 
+# Janus's VQ-VAE, tiny: 16x16 images -> 4x4 = 16 codes from a 64-entry codebook.
+VQ = {
+    "base_channels": 32,
+    "channel_multiplier": [1, 2, 2],
+    "num_res_blocks": 1,
+    "latent_channels": 32,
+    "embed_dim": 8,
+    "num_embeddings": 64,
+    "num_patches": 4,
+}
+
+
 def foundation_config(**kw) -> dict:
     return {
         "vocab_size": 512,
@@ -57,7 +69,7 @@ def foundation_config(**kw) -> dict:
     }
 
 
-def omni_config(freeze_encoders: bool = False, **kw) -> OmniModelConfig:
+def omni_config(freeze_encoders: bool = False, decoder: bool = False, **kw) -> OmniModelConfig:
     return OmniModelConfig.from_dict(
         {
             "foundation": {"name": "qwen2", "config": foundation_config()},
@@ -81,6 +93,11 @@ def omni_config(freeze_encoders: bool = False, **kw) -> OmniModelConfig:
                     "freeze": freeze_encoders,
                 },
             },
+            **(
+                {"decoders": {"image_gen": {"name": "janus_vq", "modalities": ["image"], "config": VQ}}}
+                if decoder
+                else {}
+            ),
             **kw,
         }
     )
@@ -116,7 +133,20 @@ def mp4(frames: int, seed: int, w: int = 16, h: int = 16, fps: int = 4) -> bytes
 
 def chat_processor(model) -> ChatProcessor:
     procs = {m: model.encoders[model.modality_encoder[m]].processor(m) for m in model.modality_encoder}
-    return ChatProcessor(tokenizer(), media=procs)
+    targets = {m: model.decoders[model.modality_decoder[m]].processor(m) for m in model.modality_decoder}
+    return ChatProcessor(tokenizer(), media=procs, targets=targets)
+
+
+def draw_sample(i: int) -> tuple[dict, dict]:
+    """'draw d' -> a generated image (one fixed pattern per d)."""
+    d = i % 4
+    return {
+        "id": f"d{i}",
+        "messages": [
+            {"role": "user", "content": f"draw {['zero', 'one', 'two', 'three'][d]}"},
+            {"role": "assistant", "content": [{"type": "image", "media": "g.png", "generate": True}]},
+        ],
+    }, {"g.png": png(16, 16, 1000 + d)}
 
 
 def sample(i: int, modalities: tuple[str, ...]) -> dict:

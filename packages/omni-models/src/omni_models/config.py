@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from omni_dist.strict import strict_fields
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.omni import OmniModel, projector
-from omni_models.registry import ENCODERS, FOUNDATIONS
+from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS
 
 
 class ModelConfigError(ValueError):
@@ -70,9 +70,27 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    name: str
+    modalities: tuple[str, ...]
+    config: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    path: str | None = None
+    freeze: bool = False  # its VQ model is always frozen; this freezes the embedding and head too
+    plan: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in DECODERS:
+            raise ModelConfigError(f"unknown decoder {self.name!r}; registered: {sorted(DECODERS)}")
+        if not self.modalities:
+            raise ModelConfigError(f"decoder {self.name!r} lists no modalities")
+
+
+@dataclass(frozen=True)
 class OmniModelConfig:
     foundation: FoundationConfig
     encoders: Mapping[str, EncoderConfig] = field(default_factory=dict)
+    decoders: Mapping[str, DecoderConfig] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OmniModelConfig:
@@ -83,9 +101,12 @@ class OmniModelConfig:
         for name, e in (d.get("encoders") or {}).items():
             e = _strict(EncoderConfig, e, f"model.encoders.{name}")
             encoders[name] = EncoderConfig(**{**e, "modalities": tuple(e.get("modalities", ()))})
-        return cls(
-            FoundationConfig(**_strict(FoundationConfig, d["foundation"], "model.foundation")), encoders
-        )
+        decoders = {}
+        for name, e in (d.get("decoders") or {}).items():
+            e = _strict(DecoderConfig, e, f"model.decoders.{name}")
+            decoders[name] = DecoderConfig(**{**e, "modalities": tuple(e.get("modalities", ()))})
+        foundation = FoundationConfig(**_strict(FoundationConfig, d["foundation"], "model.foundation"))
+        return cls(foundation, encoders, decoders)
 
     @property
     def modalities(self) -> list[str]:
@@ -107,9 +128,16 @@ def build_omni_model(cfg: OmniModelConfig) -> OmniModel:
     for name, e in cfg.encoders.items():
         encoders[name] = ENCODERS[e.name](dict(e.config), modalities=e.modalities, **e.options)
         projectors[name] = projector(e.projector, encoders[name].output_size, width)
-    model = OmniModel(foundation, encoders, projectors)
+    decoders = {
+        name: DECODERS[d.name](dict(d.config), modalities=d.modalities, hidden_size=width, **d.options)
+        for name, d in cfg.decoders.items()
+    }
+    model = OmniModel(foundation, encoders, projectors, decoders)
     model.foundation.requires_grad_(not cfg.foundation.freeze)
     for name, e in cfg.encoders.items():
         model.encoders[name].requires_grad_(not e.freeze)
         model.projectors[name].requires_grad_(not e.freeze_projector)
+    for name, d in cfg.decoders.items():
+        if d.freeze:
+            model.decoders[name].requires_grad_(False)
     return model

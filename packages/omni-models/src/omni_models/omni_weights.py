@@ -21,6 +21,8 @@ def _towers(model: OmniModel) -> dict[str, nn.Module]:
         out[f"encoders.{name}"] = getattr(enc, "tower", enc)
     for name, proj in model.projectors.items():
         out[f"projectors.{name}"] = proj
+    for name, dec in model.decoders.items():
+        out[f"decoders.{name}"] = dec  # its own layout: the VQ model under `tower.`, head/aligner/embed
     return out
 
 
@@ -53,7 +55,11 @@ def init_omni_weights_(model: OmniModel, seed: int, names: Iterable[str] | None 
 def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
     """Fill every part that names a `path` from its safetensors; returns the qualified names filled."""
     towers = _towers(model)
-    paths = {"foundation": cfg.foundation.path} | {f"encoders.{n}": e.path for n, e in cfg.encoders.items()}
+    paths = (
+        {"foundation": cfg.foundation.path}
+        | {f"encoders.{n}": e.path for n, e in cfg.encoders.items()}
+        | {f"decoders.{n}": d.path for n, d in cfg.decoders.items()}
+    )
     loaded: set[str] = set()
     for part, path in paths.items():
         if path is None:

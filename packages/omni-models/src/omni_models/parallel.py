@@ -2,7 +2,8 @@
 
 The foundation's input embedding becomes its own FSDP unit because the omni model calls it directly
 (to splice media features in) rather than through the foundation's forward, and each encoder's
-`lm_encode` is registered as an FSDP forward method so its unit gathers parameters around it.
+`lm_encode` (each decoder's `lm_encode`, `lm_head`, `lm_embed`) is registered as an FSDP forward
+method so its unit gathers parameters around it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def omni_plan(model: OmniModel, cfg: OmniModelConfig) -> ParallelPlan:
     for name, e in cfg.encoders.items():
         parts[f"encoders.{name}"] = ParallelPlan.from_dict(e.plan) if e.plan else model.encoders[name].plan()
         parts[f"projectors.{name}"] = ParallelPlan()
+    for name, d in cfg.decoders.items():
+        parts[f"decoders.{name}"] = ParallelPlan.from_dict(d.plan) if d.plan else model.decoders[name].plan()
     return compose_plans(model, parts)
 
 
@@ -57,4 +60,7 @@ def parallelize_omni(
     report = parallelize(model, mesh, omni_plan(model, cfg), config)
     for encoder in model.encoders.values():
         register_fsdp_forward_method(encoder, "lm_encode")
+    for decoder in model.decoders.values():
+        for method in ("lm_encode", "lm_head", "lm_embed"):
+            register_fsdp_forward_method(decoder, method)
     return report

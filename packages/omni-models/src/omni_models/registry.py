@@ -1,4 +1,4 @@
-"""Registries: encoders by name (a class taking (config, modalities, **options)) and foundations."""
+"""Registries by name: encoders (config, modalities, **options), decoders, foundations (HF configs)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
+from omni_models.decoders.janus_vq import JanusVQImageDecoder
 from omni_models.encoders.qwen2_vl import Qwen2VLVisionEncoder
 from omni_models.encoders.siglip import SiglipImageEncoder
 from omni_models.encoders.whisper import WhisperAudioEncoder
@@ -15,6 +16,11 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "qwen2_vl_vision": Qwen2VLVisionEncoder,
     "siglip": SiglipImageEncoder,
     "whisper": WhisperAudioEncoder,
+}
+
+# A decoder class takes (config, modalities, hidden_size=<the foundation's width>).
+DECODERS: dict[str, Callable[..., nn.Module]] = {
+    "janus_vq": JanusVQImageDecoder,
 }
 
 FOUNDATIONS: dict[str, type[PretrainedConfig]] = {
@@ -36,3 +42,10 @@ def register_foundation(name: str, config_class: type[PretrainedConfig]) -> None
     if name in FOUNDATIONS:
         raise ValueError(f"foundation {name!r} is already registered")
     FOUNDATIONS[name] = config_class
+
+
+def register_decoder(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Add a decoder (a generated modality); its class follows omni_models.modality.Decoder."""
+    if name in DECODERS:
+        raise ValueError(f"decoder {name!r} is already registered")
+    DECODERS[name] = factory

@@ -15,7 +15,7 @@ import yaml
 
 from omni_data.processor import ChatProcessor
 from omni_models.config import OmniModelConfig
-from omni_models.registry import ENCODERS
+from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS
 
 
 def model_config(model: str | Mapping[str, Any]) -> OmniModelConfig:
@@ -28,13 +28,20 @@ def model_config(model: str | Mapping[str, Any]) -> OmniModelConfig:
     return OmniModelConfig.from_dict(model)
 
 
-def media_processors(cfg: OmniModelConfig) -> dict[str, Any]:
-    out = {}
+def media_processors(cfg: OmniModelConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(encoder processors, decoder processors) by modality; parts are built on meta to ask them."""
+    media, targets = {}, {}
     with torch.device("meta"):
+        width = FOUNDATIONS[cfg.foundation.name](**cfg.foundation.config).hidden_size
         for e in cfg.encoders.values():
             encoder = ENCODERS[e.name](dict(e.config), modalities=e.modalities, **e.options)
-            out.update({m: encoder.processor(m) for m in e.modalities})
-    return out
+            media.update({m: encoder.processor(m) for m in e.modalities})
+        for d in cfg.decoders.values():
+            decoder = DECODERS[d.name](
+                dict(d.config), modalities=d.modalities, hidden_size=width, **d.options
+            )
+            targets.update({m: decoder.processor(m) for m in d.modalities})
+    return media, targets
 
 
 def chat_processor(
@@ -42,9 +49,10 @@ def chat_processor(
 ) -> ChatProcessor:
     from transformers import AutoTokenizer
 
-    cfg = model_config(model)
+    media, targets = media_processors(model_config(model))
     return ChatProcessor(
         AutoTokenizer.from_pretrained(tokenizer),
-        media=media_processors(cfg),
+        media=media,
+        targets=targets,
         use_recorded_counts=use_recorded_counts,
     )

@@ -210,7 +210,8 @@ class Trainer:
 
         tokenizer = AutoTokenizer.from_pretrained(self.cfg.data.tokenizer)
         media = {m: self.model.encoders[e].processor(m) for m, e in self.model.modality_encoder.items()}
-        return ChatProcessor(tokenizer, media=media), tokenizer
+        targets = {m: self.model.decoders[d].processor(m) for m, d in self.model.modality_decoder.items()}
+        return ChatProcessor(tokenizer, media=media, targets=targets), tokenizer
 
     def _loader(self, sources, epochs) -> OmniLoader:
         return OmniLoader(

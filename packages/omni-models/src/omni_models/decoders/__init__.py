@@ -1,0 +1,1 @@
+"""Built-in decoders (generated modalities): a VQ image decoder on Janus's VQ-VAE."""

@@ -199,6 +199,12 @@ class OmniModel(nn.Module):
             loss = loss + part
         return OmniOutput(loss, sum(n for _, n in parts.values()), parts)
 
+    def generate(self, input_ids: torch.Tensor, markers, media=None, **kwargs):
+        """Text and images from a prompt; see omni_models.generate.generate for the options."""
+        from omni_models.generate import generate
+
+        return generate(self, input_ids, markers, media, **kwargs)
+
     def flops(self, batch: PackedInputs) -> dict[str, float]:
         """Training FLOPs of this micro-batch per part (see omni_models.flops)."""
         cfg = self.foundation.config

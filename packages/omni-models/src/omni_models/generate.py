@@ -1,0 +1,158 @@
+"""Inference: text, and images through a decoder's codebook head, with a KV cache.
+
+The foundation runs with plain SDPA attention (one unpacked sequence and a KV cache; packed attention
+is a training layout) and is restored afterwards. Text tokens come from the LM head; when the model
+emits a decoder's start marker (or the prompt ends with one) the next `decoder.tokens` tokens come
+from that decoder's head and are fed back with `lm_embed`, the end marker follows, and the codes are
+decoded to pixels with `lm_generate`. Classifier-free guidance mixes the image logits with those of an
+unconditional sequence that holds only the start marker: uncond + scale x (cond - uncond).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from omni_models.modality import MediaInputs
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated token ids (image tokens appear as the placeholder id)
+    images: list[torch.Tensor] = field(default_factory=list)  # (3, S, S) in [0, 1], in order
+    codes: list[torch.Tensor] = field(default_factory=list)  # each image's codebook indices
+
+
+@dataclass
+class _Prompt:
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    media: Mapping[str, MediaInputs]
+    targets: Mapping[str, MediaInputs] = field(default_factory=dict)
+
+
+@contextmanager
+def _plain_attention(foundation):
+    previous = foundation.config._attn_implementation
+    foundation.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        foundation.set_attn_implementation(previous)
+
+
+class _Sequence:
+    """One sequence being extended: with a KV cache, or recomputed from all embeddings each step."""
+
+    def __init__(self, foundation, use_cache: bool):
+        from transformers import DynamicCache
+
+        self.foundation = foundation
+        self.cache = DynamicCache(config=foundation.config) if use_cache else None
+        self.embeds: torch.Tensor | None = None
+
+    def extend(self, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (n, hidden) embeddings; returns (last logits, last hidden state)."""
+        if self.cache is not None:
+            out = self.foundation(
+                inputs_embeds=new[None], past_key_values=self.cache, use_cache=True, output_hidden_states=True
+            )
+        else:
+            self.embeds = new if self.embeds is None else torch.cat([self.embeds, new])
+            out = self.foundation(inputs_embeds=self.embeds[None], use_cache=False, output_hidden_states=True)
+        return out.logits[0, -1].float(), out.hidden_states[-1][0, -1]
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    markers: Mapping[str, tuple[int, int, int]],
+    media: Mapping[str, MediaInputs] | None = None,
+    max_new_tokens: int = 64,
+    eos_id: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    cfg_scale: float | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Generation:
+    """Continue `input_ids` (1-D, media placeholders expanded, `media` at their positions).
+
+    `markers[modality] = (start_id, placeholder_id, end_id)` for each decoder's modality (the
+    tokenizer's `<|image_start|>`, `<|image|>`, `<|image_end|>`). `max_new_tokens` counts every
+    generated position, image tokens included.
+    """
+    foundation = model.foundation
+    device = input_ids.device
+    n = int(input_ids.numel())
+    prompt = _Prompt(
+        input_ids[None],
+        torch.arange(n)[None],
+        torch.full((1, n), -100),
+        torch.tensor([0, n], dtype=torch.int32),
+        n,
+        dict(media or {}),
+    )
+    start_of = {ids[0]: m for m, ids in markers.items() if m in model.modality_decoder}
+    embed_tokens = foundation.get_input_embeddings()
+    result = Generation(tokens=[])
+    was_training = model.training
+    model.eval()
+    with _plain_attention(foundation):
+        seq = _Sequence(foundation, use_cache)
+        logits, hidden = seq.extend(model.embed(prompt))
+        pending = start_of.get(int(input_ids[-1]))  # the prompt itself opens an image
+        while len(result.tokens) < max_new_tokens:
+            if pending is None:
+                token = _sample(logits, temperature, top_k, generator)
+                result.tokens.append(token)
+                if token == eos_id:
+                    break
+                logits, hidden = seq.extend(embed_tokens(torch.tensor([token], device=device)))
+                pending = start_of.get(token)
+                continue
+            modality, pending = pending, None
+            decoder = model.decoders[model.modality_decoder[modality]]
+            start_id, placeholder_id, end_id = markers[modality]
+            uncond = None
+            if cfg_scale is not None:
+                uncond = _Sequence(foundation, use_cache)
+                _, uncond_hidden = uncond.extend(embed_tokens(torch.tensor([start_id], device=device)))
+            codes = []
+            for _ in range(decoder.tokens):
+                scores = decoder.lm_head(hidden).float()
+                if uncond is not None:
+                    free = decoder.lm_head(uncond_hidden).float()
+                    scores = free + cfg_scale * (scores - free)
+                code = _sample(scores, temperature, top_k, generator)
+                codes.append(code)
+                result.tokens.append(placeholder_id)
+                emb = decoder.lm_embed(torch.tensor([code], device=device))
+                if len(codes) == decoder.tokens:  # the end marker follows the last code
+                    emb = torch.cat([emb, embed_tokens(torch.tensor([end_id], device=device))])
+                    result.tokens.append(end_id)
+                logits, hidden = seq.extend(emb)
+                if uncond is not None:
+                    _, uncond_hidden = uncond.extend(emb)
+            grid = torch.tensor(codes, device=device)
+            result.codes.append(grid)
+            result.images.append(decoder.lm_generate(grid[None])[0])
+    model.train(was_training)
+    return result

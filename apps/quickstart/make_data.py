@@ -1,5 +1,6 @@
 """The quickstart dataset: real handwritten digits (scikit-learn's bundled scans) as images, videos of
-digit sequences, DTMF audio of dialed digits, arithmetic text and "draw the digit" targets.
+digit sequences, DTMF audio of dialed digits, arithmetic text and "draw the digit" image-generation
+targets.
 
     uv run python apps/quickstart/make_data.py [--out data/quickstart] [--model apps/quickstart/recipe.yaml]
 
@@ -159,13 +160,12 @@ def make_raw(out: Path, seed: int = 0) -> dict[str, Path]:
                 "draw",
             )
         )
-    # One shuffled manifest for understanding (so every shard mixes modalities), one for generation.
-    mixed = [{**d, "source": source} for source, docs in manifests.items() if source != "draw" for d in docs]
+    # One shuffled manifest, so every shard mixes understanding and generation samples.
+    mixed = [{**d, "source": source} for source, docs in manifests.items() for d in docs]
     rng.shuffle(mixed)
-    paths = {"quickstart": raw / "quickstart.jsonl", "draw": raw / "draw.jsonl"}
-    paths["quickstart"].write_text("".join(json.dumps(d) + "\n" for d in mixed))
-    paths["draw"].write_text("".join(json.dumps({**d, "source": "draw"}) + "\n" for d in manifests["draw"]))
-    return paths
+    path = raw / "quickstart.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in mixed))
+    return {"quickstart": path}
 
 
 def train_tokenizer(out: Path, manifests: dict[str, Path]) -> Path:
@@ -208,7 +208,6 @@ def preprocess_spec(root: Path, manifests: dict[str, Path], tokenizer: Path, mod
 
     return PreprocessSpec.from_dict(
         {
-            # "draw" (image-generation targets) joins once the model has an image decoder.
             "inputs": [
                 {
                     "kind": "jsonl",

@@ -37,8 +37,8 @@ STEPS = 12
 def overrides(data: Path, run_dir: Path, extra: list[str] = ()) -> list[str]:
     return [
         f"data.tokenizer={data / 'tokenizer'}",
-        f"data.sources=[{{kind: webdataset, paths: '{data}/shards/shard-{{000000..000006}}.tar'}}]",
-        f"data.eval_sources=[{{kind: webdataset, paths: '{data}/shards/shard-000007.tar'}}]",
+        f"data.sources=[{{kind: webdataset, paths: '{data}/shards/shard-{{000000..000008}}.tar'}}]",
+        f"data.eval_sources=[{{kind: webdataset, paths: '{data}/shards/shard-000009.tar'}}]",
         "data.streams=2",
         f"train.steps={STEPS}",
         "train.eval_every=6",

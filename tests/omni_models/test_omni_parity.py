@@ -1,7 +1,8 @@
 """The omni model under FSDP2 (2 ranks) and dp_shard=2 x sp=2 (4 ranks) trains as one process does.
 
-Ranks see different modality mixes (some micro-batches lack video or audio entirely), so the dummy
-encoder passes are exercised under real FSDP collectives.
+Ranks see different modality mixes (some micro-batches lack video, audio or a generation target
+entirely), so the dummy encoder and decoder passes are exercised under real FSDP collectives; the loss
+includes the VQ image decoder's image-token loss.
 """
 
 from __future__ import annotations
@@ -13,25 +14,25 @@ from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
-from omni_dist.sequence import slice_for_sp
 from omni_dist.weights import materialize_
 from omni_models.config import build_omni_model
 from omni_models.omni_weights import init_omni_weights_
 from omni_models.parallel import parallelize_omni
+from omni_train.trainer import local_label_tokens
 from tests.harness import run_ranks
 from tests.omni_dist.tiny import RTOL
-from tests.omni_models.omni_fixtures import chat_processor, micro_batch, omni_config, sample
+from tests.omni_models.omni_fixtures import chat_processor, draw_sample, micro_batch, omni_config, sample
 
 STEPS = 3
 # Per data-parallel stream, its micro-batches (each a list of sample modality mixes).
 STREAMS = [
-    [[("image", "audio"), ("video",)], [()]],
-    [[("image",), ()], [("image", "video")]],
+    [[("image", "audio"), ("video",)], [(), "draw"]],
+    [[("image",), ()], [("image", "video")]],  # no generation target on this rank: the decoder runs a dummy
 ]
 
 
 def _model():
-    cfg = omni_config()
+    cfg = omni_config(decoder=True)
     with torch.device("meta"):
         model = build_omni_model(cfg)
     return model, cfg
@@ -43,7 +44,7 @@ def _batches(model, stream: int, pad_to: int):
     for mixes in STREAMS[stream]:
         samples = []
         for mix in mixes:
-            samples.append(sample(i, mix))
+            samples.append(draw_sample(i) if mix == "draw" else sample(i, mix))
             i += 1
         out.append(micro_batch(proc, samples, pad_to))
     return out
@@ -51,8 +52,7 @@ def _batches(model, stream: int, pad_to: int):
 
 def _train(model, batches, params, sp=None, loss_group=None) -> dict:
     opt = torch.optim.AdamW(params, lr=3e-3, foreach=False)
-    labels = [b.labels[0] if sp is None else slice_for_sp(b.labels[0], sp) for b in batches]
-    tokens = sum(int(lab.ne(-100).sum()) for lab in labels)  # this rank's share of the sequence
+    tokens = local_label_tokens(batches, sp)  # this rank's share: text labels and image tokens
     total_tokens = global_token_count(tokens, loss_group).float() if loss_group is not None else tokens
     losses, norms = [], []
     for _ in range(STEPS):

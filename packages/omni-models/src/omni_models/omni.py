@@ -230,6 +230,22 @@ class OmniModel(nn.Module):
         return out
 
 
+def loss_tokens(batch: PackedInputs, sp: SequenceParallel | None = None) -> int:
+    """Tokens of `batch` whose loss this rank computes: text labels in its slice, plus every generated
+    token whose predicting position (the one before it) is in its slice. The step's global sum of this
+    is what each rank divides its loss sum by."""
+    labels = batch.labels[0]
+    start, length = 0, labels.shape[0]
+    if sp is not None:
+        labels = slice_for_sp(labels, sp)
+        start, length = sp.rank * labels.shape[0], labels.shape[0]
+    total = int((labels != IGNORE_INDEX).sum())
+    for target in getattr(batch, "targets", {}).values():
+        before = target.positions - 1 - start
+        total += int(((before >= 0) & (before < length)).sum())
+    return total
+
+
 def _head_dim(cfg: Any) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 

@@ -27,9 +27,9 @@ from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RN
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
 from omni_dist.parallelize import ParallelizeConfig
-from omni_dist.sequence import IGNORE_INDEX
 from omni_dist.weights import materialize_
 from omni_models.config import build_omni_model
+from omni_models.omni import loss_tokens
 from omni_models.omni_weights import init_omni_weights_, load_part_weights_
 from omni_models.parallel import parallelize_omni
 from omni_train.config import TrainConfig, dump
@@ -95,13 +95,8 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
-    total = 0
-    for b in micro_batches:
-        labels = b.labels[0]
-        if sp is not None:
-            labels = labels.chunk(sp.size)[sp.rank]
-        total += int((labels != IGNORE_INDEX).sum())
-    return total
+    """This rank's loss tokens over the step's micro-batches (text labels + generated tokens)."""
+    return sum(loss_tokens(b, sp) for b in micro_batches)
 
 
 def _to_device(batch, device: torch.device):
@@ -122,15 +117,16 @@ def forward_backward(
     sp: SequenceParallel | None,
     device: torch.device,
     backward: bool = True,
-) -> tuple[torch.Tensor, float, float]:
+) -> tuple[torch.Tensor, float, float, dict[str, float]]:
     """One step's micro-batches: token-weighted loss over all of them and all ranks.
 
-    Returns (the step's global mean loss, global labelled tokens, this rank's FLOPs). Gradients
-    accumulate over the micro-batches; dividing every micro-batch by the global token count makes
-    k micro-batches equal one micro-batch holding the same samples.
+    Returns (the step's global mean loss, global loss tokens, this rank's FLOPs, the global mean loss
+    of each part: "text" and every decoder). Gradients accumulate over the micro-batches; dividing
+    every micro-batch by the global token count makes k micro-batches equal one holding the same samples.
     """
     tokens = global_token_count(local_label_tokens(micro_batches, sp), mesh["loss"])
     total = torch.zeros((), dtype=torch.float64, device=device)
+    part_sums: dict[str, list[torch.Tensor]] = {}
     flops = 0.0
     for batch in micro_batches:
         batch = _to_device(batch, device)
@@ -139,9 +135,27 @@ def forward_backward(
         if backward:
             loss.backward()
         total += loss.detach().double()
+        for name, (value, n) in out.parts.items():
+            part_sums.setdefault(name, []).append(
+                torch.stack(
+                    [value.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)]
+                )
+            )
         flops += sum(model.flops(batch).values())
-    dist.all_reduce(total, group=mesh["loss"].get_group())
-    return total, float(tokens), flops
+    names = sorted(part_sums)
+    stats = (
+        torch.stack([torch.stack(part_sums[n]).sum(0) for n in names])
+        if names
+        else torch.zeros(0, 2, dtype=torch.float64, device=device)
+    )
+    packed = torch.cat([total.view(1), stats.flatten()])
+    dist.all_reduce(packed, group=mesh["loss"].get_group())
+    # A part with no tokens in this step (e.g. no generation target) has no loss, not a zero loss.
+    parts = {
+        n: float(packed[1 + 2 * i] / packed[2 + 2 * i]) if packed[2 + 2 * i] > 0 else None
+        for i, n in enumerate(names)
+    }
+    return packed[0], float(tokens), flops, parts
 
 
 class Trainer:
@@ -234,7 +248,7 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id or 0
         self.loader = self._loader(None, None)
 
-    def _forward_backward(self, step: Step, backward: bool = True) -> tuple[torch.Tensor, float, float]:
+    def _forward_backward(self, step: Step, backward: bool = True) -> tuple[torch.Tensor, float, float, dict]:
         return forward_backward(self.model, step.micro_batches, self.mesh, self.sp, self.device, backward)
 
     def train(self) -> Counters:
@@ -309,7 +323,7 @@ class Trainer:
         return open(path, "a")  # closed at the end of train()
 
     def _step(self, step: Step) -> dict[str, Any]:
-        loss, tokens, flops = self._forward_backward(step)
+        loss, tokens, flops, parts = self._forward_backward(step)
         lr = self.scheduler.get_last_lr()[0]
         params = _trainable(self.model)
         norm = clip_grad_norm_(params, self.cfg.train.grad_clip).item()
@@ -347,6 +361,7 @@ class Trainer:
             "loss": loss.item(),
             "grad_norm": norm,
             "lr": lr,
+            **{f"loss_{name}": value for name, value in parts.items()},
             "tokens": real_tokens,
             "label_tokens": int(tokens),
             "skipped": not finite,
@@ -375,7 +390,7 @@ class Trainer:
             for i, step in enumerate(loader):
                 if i >= self.cfg.train.eval_steps:
                     break
-                loss, tokens, _ = self._forward_backward(step, backward=False)
+                loss, tokens, _, _ = self._forward_backward(step, backward=False)
                 losses += float(loss) * tokens
                 weights += tokens
         finally:

@@ -34,7 +34,7 @@ def test_metrics_and_parity_across_layouts(runs):
     assert sorted(single) == list(range(1, STEPS + 1))
     for record in single.values():
         assert set(REQUIRED) <= set(record) and record["tokens"] > 0 and record["mfu"] is None
-    assert single[STEPS]["loss"] < 0.7 * single[1]["loss"]
+    assert single[STEPS]["loss_text"] < 0.7 * single[1]["loss_text"]
     for name in ("fsdp", "sp"):
         for step in range(1, STEPS + 1):
             a, b = metrics[name][step], single[step]
@@ -86,10 +86,37 @@ def test_convert_exports_hf_parts_that_load(runs, tmp_path):
     ckpt = run_dir / "checkpoints" / f"step-{STEPS:08d}"
     result = CliRunner().invoke(app, ["convert", str(ckpt), str(tmp_path / "hf"), "--dtype", "float32"])
     assert result.exit_code == 0, result.output
-    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"foundation", "encoders", "projectors"}
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "foundation",
+        "encoders",
+        "projectors",
+        "decoders",
+    }
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "foundation")
     out = model(input_ids=torch.tensor([[1, 2, 3]]))
     assert torch.isfinite(out.logits).all()
+
+
+def test_generate_app_draws_from_a_trained_run(runs, tmp_path):
+    from PIL import Image
+
+    run_dir = runs[2]["fsdp"][0]
+    app = Path(__file__).resolve().parents[2] / "apps" / "generate.py"
+    cmd = [
+        sys.executable,
+        str(app),
+        str(run_dir),
+        "--prompt",
+        "Draw the digit two.",
+        "--image",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "<|image_end|>" in result.stdout  # exactly one image's tokens, then the end marker
+    with Image.open(tmp_path / "000-0.png") as im:
+        assert im.size == (32, 32)
 
 
 def _accumulation_rank(data: str) -> tuple[list[float], list[float]]:

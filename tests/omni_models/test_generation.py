@@ -99,3 +99,45 @@ def test_the_model_opens_the_image_itself_and_sampling_options_run(trained):
     assert torch.equal(sampled.codes[0], again.codes[0])
     guided = model.generate(_prompt(3), markers, max_new_tokens=17, cfg_scale=3.0)
     assert guided.images[0].shape == (3, 16, 16)
+
+
+def test_decoder_loads_a_janus_layout_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    from omni_models.decoders.janus_vq import JanusVQImageDecoder
+    from tests.omni_models.omni_fixtures import VQ
+
+    torch.manual_seed(1)
+    source = JanusVQImageDecoder(VQ, hidden_size=32)
+    renamed = {}
+    for name, t in source.state_dict().items():
+        (key,) = source.__class__(VQ, hidden_size=32, checkpoint_layout="janus").checkpoint_keys(name, t) or {
+            name: t
+        }
+        renamed[key] = t.contiguous()
+    assert (
+        "model.generation_head.vision_head.weight" in renamed
+        and "model.vqmodel.quantize.embedding.weight" in renamed
+    )
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    cfg = omni_config(decoder=True)
+    model_cfg = type(cfg)(
+        cfg.foundation,
+        cfg.encoders,
+        {
+            "image_gen": type(cfg.decoders["image_gen"])(
+                name="janus_vq",
+                modalities=("image",),
+                config=VQ,
+                options={"checkpoint_layout": "janus"},
+                path=str(tmp_path),
+            ),
+        },
+    )
+    from omni_models.omni_weights import load_part_weights_
+
+    model = build_omni_model(model_cfg)
+    loaded = load_part_weights_(model, model_cfg)
+    assert any(n.startswith("decoders.image_gen.tower.") for n in loaded)
+    for name, t in source.state_dict().items():
+        assert torch.equal(model.decoders["image_gen"].state_dict()[name], t), name

@@ -23,6 +23,18 @@ from omni_models.flops import transformer_flops
 from omni_models.media import decode_image, image_size
 from omni_models.modality import Media, MediaCount, MediaInputs
 
+# Checkpoint layouts: "native" (this module's own names, as `export_parts` writes them) and "janus"
+# (a JanusForConditionalGeneration checkpoint: point `path` at e.g. deepseek-ai/Janus-Pro-1B).
+JANUS_KEYS: dict[str, dict[str, str]] = {
+    "native": {},
+    "janus": {
+        "tower.": "model.vqmodel.",
+        "embed.": "model.generation_embeddings.",
+        "aligner.": "model.generation_aligner.",
+        "head.": "model.generation_head.",
+    },
+}
+
 
 class VQImageProcessor:
     """Any image -> (1, 3, S, S) in [-1, 1]; always `tokens` codebook indices."""
@@ -40,7 +52,11 @@ class VQImageProcessor:
 
 class JanusVQImageDecoder(nn.Module):
     def __init__(
-        self, config: Mapping[str, Any], modalities: tuple[str, ...] = ("image",), hidden_size: int = 0
+        self,
+        config: Mapping[str, Any],
+        modalities: tuple[str, ...] = ("image",),
+        hidden_size: int = 0,
+        checkpoint_layout: str = "native",
     ):
         super().__init__()
         if len(modalities) != 1:
@@ -61,6 +77,18 @@ class JanusVQImageDecoder(nn.Module):
         self.tokens = cfg.num_patches**2
         self.image_size = cfg.num_patches * 2 ** (len(cfg.channel_multiplier) - 1)
         self.codebook_size = cfg.num_embeddings
+        if checkpoint_layout not in JANUS_KEYS:
+            raise ValueError(
+                f"checkpoint_layout must be one of {sorted(JANUS_KEYS)}, got {checkpoint_layout!r}"
+            )
+        self._layout = JANUS_KEYS[checkpoint_layout]
+
+    def checkpoint_keys(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Where `name` lives in a checkpoint of the configured layout (None: under its own name)."""
+        for ours, theirs in self._layout.items():
+            if name.startswith(ours):
+                return {theirs + name[len(ours) :]: tensor}
+        return None
 
     def processor(self, modality: str) -> VQImageProcessor:
         if modality not in self.modalities:

@@ -11,7 +11,7 @@ from omni_dist.strict import strict_fields
 
 
 class DataConfigError(ValueError):
-    pass
+    """A data config that cannot work; the message names the key."""
 
 
 @dataclass(frozen=True)

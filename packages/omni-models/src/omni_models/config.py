@@ -27,7 +27,7 @@ from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS
 
 
 class ModelConfigError(ValueError):
-    pass
+    """An omni model spec that cannot be built; the message names the key."""
 
 
 def _strict(cls: type, data: Any, where: str) -> dict[str, Any]:

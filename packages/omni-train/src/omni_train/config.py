@@ -56,12 +56,6 @@ class TrainSection(_Section):
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite losses before the run stops
 
 
-class EvalSource(_Section):
-    kind: str
-    paths: str | list[str]
-    name: str | None = None
-
-
 class DataSection(_Section):
     tokenizer: str
     sources: list[dict[str, Any]]

@@ -31,7 +31,7 @@ FATAL = ("TrainingError", "DataErrorRateExceeded", "ConfigError", "ModelConfigEr
 
 
 class LaunchError(RuntimeError):
-    pass
+    """The launcher gave up: no resources, a fatal worker error, or restarts used up."""
 
 
 class TrainWorker:

@@ -41,7 +41,7 @@ log = logging.getLogger("omni_train")
 
 
 class TrainingError(RuntimeError):
-    pass
+    """Training cannot go on (too many non-finite steps, data ended early); a restart would not help."""
 
 
 class _LoaderPart:

@@ -25,7 +25,7 @@ from omni_dist.strict import strict_fields
 
 
 class SpecError(ValueError):
-    pass
+    """A preprocessing spec that cannot run; the message names the key."""
 
 
 def _strict(cls: type, d: Any, where: str) -> dict[str, Any]:

@@ -49,41 +49,41 @@ class FoundationConfig:
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class _PartConfig:
+    """An encoder or decoder: a registered class by name, its HF config fields and constructor options."""
+
     name: str
     modalities: tuple[str, ...]
     config: Mapping[str, Any] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
     path: str | None = None
-    freeze: bool = True
-    projector: str = "mlp"
-    freeze_projector: bool = False
     plan: Mapping[str, Any] | None = None
 
-    def __post_init__(self) -> None:
-        if self.name not in ENCODERS:
-            raise ModelConfigError(f"unknown encoder {self.name!r}; registered: {sorted(ENCODERS)}")
-        if self.projector not in ("mlp", "linear"):
-            raise ModelConfigError(f"projector must be 'mlp' or 'linear', got {self.projector!r}")
+    def _check(self, kind: str, registry: Mapping[str, Any]) -> None:
+        if self.name not in registry:
+            raise ModelConfigError(f"unknown {kind} {self.name!r}; registered: {sorted(registry)}")
         if not self.modalities:
-            raise ModelConfigError(f"encoder {self.name!r} lists no modalities")
+            raise ModelConfigError(f"{kind} {self.name!r} lists no modalities")
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
-    name: str
-    modalities: tuple[str, ...]
-    config: Mapping[str, Any] = field(default_factory=dict)
-    options: Mapping[str, Any] = field(default_factory=dict)
-    path: str | None = None
-    freeze: bool = False  # its VQ model is always frozen; this freezes the embedding and head too
-    plan: Mapping[str, Any] | None = None
+class EncoderConfig(_PartConfig):
+    freeze: bool = True
+    projector: str = "mlp"
+    freeze_projector: bool = False
 
     def __post_init__(self) -> None:
-        if self.name not in DECODERS:
-            raise ModelConfigError(f"unknown decoder {self.name!r}; registered: {sorted(DECODERS)}")
-        if not self.modalities:
-            raise ModelConfigError(f"decoder {self.name!r} lists no modalities")
+        self._check("encoder", ENCODERS)
+        if self.projector not in ("mlp", "linear"):
+            raise ModelConfigError(f"projector must be 'mlp' or 'linear', got {self.projector!r}")
+
+
+@dataclass(frozen=True)
+class DecoderConfig(_PartConfig):
+    freeze: bool = False  # its VQ model is always frozen; this freezes the embedding and head too
+
+    def __post_init__(self) -> None:
+        self._check("decoder", DECODERS)
 
 
 @dataclass(frozen=True)

@@ -156,3 +156,35 @@ def test_flops_cover_every_part():
     batch = _batches(model, 1)[0]
     flops = model.flops(batch)
     assert set(flops) == {"foundation", "vision", "audio"} and all(v > 0 for v in flops.values())
+
+
+def test_vision_part_loads_from_a_full_model_checkpoint_by_prefix(tmp_path):
+    from safetensors.torch import save_file
+
+    source = _model(omni_config(), seed=3)
+    tower = {
+        f"model.visual.{k}": v.contiguous() for k, v in source.encoders["vision"].tower.state_dict().items()
+    }
+    save_file(
+        {**tower, "model.language_model.other.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors")
+    )
+    cfg = omni_config()
+    vision = cfg.encoders["vision"]
+    with_path = OmniModelConfig(
+        cfg.foundation,
+        {
+            **cfg.encoders,
+            "vision": type(vision)(
+                **{
+                    **vision.__dict__,
+                    "path": str(tmp_path),
+                    "options": {**vision.options, "checkpoint_prefix": "model.visual."},
+                }
+            ),
+        },
+    )
+    model = _model(with_path, seed=4)
+    loaded = load_part_weights_(model, with_path)
+    assert loaded and all(n.startswith("encoders.vision.tower.") for n in loaded)
+    for k, v in source.encoders["vision"].tower.state_dict().items():
+        assert torch.equal(model.encoders["vision"].tower.state_dict()[k], v), k

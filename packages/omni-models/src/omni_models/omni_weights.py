@@ -66,8 +66,9 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
             continue
         tower = towers[part]
         prefix = next(f"{n}." for n, m in model.named_modules() if m is tower)
-        # A part whose checkpoints use another layout (e.g. a Janus model's keys) maps its names.
-        keys = getattr(tower, "checkpoint_keys", None)
+        # A part whose checkpoints use another layout (a full Janus or Qwen2-VL model's keys) maps
+        # its tower's names to the checkpoint's.
+        keys = getattr(model.get_submodule(part), "checkpoint_keys", None)
         loaded |= {prefix + n for n in load_hf_weights_(tower, path, split_keys=keys)}
     return loaded
 

@@ -31,6 +31,7 @@ class Qwen2VLVisionEncoder(nn.Module):
         max_pixels: int = 28 * 28 * 1280,
         video_fps: float = 2.0,
         video_max_frames: int = 32,
+        checkpoint_prefix: str = "",
     ):
         super().__init__()
         cfg = config if isinstance(config, Qwen2VLVisionConfig) else Qwen2VLVisionConfig(**config)
@@ -44,6 +45,11 @@ class Qwen2VLVisionEncoder(nn.Module):
             cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size, min_pixels, max_pixels
         )
         self._video = (video_fps, video_max_frames)
+        # "" for a tower saved on its own; "model.visual." to read a full Qwen2-VL checkpoint.
+        self.checkpoint_prefix = checkpoint_prefix
+
+    def checkpoint_keys(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        return {self.checkpoint_prefix + name: tensor} if self.checkpoint_prefix else None
 
     def processor(self, modality: str):
         if modality == "image":

@@ -214,8 +214,9 @@ class _WorkerStream:
         why = budget.over(m)
         if why is None:
             return m
-        if self.cfg.overlong == "truncate" and budget.over(m.truncate(budget.max_tokens)) is None:
-            return m.truncate(budget.max_tokens)
+        if self.cfg.overlong == "truncate":
+            cut = m.truncate(budget.max_tokens)
+            return cut if budget.over(cut) is None else None
         return None
 
     def _skip(self, rec: Record, err: SampleError) -> None:

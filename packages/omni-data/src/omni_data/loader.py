@@ -39,10 +39,6 @@ class Step:
     micro_batches: list[PackedBatch]
     epoch: int
 
-    @property
-    def num_label_tokens(self) -> int:
-        return sum(b.num_label_tokens for b in self.micro_batches)
-
 
 def _identity(x):
     return x

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import torch
@@ -191,6 +192,10 @@ class OmniModel(nn.Module):
 
         return generate(self, input_ids, markers, media, **kwargs)
 
+    @cached_property
+    def _active_params(self) -> int:  # counted once: flops() runs for every micro-batch
+        return active_block_params(self.foundation)
+
     def flops(self, batch: PackedInputs) -> dict[str, float]:
         """Training FLOPs of this micro-batch per part (see omni_models.flops)."""
         cfg = self.foundation.config
@@ -198,7 +203,7 @@ class OmniModel(nn.Module):
         lengths = [b - a for a, b in itertools.pairwise(cu)]
         out = {
             "foundation": transformer_flops(
-                active_block_params(self.foundation),
+                self._active_params,
                 lengths,
                 cfg.num_hidden_layers,
                 cfg.num_attention_heads * _head_dim(cfg),

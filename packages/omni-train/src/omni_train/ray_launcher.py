@@ -82,7 +82,6 @@ class TrainWorker:
 class Attempt:
     actors: list[Any]
     futures: list[Any]
-    pids: dict[int, int]
     placement_group: Any
 
 
@@ -153,7 +152,7 @@ class Launcher:
         pids = {rank: info["pid"] for rank, info in enumerate(infos)}
         self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (self.cfg.run_dir / "workers.json").write_text(json.dumps({str(r): p for r, p in pids.items()}))
-        return Attempt(actors, futures, pids, pg)
+        return Attempt(actors, futures, pg)
 
     def _stop(self, ray, attempt: Attempt) -> None:
         for actor in attempt.actors:

@@ -11,6 +11,7 @@ codebook (Janus's generation head). At inference `lm_embed` feeds generated indi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -127,8 +128,11 @@ class JanusVQImageDecoder(nn.Module):
     def plan(self) -> ParallelPlan:
         return ParallelPlan()  # small trainable parts; the decoder is one FSDP unit
 
+    @cached_property
+    def _token_params(self) -> int:  # counted once: flops() runs for every micro-batch
+        return sum(p.numel() for p in [*self.aligner.parameters(), *self.head.parameters()])
+
     def flops(self, media: Mapping[str, MediaInputs]) -> float:
         # The aligner and head per token (the VQ encoder's convolutions run without gradients; left out).
         tokens = sum(int(m.llm_tokens.sum()) for m in media.values())
-        params = sum(p.numel() for p in [*self.aligner.parameters(), *self.head.parameters()])
-        return transformer_flops(params, [1] * tokens, 0, 0, causal=False)
+        return transformer_flops(self._token_params, [1] * tokens, 0, 0, causal=False)

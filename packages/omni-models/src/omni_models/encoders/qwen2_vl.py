@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -78,11 +79,14 @@ class Qwen2VLVisionEncoder(nn.Module):
     def plan(self) -> ParallelPlan:
         return ParallelPlan(fsdp_units=("Qwen2VLVisionBlock",), recompute=("Qwen2VLVisionBlock",))
 
+    @cached_property
+    def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
+        return sum(p.numel() for p in self.tower.blocks.parameters())
+
     def flops(self, media: Mapping[str, MediaInputs]) -> float:
         cfg = self.tower.config
         # Attention runs within each temporal slice of h x w patches.
         lengths = [
             h * w for m in media.values() for t, h, w in m.tensors["grid_thw"].tolist() for _ in range(t)
         ]
-        block = sum(p.numel() for p in self.tower.blocks.parameters())
-        return transformer_flops(block, lengths, cfg.depth, cfg.embed_dim, causal=False)
+        return transformer_flops(self._block_params, lengths, cfg.depth, cfg.embed_dim, causal=False)

@@ -8,6 +8,7 @@ normalised to [-1, 1]; its (image_size / patch_size)^2 patch features become LLM
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -68,10 +69,15 @@ class SiglipImageEncoder(nn.Module):
     def plan(self) -> ParallelPlan:
         return ParallelPlan(fsdp_units=("SiglipEncoderLayer",), recompute=("SiglipEncoderLayer",))
 
+    @cached_property
+    def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
+        layers = [m for m in self.tower.modules() if type(m).__name__ == "SiglipEncoderLayer"]
+        return sum(p.numel() for m in layers for p in m.parameters())
+
     def flops(self, media: Mapping[str, MediaInputs]) -> float:
         cfg = self.tower.config
         images = sum(int(m.tensors["pixel_values"].shape[0]) for m in media.values())
-        layers = [m for m in self.tower.modules() if type(m).__name__ == "SiglipEncoderLayer"]
-        block = sum(p.numel() for m in layers for p in m.parameters())
         n = (cfg.image_size // cfg.patch_size) ** 2
-        return transformer_flops(block, [n] * images, cfg.num_hidden_layers, cfg.hidden_size, causal=False)
+        return transformer_flops(
+            self._block_params, [n] * images, cfg.num_hidden_layers, cfg.hidden_size, causal=False
+        )

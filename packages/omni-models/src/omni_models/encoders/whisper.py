@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -67,10 +68,13 @@ class WhisperAudioEncoder(nn.Module):
     def plan(self) -> ParallelPlan:
         return ParallelPlan(fsdp_units=("WhisperEncoderLayer",), recompute=("WhisperEncoderLayer",))
 
+    @cached_property
+    def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
+        return sum(p.numel() for p in self.tower.layers.parameters())
+
     def flops(self, media: Mapping[str, MediaInputs]) -> float:
         cfg = self.tower.config
         windows = sum(int(m.tensors["input_features"].shape[0]) for m in media.values())
-        block = sum(p.numel() for p in self.tower.layers.parameters())
         return transformer_flops(
-            block, [self.window // 2] * windows, cfg.encoder_layers, cfg.d_model, causal=False
+            self._block_params, [self.window // 2] * windows, cfg.encoder_layers, cfg.d_model, causal=False
         )

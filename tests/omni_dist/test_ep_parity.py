@@ -80,12 +80,14 @@ def train_single() -> dict:
     return {"loss": losses, "grad_norm": norms}
 
 
-def train_ep(dims: dict, chunks: int = 1) -> dict:
+def train_ep(dims: dict, chunks: int = 1, compute: str = "auto") -> dict:
     config = moe_config()
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **dims), device_type="cpu")
     mesh.dims.check_model(num_experts=config.num_experts)
     model = meta_model(config)
-    report = parallelize(model, mesh, plan_for(model), ParallelizeConfig(expert_overlap_chunks=chunks))
+    report = parallelize(
+        model, mesh, plan_for(model), ParallelizeConfig(expert_overlap_chunks=chunks, expert_compute=compute)
+    )
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, SEED)
     opt = make_optimizer(model)
@@ -132,8 +134,12 @@ def reference():
     return train_single()
 
 
-def _layouts(layouts: dict[str, dict]) -> dict:
-    out = {name: train_ep(dims, 3 if name.endswith("chunked") else 1) for name, dims in layouts.items()}
+def _layouts(layouts: dict[str, dict], variants: dict[str, dict] | None = None) -> dict:
+    """Train each layout (name -> mesh dims); `variants` (name -> train_ep options) reuse a layout."""
+    variants = variants or {}
+    runs = {name: (dims, {}) for name, dims in layouts.items()}
+    runs |= {name: (layouts[opts["layout"]], opts["options"]) for name, opts in variants.items()}
+    out = {name: train_ep(dims, **options) for name, (dims, options) in runs.items()}
     for result in out.values():  # every rank's routing, to check that some experts got nothing somewhere
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result["routed"])
@@ -142,10 +148,13 @@ def _layouts(layouts: dict[str, dict]) -> dict:
 
 
 def test_ep2_with_fsdp2_matches_single_process(reference):
-    both = run_ranks(_layouts, 2, {"ep2": {"dp_shard": 2, "ep": 2}, "ep2_chunked": {"dp_shard": 2, "ep": 2}})[
-        0
-    ]
-    assert_matches(reference, both["ep2_chunked"], "ep2_chunked")  # chunked overlapping dispatch
+    variants = {  # chunked overlapping dispatch; both local expert computations (auto = grouped_mm on CPU)
+        "ep2_chunked": {"layout": "ep2", "options": {"chunks": 3}},
+        "ep2_loop": {"layout": "ep2", "options": {"compute": "loop"}},
+    }
+    both = run_ranks(_layouts, 2, {"ep2": {"dp_shard": 2, "ep": 2}}, variants)[0]
+    for name in variants:
+        assert_matches(reference, both[name], name)
     out = both["ep2"]
     assert_matches(reference, out, "ep2")
     assert out["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]

@@ -52,3 +52,27 @@ def test_activation_offload_moves_activations_not_weights():
     assert offloader.offloaded_bytes > 0 and offloader.params_kept > 0
     for p, w in zip(block.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, w)
+
+
+def test_grouped_mm_experts_match_loop_in_bf16():
+    from omni_dist.expert_compute import fused_gate_up_compute, grouped_mm_status
+
+    reason = grouped_mm_status(torch.device("cuda"), torch.bfloat16, (256, 128))
+    if reason != "ok":
+        pytest.skip(reason)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = [300, 0, 17, 211, 0, 64, 5, 99]
+    params = [
+        torch.randn(8, 256, 256, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05,  # gate_up
+        torch.randn(8, 256, 128, generator=g, device="cuda", dtype=torch.bfloat16) * 0.05,  # down
+        torch.randn(sum(counts), 256, generator=g, device="cuda", dtype=torch.bfloat16),  # rows
+    ]
+    grad = torch.randn(sum(counts), 256, generator=g, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for compute in ("grouped_mm", "loop"):
+        gate_up, down, rows = (p.clone().requires_grad_() for p in params)
+        out = fused_gate_up_compute(gate_up, down, torch.nn.functional.silu, compute)(rows, counts)
+        (out * grad).sum().backward()
+        results.append((out, rows.grad, gate_up.grad, down.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -17,15 +17,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from omni_dist.expert_compute import EXPERT_COMPUTE, ExpertFn, fused_gate_up_compute
 from omni_dist.parallel_dims import ParallelConfigError
 from omni_dist.plan import PlanError
-
-# (rows grouped by local expert, rows per local expert) -> expert outputs, same order
-ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -35,6 +32,7 @@ class ExpertParallel:
     rank: int
     num_experts: int
     overlap_chunks: int = 1
+    compute: str = "auto"  # local expert computation, see omni_dist.expert_compute
 
     def __post_init__(self) -> None:
         if self.num_experts % self.size:
@@ -43,6 +41,10 @@ class ExpertParallel:
             )
         if self.overlap_chunks < 1:
             raise ParallelConfigError(f"expert overlap_chunks must be >= 1, got {self.overlap_chunks}.")
+        if self.compute not in EXPERT_COMPUTE:
+            raise ParallelConfigError(
+                f"expert_compute={self.compute!r} is not one of {', '.join(EXPERT_COMPUTE)}."
+            )
 
     @property
     def local_experts(self) -> int:
@@ -190,17 +192,7 @@ def fused_gate_up_experts(module: nn.Module, ep: ExpertParallel):
         gate_up, down = _local(module.gate_up_proj), _local(module.down_proj)
         if gate_up.shape[0] != ep.local_experts:
             raise RuntimeError(f"{type(module).__name__}: expert tensors are not split over ep={ep.size}.")
-
-        def experts(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-            outs, start = [], 0
-            for e, n in enumerate(
-                counts
-            ):  # every local expert runs, even on 0 rows: equal grads on all ranks
-                gate, up = F.linear(rows[start : start + n], gate_up[e]).chunk(2, dim=-1)
-                outs.append(F.linear(module.act_fn(gate) * up, down[e]))
-                start += n
-            return torch.cat(outs)
-
+        experts = fused_gate_up_compute(gate_up, down, module.act_fn, ep.compute)
         return moe_dispatch_combine(hidden_states, top_k_index, top_k_weights, experts, ep)
 
     return forward
@@ -216,7 +208,13 @@ EXPERT_FORWARDS: dict[str, Callable[[nn.Module, ExpertParallel], Callable]] = {
 
 
 def apply_expert_parallel(
-    model: nn.Module, mesh, plan, experts: list, expert_params: dict[str, str], overlap_chunks: int = 1
+    model: nn.Module,
+    mesh,
+    plan,
+    experts: list,
+    expert_params: dict[str, str],
+    overlap_chunks: int = 1,
+    compute: str = "auto",
 ) -> None:
     """Split each expert tensor over the `ep` mesh view (as DTensors: checkpoints see full (E, ...)
     tensors) and replace each experts module's forward by the plan's EP forward."""
@@ -257,6 +255,6 @@ def apply_expert_parallel(
                 local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride()
             )
             module._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
-        ep = ExpertParallel(ep_mesh.get_group(), size, rank, num_experts, overlap_chunks)
+        ep = ExpertParallel(ep_mesh.get_group(), size, rank, num_experts, overlap_chunks, compute)
         module.forward = EXPERT_FORWARDS[plan.expert_forward](module, ep)
         module._omni_expert_parallel = True

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import (
 )
 
 from omni_dist.dtypes import resolve_dtype
+from omni_dist.expert_compute import EXPERT_COMPUTE
 from omni_dist.expert_parallel import apply_expert_parallel
 from omni_dist.mesh import ParallelMesh
 from omni_dist.plan import ParallelPlan, PlanError
@@ -48,12 +49,17 @@ class ParallelizeConfig:
     recompute: str = "none"  # none | full | selective, applied to plan.recompute
     offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
     expert_overlap_chunks: int = 1  # >1: EP dispatch in chunks overlapping expert compute
+    expert_compute: str = "auto"  # auto | loop | grouped_mm (omni_dist.expert_compute)
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}.")
         if self.forward_prefetch < 0:
             raise ValueError(f"forward_prefetch must be >= 0, got {self.forward_prefetch}.")
+        if self.expert_compute not in EXPERT_COMPUTE:
+            raise ValueError(
+                f"expert_compute={self.expert_compute!r} is not one of {', '.join(EXPERT_COMPUTE)}."
+            )
 
 
 @dataclass
@@ -104,7 +110,9 @@ def parallelize(
 
     report = ParallelizeReport()
     if mesh.dims.ep > 1:
-        apply_expert_parallel(model, mesh, plan, experts, expert_params, config.expert_overlap_chunks)
+        apply_expert_parallel(
+            model, mesh, plan, experts, expert_params, config.expert_overlap_chunks, config.expert_compute
+        )
         report.expert_parallel = [fqn for fqn, _ in experts]
     for fqn, module in recompute:
         apply_recompute(module, fqn, config.recompute)

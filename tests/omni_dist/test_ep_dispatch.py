@@ -75,3 +75,53 @@ def test_dispatch_combine_matches_local_routing_with_unequal_tokens():
             torch.testing.assert_close(got["x_grad"], x_grad_ref, msg=f"rank {rank} chunks {chunks}")
             torch.testing.assert_close(got["w_grad"], w_grad_ref, msg=f"rank {rank} chunks {chunks}")
             torch.testing.assert_close(got["route_grad"], route_grad_ref, msg=f"rank {rank} chunks {chunks}")
+
+
+class _Traced:
+    """A c10d Work whose wait is logged."""
+
+    def __init__(self, work, log: list, n: int):
+        self.work, self.log, self.n = work, log, n
+
+    def wait(self):
+        self.log.append(("wait", self.n))
+        return self.work.wait()
+
+
+def _backward_trace() -> list:
+    from omni_dist import expert_parallel
+
+    real, log = dist.all_to_all_single, []
+
+    def traced(*args, async_op=False, **kwargs):
+        work = real(*args, async_op=async_op, **kwargs)
+        if not async_op:
+            log.append(("sync", None))
+            return work
+        log.append(("issue", len(log)))
+        return _Traced(work, log, log[-1][1])
+
+    mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), ep=2), device_type="cpu")
+    ep = ExpertParallel(mesh["ep"].get_group(), 2, mesh.ep_rank, E, overlap_chunks=4)
+    local = _weights()[mesh.ep_rank * 2 : (mesh.ep_rank + 1) * 2].clone().requires_grad_()
+    x, idx, w = _inputs(dist.get_rank())
+    expert_parallel.dist.all_to_all_single = traced
+    try:
+        out = moe_dispatch_combine(x.requires_grad_(), idx, w, lambda rows, counts: rows @ local[0].T, ep)
+        log.clear()
+        out.sum().backward()
+    finally:
+        expert_parallel.dist.all_to_all_single = real
+    return log
+
+
+def test_chunked_backward_keeps_several_gradient_exchanges_in_flight():
+    for log in run_ranks(_backward_trace, 2):
+        assert not [e for e in log if e[0] == "sync"], log  # every backward exchange is async
+        issued = [n for kind, n in log if kind == "issue"]
+        assert len(issued) == 8 and sorted(n for kind, n in log if kind == "wait") == sorted(issued)
+        in_flight, most = 0, 0
+        for kind, _ in log:
+            in_flight += 1 if kind == "issue" else -1
+            most = max(most, in_flight)
+        assert most >= 4, log  # the 4 combine gradients go out before the first one is waited for

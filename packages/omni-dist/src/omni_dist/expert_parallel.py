@@ -7,7 +7,9 @@ as HF does: expert output times weight, then summed per token). Both all-to-alls
 
 `overlap_chunks = C > 1` splits the tokens into C chunks and issues every chunk's dispatch at once as
 async work: while chunk k's experts compute, the dispatch of chunk k+1 (and the combine of chunk k-1)
-are in flight. Each token is computed exactly as without chunks.
+are in flight. Backward mirrors it: the gradient all-to-alls of every chunk are issued as soon as
+their gradient exists and waited for only where the chunk's backward needs them. Each token is computed
+exactly as without chunks.
 """
 
 from __future__ import annotations
@@ -52,10 +54,23 @@ class ExpertParallel:
 
 
 class _Handle:
-    """An all-to-all issued asynchronously by _AllToAllV and not yet waited for (see _WaitAllToAll)."""
+    """One async all-to-all pair: _AllToAllV issues it, _WaitAllToAll waits for it.
 
-    work = None
-    src: torch.Tensor | None = None
+    Backward runs the pair in reverse: _WaitAllToAll.backward issues the gradients' all-to-all and
+    _AllToAllV.backward waits for it, so autograd runs other chunks' backward in between.
+    """
+
+    def __init__(self) -> None:
+        self.work = None
+        self.buffers: tuple[torch.Tensor, ...] = ()  # (send, receive): alive until the wait
+        self.route: tuple | None = None  # (out_splits, in_splits, group) of the forward exchange
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool):
+    src = x.contiguous()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(out, src, out_splits, in_splits, group=group, async_op=async_op)
+    return out, src, work
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -66,21 +81,22 @@ class _AllToAllV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group: ProcessGroup, handle=None):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        src = x.contiguous()
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        work = dist.all_to_all_single(
-            out, src, out_splits, in_splits, group=group, async_op=handle is not None
-        )
+        ctx.splits, ctx.group, ctx.handle = (out_splits, in_splits), group, handle
+        out, src, work = _exchange(x, out_splits, in_splits, group, async_op=handle is not None)
         if handle is not None:
-            handle.work, handle.src = work, src  # the send buffer must live until the wait
+            handle.work, handle.buffers, handle.route = work, (src,), (out_splits, in_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        handle = ctx.handle
+        if handle is not None:  # issued by _WaitAllToAll.backward; `grad` is the same tensor
+            handle.work.wait()
+            back = handle.buffers[1]
+            handle.work, handle.buffers = None, ()
+            return back, None, None, None, None
         out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        back, _, _ = _exchange(grad, in_splits, out_splits, ctx.group, async_op=False)
         return back, None, None, None, None
 
 
@@ -88,11 +104,16 @@ class _WaitAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, handle: _Handle) -> torch.Tensor:
         handle.work.wait()
-        handle.src = None
+        handle.work, handle.buffers = None, ()
+        ctx.handle = handle
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        handle = ctx.handle
+        out_splits, in_splits, group = handle.route
+        back, src, handle.work = _exchange(grad, in_splits, out_splits, group, async_op=True)
+        handle.buffers = (src, back)
         return grad, None
 
 

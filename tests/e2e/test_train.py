@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from omni_train.config import load_config
+from omni_train.local import run_local
 from omni_train.metrics import REQUIRED
-from tests.e2e.conftest import RECIPE, STEPS, close, overrides, read_metrics
+from tests.e2e.conftest import RECIPE, STEPS, _single, close, overrides, read_metrics
 from tests.harness import run_ranks
 from tests.omni_dist.tiny import RTOL
 
@@ -165,3 +167,39 @@ def test_two_micro_batches_equal_one_with_both_samples(quickstart_data):
     data, _ = quickstart_data
     ((two, one),) = run_ranks(_accumulation_rank, 1, str(data))
     assert close(two[0], one[0]) and close(two[1], one[1]), (two, one)
+
+
+MOE_FOUNDATION = (
+    "model.foundation={name: qwen3_moe, config: {vocab_size: 512, hidden_size: 96, intermediate_size: 128,"
+    " moe_intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,"
+    " head_dim: 24, num_experts: 8, num_experts_per_tok: 2, router_aux_loss_coef: 0.05,"
+    " max_position_embeddings: 1024, tie_word_embeddings: false, dtype: float32}}"
+)
+
+
+def test_moe_foundation_with_expert_parallel_matches_one_process(quickstart_data, tmp_path):
+    """The quickstart omni model on a Qwen3-MoE foundation: ep=2 (FSDP 2, chunked async dispatch, both
+    local expert computations; and sp=2 x ep=2) trains like one process, load-balancing loss included."""
+    data, _ = quickstart_data
+    steps = ["train.steps=6", "train.eval_every=0"]
+    layouts = {
+        "single": (1, []),
+        "ep2_async": (2, ["parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_async=2"]),
+        "ep2_loop": (2, ["parallel.dp_shard=2", "parallel.ep=2", "parallel.expert_compute=loop"]),
+        "sp2_ep2": (2, ["parallel.sp=2", "parallel.ep=2"]),  # the aux loss of a sequence split over SP
+    }
+    metrics = {}
+    for name, (n, extra) in layouts.items():
+        cfg = load_config(RECIPE, overrides(data, tmp_path / name, [MOE_FOUNDATION, *steps, *extra]))
+        if n > 1:
+            run_local(cfg, n)
+        else:
+            run_ranks(_single, 1, cfg.model_dump(mode="json"), init_process_group=False)
+        metrics[name] = read_metrics(tmp_path / name)
+    single = metrics["single"]
+    assert sorted(single) == list(range(1, 7)) and all(r["loss_moe_aux"] > 0 for r in single.values())
+    for name in ("ep2_async", "ep2_loop", "sp2_ep2"):
+        for step, ref in single.items():
+            got = metrics[name][step]
+            for key in ("loss", "grad_norm", "loss_moe_aux"):
+                assert close(got[key], ref[key]), (name, step, key, got[key], ref[key])

@@ -54,6 +54,12 @@ def test_layout_errors_before_any_process_starts():
         check_layout(load_config(QUICKSTART, ["parallel.dp_shard=3"]), 2)
     with pytest.raises(ConfigError, match=r"parallel\.ep=2 must divide the foundation.s experts"):
         check_layout(load_config(QUICKSTART, ["parallel.ep=2"]), 2)
+    with pytest.raises(
+        ConfigError, match=r"parallel\.ep_async=2 overlaps the EP dispatch, but parallel\.ep=1"
+    ):
+        check_layout(load_config(QUICKSTART, ["parallel.ep_async=2"]), 2)
+    with pytest.raises(ConfigError, match=r"parallel\.expert_compute: .*'auto', 'loop' or 'grouped_mm'"):
+        load_config(QUICKSTART, ["parallel.expert_compute=cutlass"])
     t0 = time.perf_counter()
     args = ["run", QUICKSTART, "--nproc", "3", "--set", "parallel.sp=3", "--set", "data.max_tokens=510"]
     result = CliRunner().invoke(app, args)

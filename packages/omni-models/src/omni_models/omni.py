@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_dist.attention import SequenceParallel
+from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
 from omni_models.flops import transformer_flops
 from omni_models.modality import MediaInputs
@@ -37,6 +38,7 @@ class PackedInputs(Protocol):
     labels: torch.Tensor  # (1, T), already shifted
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    num_tokens: int  # real tokens: the first num_tokens positions; the rest is SP padding
     media: Mapping[str, MediaInputs]  # encoder inputs
     targets: Mapping[str, MediaInputs]  # generation targets (decoders)
 
@@ -46,6 +48,26 @@ class OmniOutput:
     loss_sum: torch.Tensor  # summed token losses of this rank's tokens (fp32): text + every decoder
     label_tokens: int  # tokens that contributed to loss_sum
     parts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # "text" / decoder -> (sum, n)
+    # MoE foundations: this rank's share of the micro-batch's load-balancing loss (shares add up over
+    # the SP group to the loss of the whole micro-batch, as HF computes it for one sequence), unscaled
+    aux_loss: torch.Tensor | None = None
+    aux_loss_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class MoeRouting:
+    num_experts: int
+    top_k: int
+    aux_loss_coef: float
+
+
+def moe_routing(config: Any) -> MoeRouting | None:
+    """The routing of an HF MoE config whose load-balancing loss trains (coef > 0), else None."""
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    coef = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
+    if not experts or coef <= 0:
+        return None
+    return MoeRouting(int(experts), int(config.num_experts_per_tok), float(coef))
 
 
 @dataclass
@@ -158,7 +180,7 @@ class OmniModel(nn.Module):
         positions, labels = batch.position_ids[0], batch.labels[0]
         if sp is not None:
             positions, labels = slice_for_sp(positions, sp), slice_for_sp(labels, sp)
-        out = self.foundation(
+        lm = self.foundation(
             inputs_embeds=embeds.unsqueeze(0),
             position_ids=positions.unsqueeze(0),
             cu_seq_lens_q=batch.cu_seqlens,
@@ -168,8 +190,9 @@ class OmniModel(nn.Module):
             use_cache=False,
             sequence_parallel=sp,
             output_hidden_states=bool(self.decoders),
+            **({"output_router_logits": True} if self._moe else {}),
         )
-        logits = out.logits[0].float()
+        logits = lm.logits[0].float()
         loss = F.cross_entropy(logits, labels.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
         parts = {"text": (loss, int((labels != IGNORE_INDEX).sum()))}
         start = 0 if sp is None else sp.rank * embeds.shape[0]
@@ -179,18 +202,30 @@ class OmniModel(nn.Module):
             t = generated[name]
             before = t.positions - 1 - start
             keep = torch.nonzero((before >= 0) & (before < embeds.shape[0])).flatten()
-            hidden = out.hidden_states[-1][0, before[keep]]
+            hidden = lm.hidden_states[-1][0, before[keep]]
             scores = decoder.lm_head(hidden).float()
             part = F.cross_entropy(scores, t.codes[keep].to(scores.device), reduction="sum")
             parts[name] = (part, int(keep.numel()))
             loss = loss + part
-        return OmniOutput(loss, sum(n for _, n in parts.values()), parts)
+        out = OmniOutput(loss, sum(n for _, n in parts.values()), parts)
+        if self._moe:
+            real = torch.arange(batch.input_ids.shape[1], device=embeds.device) < batch.num_tokens
+            real = slice_for_sp(real, sp) if sp is not None else real
+            group = sp.group if sp is not None else None
+            m = self._moe
+            out.aux_loss = load_balancing_loss(lm.router_logits, m.top_k, m.num_experts, real, group)
+            out.aux_loss_coef = m.aux_loss_coef
+        return out
 
     def generate(self, input_ids: torch.Tensor, markers, media=None, **kwargs):
         """Text and images from a prompt; see omni_models.generate.generate for the options."""
         from omni_models.generate import generate
 
         return generate(self, input_ids, markers, media, **kwargs)
+
+    @cached_property
+    def _moe(self) -> MoeRouting | None:
+        return moe_routing(self.foundation.config)
 
     @cached_property
     def _active_params(self) -> int:  # counted once: flops() runs for every micro-batch

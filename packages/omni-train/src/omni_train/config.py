@@ -32,6 +32,8 @@ class ParallelSection(_Section):
     sp: int = Field(1, ge=1)
     sp_async: int = Field(1, ge=1)  # >1: Ulysses all-to-alls overlapped in this many head chunks
     ep: int = Field(1, ge=1)
+    ep_async: int = Field(1, ge=1)  # >1: EP token dispatch in this many chunks overlapping expert compute
+    expert_compute: Literal["auto", "loop", "grouped_mm"] = "auto"  # local experts under EP
     recompute: Literal["none", "full", "selective"] = "none"
     offload_params: bool = False
     offload_activations: bool = False
@@ -261,6 +263,10 @@ def check_layout(cfg: TrainConfig, world_size: int | None = None) -> None:
         if cfg.parallel.ep > 1 and (not experts or experts % cfg.parallel.ep):
             raise ParallelConfigError(
                 f"parallel.ep={cfg.parallel.ep} must divide the foundation's experts ({experts})"
+            )
+        if cfg.parallel.ep == 1 and cfg.parallel.ep_async > 1:
+            raise ParallelConfigError(
+                f"parallel.ep_async={cfg.parallel.ep_async} overlaps the EP dispatch, but parallel.ep=1"
             )
     except ParallelConfigError as e:
         raise ConfigError(f"parallel: {e}") from None

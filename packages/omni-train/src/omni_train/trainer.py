@@ -121,10 +121,16 @@ def forward_backward(
     """One step's micro-batches: token-weighted loss over all of them and all ranks.
 
     Returns (the step's global mean loss, global loss tokens, this rank's FLOPs, the global mean loss
-    of each part: "text" and every decoder). Gradients accumulate over the micro-batches; dividing
-    every micro-batch by the global token count makes k micro-batches equal one holding the same samples.
+    of each part: "text", every decoder and, for MoE foundations, "moe_aux"). Gradients accumulate over
+    the micro-batches; dividing every micro-batch by the global token count makes k micro-batches equal
+    one holding the same samples. A MoE foundation's load-balancing loss is HF's per sequence: each
+    micro-batch's, averaged over the step's micro-batches (fillers excluded), times its coefficient.
     """
-    tokens = global_token_count(local_label_tokens(micro_batches, sp), mesh["loss"])
+    real = sum(not getattr(b, "is_padding", False) for b in micro_batches)
+    counts = global_token_count(torch.tensor([local_label_tokens(micro_batches, sp), real]), mesh["loss"])
+    tokens = counts[0]
+    sp_size = sp.size if sp is not None else 1
+    sequences = counts[1] / sp_size  # the SP ranks of a group count the same micro-batch
     total = torch.zeros((), dtype=torch.float64, device=device)
     part_sums: dict[str, list[torch.Tensor]] = {}
     flops = 0.0
@@ -132,10 +138,15 @@ def forward_backward(
         batch = _to_device(batch, device)
         out = model(batch, sequence_parallel=sp)
         loss = out.loss_sum / tokens.clamp(min=1).to(out.loss_sum.dtype)
+        parts = dict(out.parts)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss_coef * out.aux_loss / sequences.clamp(min=1).to(out.aux_loss.dtype)
+            # reported as the mean over the step's sequences: each SP rank holds 1/sp of one
+            parts["moe_aux"] = (out.aux_loss, 0.0 if getattr(batch, "is_padding", False) else 1 / sp_size)
         if backward:
             loss.backward()
         total += loss.detach().double()
-        for name, (value, n) in out.parts.items():
+        for name, (value, n) in parts.items():
             part_sums.setdefault(name, []).append(
                 torch.stack(
                     [value.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)]
@@ -197,6 +208,8 @@ class Trainer:
             offload_params=p.offload_params,
             recompute=p.recompute,
             offload_activations=p.offload_activations,
+            expert_overlap_chunks=p.ep_async,
+            expert_compute=p.expert_compute,
         )
         self.param_dtype = getattr(torch, p.param_dtype)
         self.report = parallelize_omni(self.model, self.mesh, self.model_cfg, pcfg)

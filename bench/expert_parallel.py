@@ -1,9 +1,12 @@
-"""Expert parallelism on CPU (2 ranks): tokens/s for ep=1 vs ep=2, all-to-all time, chunked vs not.
+"""Expert parallelism on CPU (2 ranks): tokens/s for ep=1 vs ep=2, all-to-all time, chunked vs not,
+grouped_mm vs the per-expert loop.
 
     uv run python bench/expert_parallel.py [--tokens 1024] [--steps 6]
 
 Prints one JSON object. Both layouts run FSDP2 over the 2 ranks on the same tokens; ep=1 keeps every
-expert on every rank (HF's own expert loop), ep=2 dispatches tokens to the rank owning their expert.
+expert on every rank (HF's own experts implementation), ep=2 dispatches tokens to the rank owning their
+expert and computes them with grouped_mm (auto on CPU) or the loop (ep2_loop); ep2_chunked4 splits the
+dispatch into 4 chunks whose all-to-alls overlap expert compute in forward and backward.
 Variants alternate step by step in one run so they see the same machine noise.
 """
 
@@ -29,7 +32,7 @@ from omni_models.hf_plans import plan_for
 WARMUP = 1
 
 
-def build(ep: int, chunks: int):
+def build(ep: int, chunks: int, compute: str = "auto"):
     config = Qwen3MoeConfig(
         vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, head_dim=32, num_experts=16, num_experts_per_tok=2,
@@ -38,14 +41,21 @@ def build(ep: int, chunks: int):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), ep=ep), device_type="cpu")
-    parallelize(model, mesh, plan_for(model), ParallelizeConfig(expert_overlap_chunks=chunks))
+    parallelize(
+        model, mesh, plan_for(model), ParallelizeConfig(expert_overlap_chunks=chunks, expert_compute=compute)
+    )
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, seed=0)
     return model
 
 
 def measure(tokens: int, steps: int) -> dict:
-    variants = {"ep1": build(1, 1), "ep2": build(2, 1), "ep2_chunked4": build(2, 4)}
+    variants = {
+        "ep1": build(1, 1),
+        "ep2": build(2, 1),
+        "ep2_loop": build(2, 1, "loop"),
+        "ep2_chunked4": build(2, 4),
+    }
     g = torch.Generator().manual_seed(dist.get_rank())
     ids = torch.randint(0, 4096, (1, tokens), generator=g)
 
@@ -86,6 +96,7 @@ def main() -> None:
         "tokens_per_s": {k: round(v, 1) for k, v in tok_s.items()},
         "ep2_vs_ep1": round(tok_s["ep2"] / tok_s["ep1"], 3),
         "chunked_vs_unchunked": round(tok_s["ep2_chunked4"] / tok_s["ep2"], 3),
+        "grouped_mm_vs_loop": round(tok_s["ep2"] / tok_s["ep2_loop"], 3),
         "all_to_all_fraction": {k: round(v["all_to_all_fraction"], 3) for k, v in r.items()},
     }, indent=2))  # fmt: skip
 

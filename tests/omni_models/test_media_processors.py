@@ -146,10 +146,13 @@ def test_siglip_encoder_and_every_registered_foundation_run():
                 "labels": torch.randint(0, 64, (1, 9)),
                 "cu_seqlens": cu,
                 "max_seqlen": 5,
+                "num_tokens": 9,
                 "media": {},
             },
         )
         out = model(batch)
         out.loss_sum.backward()
         assert out.label_tokens == 9 and torch.isfinite(out.loss_sum)
+        # MoE foundations train their router's load-balancing loss too (HF's default coefficient)
+        assert (out.aux_loss is not None and out.aux_loss > 0) == (name == "qwen3_moe"), name
         assert model.flops(batch)["foundation"] > 0

@@ -41,12 +41,16 @@ def grouped_mm_status(device: torch.device, dtype: torch.dtype, sizes: tuple[int
     return "ok"
 
 
+def check_expert_compute(choice: str) -> None:
+    if choice not in EXPERT_COMPUTE:
+        raise ParallelConfigError(f"expert_compute={choice!r} is not one of {', '.join(EXPERT_COMPUTE)}.")
+
+
 def resolve_expert_compute(
     choice: str, device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
 ) -> str:
     """The implementation to run: `choice` itself, or for `auto` the fastest one that runs here."""
-    if choice not in EXPERT_COMPUTE:
-        raise ParallelConfigError(f"expert_compute={choice!r} is not one of {', '.join(EXPERT_COMPUTE)}.")
+    check_expert_compute(choice)
     if choice == "loop":
         return "loop"
     status = grouped_mm_status(device, dtype, sizes)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from omni_dist.expert_compute import EXPERT_COMPUTE, ExpertFn, fused_gate_up_compute
+from omni_dist.expert_compute import ExpertFn, check_expert_compute, fused_gate_up_compute
 from omni_dist.parallel_dims import ParallelConfigError
 from omni_dist.plan import PlanError
 
@@ -43,10 +43,7 @@ class ExpertParallel:
             )
         if self.overlap_chunks < 1:
             raise ParallelConfigError(f"expert overlap_chunks must be >= 1, got {self.overlap_chunks}.")
-        if self.compute not in EXPERT_COMPUTE:
-            raise ParallelConfigError(
-                f"expert_compute={self.compute!r} is not one of {', '.join(EXPERT_COMPUTE)}."
-            )
+        check_expert_compute(self.compute)
 
     @property
     def local_experts(self) -> int:

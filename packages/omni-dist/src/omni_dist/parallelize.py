@@ -26,7 +26,7 @@ from torch.distributed.fsdp import (
 )
 
 from omni_dist.dtypes import resolve_dtype
-from omni_dist.expert_compute import EXPERT_COMPUTE
+from omni_dist.expert_compute import check_expert_compute
 from omni_dist.expert_parallel import apply_expert_parallel
 from omni_dist.mesh import ParallelMesh
 from omni_dist.plan import ParallelPlan, PlanError
@@ -56,10 +56,7 @@ class ParallelizeConfig:
             raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}.")
         if self.forward_prefetch < 0:
             raise ValueError(f"forward_prefetch must be >= 0, got {self.forward_prefetch}.")
-        if self.expert_compute not in EXPERT_COMPUTE:
-            raise ValueError(
-                f"expert_compute={self.expert_compute!r} is not one of {', '.join(EXPERT_COMPUTE)}."
-            )
+        check_expert_compute(self.expert_compute)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from omni_train.config import TrainConfig
 
 log = logging.getLogger("omni_train.launch")
 
+ROOT_CAUSE_WAIT_S = 5.0  # after a worker error, how long the other ranks may take to report theirs
 FATAL = ("TrainingError", "DataErrorRateExceeded", "ConfigError", "ModelConfigError", "DataConfigError")
 
 
@@ -166,13 +167,9 @@ class Launcher:
         pending = list(attempt.futures)
         while True:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=self.poll_s)
-            for ref in done:
-                try:
-                    ray.get(ref)
-                except Exception as e:  # any worker failure is classified and handled
-                    rank = attempt.futures.index(ref)
-                    cause = f"rank {rank}: {type(e).__name__}: {_first_line(e)}"
-                    return ("fatal" if any(f in str(e) for f in FATAL) else "failed"), cause, None
+            errors = _errors(ray, attempt, done)
+            if errors:
+                return _root_cause(ray, attempt, pending, errors)
             if not pending:
                 return "done", None, ray.get(attempt.futures)
             beats = [a.heartbeat.remote() for a in attempt.actors]
@@ -182,8 +179,8 @@ class Launcher:
                 if ref in ready:
                     try:
                         beat = ray.get(ref)
-                    except Exception as e:  # the actor is gone: its run task reports the same soon
-                        return "failed", f"rank {rank}: {type(e).__name__}: {_first_line(e)}", None
+                    except Exception as e:  # the actor is gone or unreachable: its run task says why
+                        return _root_cause(ray, attempt, pending, [(rank, e)])
                     if beat["step"] != last[rank][1]:
                         last[rank] = (now, beat["step"])
                     if rank == 0:
@@ -256,6 +253,31 @@ class Launcher:
             bar.close()
             if started:
                 ray.shutdown()
+
+
+def _errors(ray, attempt: Attempt, refs) -> list[tuple[int, Exception]]:
+    out = []
+    for ref in refs:
+        try:
+            ray.get(ref)
+        except Exception as e:  # any worker failure is classified by _classify
+            out.append((attempt.futures.index(ref), e))
+    return out
+
+
+def _root_cause(ray, attempt: Attempt, pending, errors: list[tuple[int, Exception]]):
+    """A dead worker breaks its peers' collectives and a peer's error (or an unreachable heartbeat) can
+    arrive first: give the other ranks a moment to report, then name the root cause."""
+    more = ray.wait(pending, num_returns=len(pending), timeout=ROOT_CAUSE_WAIT_S)[0] if pending else []
+    return _classify(ray, _errors(ray, attempt, more) + errors)
+
+
+def _classify(ray, errors: list[tuple[int, Exception]]) -> tuple[str, str, None]:
+    """('fatal' | 'failed', cause): a fatal error anywhere wins, then a dead worker, then the first."""
+    fatal = [(r, e) for r, e in errors if any(f in str(e) for f in FATAL)]
+    died = [(r, e) for r, e in errors if isinstance(e, ray.exceptions.ActorDiedError)]
+    rank, e = (fatal or died or errors)[0]
+    return ("fatal" if fatal else "failed"), f"rank {rank}: {type(e).__name__}: {_first_line(e)}", None
 
 
 def _first_line(e: BaseException) -> str:

@@ -35,7 +35,7 @@ def grouped_mm_status(device: torch.device, dtype: torch.dtype, sizes: tuple[int
             return f"grouped_mm on CUDA takes bfloat16, the experts compute in {dtype}"
     elif device.type != "cpu":
         return f"grouped_mm has no kernel for {device.type}"
-    align = 16 // torch.empty((), dtype=dtype).element_size()
+    align = 16 // dtype.itemsize
     if any(s % align for s in sizes):
         return f"grouped_mm needs expert dims divisible by {align} for {dtype}, got {sizes}"
     return "ok"

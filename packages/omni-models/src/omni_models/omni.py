@@ -202,7 +202,7 @@ class OmniModel(nn.Module):
             # position may sit on this SP rank even when the token itself does not.
             t = generated[name]
             before = t.positions - 1 - start
-            keep = torch.nonzero((before >= 0) & (before < embeds.shape[0])).flatten()
+            keep = torch.nonzero(_predicted_here(t.positions, start, embeds.shape[0])).flatten()
             hidden = lm.hidden_states[-1][0, before[keep]]
             scores = decoder.lm_head(hidden).float()
             part = F.cross_entropy(scores, t.codes[keep].to(scores.device), reduction="sum")
@@ -279,9 +279,15 @@ def loss_tokens(batch: PackedInputs, sp: SequenceParallel | None = None) -> int:
         start, length = sp.rank * labels.shape[0], labels.shape[0]
     total = int((labels != IGNORE_INDEX).sum())
     for target in getattr(batch, "targets", {}).values():
-        before = target.positions - 1 - start
-        total += int(((before >= 0) & (before < length)).sum())
+        total += int(_predicted_here(target.positions, start, length).sum())
     return total
+
+
+def _predicted_here(positions: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Which generated tokens this rank's slice [start, start + length) predicts: those whose
+    predicting position (the one before them) is in it."""
+    before = positions - 1 - start
+    return (before >= 0) & (before < length)
 
 
 def _head_dim(cfg: Any) -> int:

@@ -132,7 +132,8 @@ def forward_backward(
     sp_size = sp.size if sp is not None else 1
     sequences = counts[1] / sp_size  # the SP ranks of a group count the same micro-batch
     total = torch.zeros((), dtype=torch.float64, device=device)
-    part_sums: dict[str, list[torch.Tensor]] = {}
+    part_sums: dict[str, torch.Tensor] = {}  # name -> summed loss; part_counts: name -> its token count
+    part_counts: dict[str, float] = {}
     flops = 0.0
     for batch in micro_batches:
         batch = _to_device(batch, device)
@@ -147,25 +148,16 @@ def forward_backward(
             loss.backward()
         total += loss.detach().double()
         for name, (value, n) in parts.items():
-            part_sums.setdefault(name, []).append(
-                torch.stack(
-                    [value.detach().double(), torch.tensor(float(n), dtype=torch.float64, device=device)]
-                )
-            )
+            part_sums[name] = part_sums.get(name, 0.0) + value.detach().double()
+            part_counts[name] = part_counts.get(name, 0.0) + n
         flops += sum(model.flops(batch).values())
-    names = sorted(part_sums)
-    stats = (
-        torch.stack([torch.stack(part_sums[n]).sum(0) for n in names])
-        if names
-        else torch.zeros(0, 2, dtype=torch.float64, device=device)
-    )
-    packed = torch.cat([total.view(1), stats.flatten()])
+    names = sorted(part_sums)  # the same parts on every rank (the same model)
+    counts = torch.tensor([part_counts[n] for n in names], dtype=torch.float64, device=device)
+    packed = torch.cat([total.view(1), *(part_sums[n].view(1) for n in names), counts])
     dist.all_reduce(packed, group=mesh["loss"].get_group())
+    sums, counts = packed[1 : 1 + len(names)], packed[1 + len(names) :]
     # A part with no tokens in this step (e.g. no generation target) has no loss, not a zero loss.
-    parts = {
-        n: float(packed[1 + 2 * i] / packed[2 + 2 * i]) if packed[2 + 2 * i] > 0 else None
-        for i, n in enumerate(names)
-    }
+    parts = {n: float(sums[i] / counts[i]) if counts[i] > 0 else None for i, n in enumerate(names)}
     return packed[0], float(tokens), flops, parts
 
 

@@ -33,15 +33,12 @@ from omni_models.omni import loss_tokens
 from omni_models.omni_weights import init_omni_weights_, load_part_weights_
 from omni_models.parallel import parallelize_omni
 from omni_train.config import TrainConfig, dump
+from omni_train.errors import TrainingError
 from omni_train.hardware import peak_flops, peak_memory_gb
 from omni_train.metrics import Metrics
 from omni_train.schedule import lr_lambda
 
 log = logging.getLogger("omni_train")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (too many non-finite steps, data ended early); a restart would not help."""
 
 
 class _LoaderPart:

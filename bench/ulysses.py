@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
+from omni_dist.packed import pack, pad_for_sp
 from omni_dist.parallelize import ParallelizeConfig, parallelize
-from omni_dist.sequence import pack, pad_for_sp, slice_for_sp
+from omni_dist.sequence import slice_for_sp
 from omni_dist.spawn import run_ranks
 from omni_dist.weights import init_weights_, materialize_
 from omni_models.attention import implementation_name, register_packed_attention
@@ -61,7 +62,7 @@ def step_times(tokens: int, steps: int, sp_size: int, chunk_options: tuple[int, 
     variants = {c: SequenceParallel.from_mesh(mesh["sp"], c) for c in chunk_options}
     sp = variants[chunk_options[0]]
     seq = pad_for_sp(seq, sp.size)
-    ids, pos, labels = (slice_for_sp(x, sp) for x in (seq.input_ids, seq.position_ids, seq.labels))
+    ids, pos, labels = (slice_for_sp(x[0], sp) for x in (seq.input_ids, seq.position_ids, seq.labels))
 
     def step(sp: SequenceParallel) -> None:
         logits = model(

@@ -15,7 +15,8 @@ from omni_dist.attention import (
     sdpa_varlen,
     ulysses_attention,
 )
-from omni_dist.sequence import gather_sequence, pack, pad_for_sp, shift_labels, slice_for_sp
+from omni_dist.packed import pack, pad_for_sp
+from omni_dist.sequence import gather_sequence, shift_labels, slice_for_sp
 from tests.harness import run_ranks
 
 LENGTHS = [5, 3, 7, 4]  # 19 tokens: not a multiple of 2 or 4
@@ -81,11 +82,11 @@ def test_labels_are_shifted_within_samples_and_padding_is_a_segment():
         [torch.tensor([1, 2, 3]), torch.tensor([4, 5])],
         [torch.tensor([0, 1, 1]).bool(), torch.ones(2).bool()],
     )
-    assert seq.labels.tolist() == [2, 3, -100, 5, -100]
-    assert seq.position_ids.tolist() == [0, 1, 2, 0, 1] and seq.cu_seqlens.tolist() == [0, 3, 5]
+    assert seq.labels[0].tolist() == [2, 3, -100, 5, -100]
+    assert seq.position_ids[0].tolist() == [0, 1, 2, 0, 1] and seq.cu_seqlens.tolist() == [0, 3, 5]
     padded = pad_for_sp(seq, 4)
     assert padded.length == 8 and padded.cu_seqlens.tolist() == [0, 3, 5, 8]
-    assert padded.labels.tolist()[5:] == [-100] * 3 and padded.position_ids.tolist()[5:] == [0, 1, 2]
+    assert padded.labels[0].tolist()[5:] == [-100] * 3 and padded.position_ids[0].tolist()[5:] == [0, 1, 2]
     assert pad_for_sp(padded, 4) is padded
     assert shift_labels(torch.tensor([7, 8, 9]), _cu([3])).tolist() == [8, 9, -100]
 

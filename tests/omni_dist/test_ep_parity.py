@@ -18,8 +18,9 @@ from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
 from omni_dist.loss import global_token_count
 from omni_dist.moe_loss import load_balancing_loss
+from omni_dist.packed import pack, pad_for_sp
 from omni_dist.parallelize import ParallelizeConfig, parallelize
-from omni_dist.sequence import pack, pad_for_sp, slice_for_sp
+from omni_dist.sequence import slice_for_sp
 from omni_dist.weights import init_weights_, materialize_
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.hf_plans import plan_for
@@ -66,11 +67,11 @@ def train_single() -> dict:
     losses, norms = [], []
     for _ in range(STEPS):
         out = model(
-            input_ids=seq.input_ids[None], position_ids=seq.position_ids[None], cu_seq_lens_q=seq.cu_seqlens,
+            input_ids=seq.input_ids, position_ids=seq.position_ids, cu_seq_lens_q=seq.cu_seqlens,
             cu_seq_lens_k=seq.cu_seqlens, max_length_q=seq.max_seqlen, max_length_k=seq.max_seqlen,
             use_cache=False, output_router_logits=True,
         )  # fmt: skip
-        ce = F.cross_entropy(out.logits[0].float(), seq.labels, ignore_index=-100, reduction="sum")
+        ce = F.cross_entropy(out.logits[0].float(), seq.labels[0], ignore_index=-100, reduction="sum")
         tokens = int((seq.labels != -100).sum())
         aux = load_balancing_loss_func(out.router_logits, config.num_experts, config.num_experts_per_tok)
         loss = ce / tokens + config.router_aux_loss_coef * aux
@@ -86,7 +87,7 @@ def train_ep(dims: dict, chunks: int = 1, compute: str = "auto") -> dict:
     mesh.dims.check_model(num_experts=config.num_experts)
     model = meta_model(config)
     report = parallelize(
-        model, mesh, plan_for(model), ParallelizeConfig(expert_overlap_chunks=chunks, expert_compute=compute)
+        model, mesh, plan_for(model), ParallelizeConfig(ep_async=chunks, expert_compute=compute)
     )
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, SEED)
@@ -100,7 +101,7 @@ def train_ep(dims: dict, chunks: int = 1, compute: str = "auto") -> dict:
     loss_group = mesh["loss"].get_group()
     losses, norms, routed = [], [], []
     for _ in range(STEPS):
-        ids, pos, labels = (slice_for_sp(x, sp) for x in (seq.input_ids, seq.position_ids, seq.labels))
+        ids, pos, labels = (slice_for_sp(x[0], sp) for x in (seq.input_ids, seq.position_ids, seq.labels))
         real = slice_for_sp(torch.arange(seq.length) < real_len, sp)
         out = model(
             input_ids=ids[None], position_ids=pos[None], cu_seq_lens_q=seq.cu_seqlens, cu_seq_lens_k=seq.cu_seqlens,

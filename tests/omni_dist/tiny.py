@@ -12,9 +12,10 @@ from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
+from omni_dist.packed import PackedBatch, pack, pad_for_sp
 from omni_dist.parallelize import ParallelizeConfig, parallelize
 from omni_dist.plan import ParallelPlan
-from omni_dist.sequence import PackedSequence, pack, pad_for_sp, slice_for_sp
+from omni_dist.sequence import slice_for_sp
 from omni_dist.weights import init_weights_, materialize_
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.hf_plans import HF_DECODER_PLANS
@@ -143,7 +144,7 @@ def train_parallel(config, dims_kwargs: dict, cfg: ParallelizeConfig, steps: int
 PACKED_LENGTHS = [[9, 4, 12, 6], [5, 14, 3, 7, 2]]  # two packed sequences: 31 and 31 tokens
 
 
-def packed_global_batch(vocab: int = 128, layout: list[list[int]] = PACKED_LENGTHS) -> list[PackedSequence]:
+def packed_global_batch(vocab: int = 128, layout: list[list[int]] = PACKED_LENGTHS) -> list[PackedBatch]:
     g = torch.Generator().manual_seed(5)
     out = []
     for lengths in layout:
@@ -159,8 +160,8 @@ def packed_config(**overrides) -> Qwen2Config:
     return tiny_qwen2_config(attn_implementation=implementation_name("sdpa"), **overrides)
 
 
-def packed_loss_sum(model: nn.Module, seq: PackedSequence, sp: SequenceParallel | None = None):
-    ids, pos, labels = seq.input_ids, seq.position_ids, seq.labels
+def packed_loss_sum(model: nn.Module, seq: PackedBatch, sp: SequenceParallel | None = None):
+    ids, pos, labels = seq.input_ids[0], seq.position_ids[0], seq.labels[0]
     if sp is not None:
         ids, pos, labels = (slice_for_sp(x, sp) for x in (ids, pos, labels))
     logits = model(
@@ -189,17 +190,17 @@ def train_single_packed(config, steps: int = STEPS) -> dict[str, list[float]]:
 
 
 def my_sequences(
-    batch: list[PackedSequence], mesh: ParallelMesh, sp: SequenceParallel
-) -> list[PackedSequence]:
+    batch: list[PackedBatch], mesh: ParallelMesh, sp: SequenceParallel
+) -> list[PackedBatch]:
     """This data-parallel rank's packed sequences, padded for its SP group."""
     return [pad_for_sp(s, sp.size) for s in batch[mesh.dp_rank :: mesh.dims.dp]]
 
 
 def packed_step(
-    model, opt, mine: list[PackedSequence], mesh: ParallelMesh, sp: SequenceParallel
+    model, opt, mine: list[PackedBatch], mesh: ParallelMesh, sp: SequenceParallel
 ) -> tuple[float, float]:
     """One optimizer step over this rank's micro-batches; (global loss, global grad norm)."""
-    local_tokens = sum(int((slice_for_sp(s.labels, sp) != -100).sum()) for s in mine)
+    local_tokens = sum(int((slice_for_sp(s.labels[0], sp) != -100).sum()) for s in mine)
     tokens = global_token_count(local_tokens, mesh["loss"])
     loss = torch.zeros((), dtype=torch.float64)
     for seq in mine:

@@ -14,7 +14,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from omni_dist.sequence import pack
+from omni_dist.packed import pack
 from omni_dist.weights import init_weights_, materialize_
 from omni_models.attention import implementation_name, register_packed_attention
 from tests.omni_dist.tiny import packed_loss_sum, plain_model, tiny_qwen2_config

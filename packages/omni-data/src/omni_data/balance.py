@@ -12,7 +12,7 @@ import io
 import torch
 import torch.distributed as dist
 
-from omni_data.collate import PackedBatch
+from omni_dist.packed import PackedBatch
 
 
 def assign(costs: list[list[int]]) -> list[list[tuple[int, int]]]:

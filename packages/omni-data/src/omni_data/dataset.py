@@ -17,13 +17,14 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from omni_data.collate import PackedBatch, collate
+from omni_data.collate import collate
 from omni_data.config import DataConfig
 from omni_data.errors import ErrorCounts
 from omni_data.packing import take_batch
 from omni_data.processor import Measured, Processor
 from omni_data.schema import SampleError
 from omni_data.sources import SOURCES, Record, Source
+from omni_dist.packed import PackedBatch
 
 log = logging.getLogger("omni_data")
 

@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from omni_data.balance import balance_step
-from omni_data.collate import PackedBatch, padding_batch
+from omni_data.collate import padding_batch
 from omni_data.config import DataConfig
 from omni_data.dataset import StreamingDataset, WorkerItem
 from omni_data.errors import DataErrorRateExceeded, ErrorCounts
 from omni_data.processor import Processor
+from omni_dist.packed import PackedBatch
 
 
 @dataclass

@@ -48,7 +48,7 @@ class ParallelizeConfig:
     offload_params: bool = False  # FSDP CPUOffloadPolicy: params, grads and optimizer state on CPU
     recompute: str = "none"  # none | full | selective, applied to plan.recompute
     offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
-    expert_overlap_chunks: int = 1  # >1: EP dispatch in chunks overlapping expert compute
+    ep_async: int = 1  # >1: EP dispatch in chunks overlapping expert compute
     expert_compute: str = "auto"  # auto | loop | grouped_mm (omni_dist.expert_compute)
 
     def __post_init__(self) -> None:
@@ -108,7 +108,7 @@ def parallelize(
     report = ParallelizeReport()
     if mesh.dims.ep > 1:
         apply_expert_parallel(
-            model, mesh, plan, experts, expert_params, config.expert_overlap_chunks, config.expert_compute
+            model, mesh, plan, experts, expert_params, config.ep_async, config.expert_compute
         )
         report.expert_parallel = [fqn for fqn, _ in experts]
     for fqn, module in recompute:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omni_models.modality import MediaInputs
+from omni_dist.packed import MediaBatch, PackedBatch
+from omni_dist.sequence import IGNORE_INDEX
 
 
 @dataclass
@@ -24,17 +25,6 @@ class Generation:
     tokens: list[int]  # generated token ids (image tokens appear as the placeholder id)
     images: list[torch.Tensor] = field(default_factory=list)  # (3, S, S) in [0, 1], in order
     codes: list[torch.Tensor] = field(default_factory=list)  # each image's codebook indices
-
-
-@dataclass
-class _Prompt:
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    labels: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    media: Mapping[str, MediaInputs]
-    targets: Mapping[str, MediaInputs] = field(default_factory=dict)
 
 
 @contextmanager
@@ -84,7 +74,7 @@ def generate(
     model,
     input_ids: torch.Tensor,
     markers: Mapping[str, tuple[int, int, int]],
-    media: Mapping[str, MediaInputs] | None = None,
+    media: Mapping[str, MediaBatch] | None = None,
     max_new_tokens: int = 64,
     eos_id: int | None = None,
     temperature: float = 0.0,
@@ -102,13 +92,14 @@ def generate(
     foundation = model.foundation
     device = input_ids.device
     n = int(input_ids.numel())
-    prompt = _Prompt(
+    prompt = PackedBatch(
         input_ids[None],
-        torch.arange(n)[None],
-        torch.full((1, n), -100),
-        torch.tensor([0, n], dtype=torch.int32),
+        torch.arange(n, device=device)[None],
+        torch.full((1, n), IGNORE_INDEX, device=device),
+        torch.tensor([0, n], dtype=torch.int32, device=device),
         n,
-        dict(media or {}),
+        media=dict(media or {}),
+        num_tokens=n,
     )
     start_of = {ids[0]: m for m, ids in markers.items() if m in model.modality_decoder}
     embed_tokens = foundation.get_input_embeddings()

@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,22 +26,9 @@ from torch import nn
 
 from omni_dist.attention import SequenceParallel
 from omni_dist.moe_loss import load_balancing_loss
+from omni_dist.packed import PackedBatch
 from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
 from omni_models.flops import transformer_flops
-from omni_models.modality import MediaInputs
-
-
-class PackedInputs(Protocol):
-    """A packed micro-batch (omni_data.collate.PackedBatch satisfies it structurally)."""
-
-    input_ids: torch.Tensor  # (1, T)
-    position_ids: torch.Tensor  # (1, T)
-    labels: torch.Tensor  # (1, T), already shifted
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    num_tokens: int  # real tokens: the first num_tokens positions; the rest is SP padding
-    media: Mapping[str, MediaInputs]  # encoder inputs
-    targets: Mapping[str, MediaInputs]  # generation targets (decoders)
 
 
 @dataclass
@@ -107,30 +94,34 @@ class OmniModel(nn.Module):
         self.modality_encoder = _owners(self.encoders, "read")
         self.modality_decoder = _owners(self.decoders, "generated")
 
-    def _check_media(self, batch: PackedInputs) -> None:
+    def _check_media(self, batch: PackedBatch) -> None:
         unknown = sorted(set(batch.media) - set(self.modality_encoder))
         if unknown:
             raise ValueError(
                 f"the batch has media {unknown} that no encoder reads (encoders: {self.modality_encoder})"
             )
-        unknown = sorted(set(getattr(batch, "targets", {})) - set(self.modality_decoder))
+        unknown = sorted(set(batch.targets) - set(self.modality_decoder))
         if unknown:
             raise ValueError(f"the batch has generation targets {unknown} that no decoder makes")
 
-    def embed(self, batch: PackedInputs, sp: SequenceParallel | None = None) -> torch.Tensor:
-        """Input embeddings of this rank's part of the sequence, media features in place."""
-        return self._embed(batch, sp)[0]
+    def embed(self, batch: PackedBatch, sp: SequenceParallel | None = None) -> torch.Tensor:
+        """Input embeddings (t, hidden) of this rank's part of the sequence, media features in place."""
+        return self._embed(batch, sp)[0][0]
 
     def _embed(
-        self, batch: PackedInputs, sp: SequenceParallel | None
+        self, batch: PackedBatch, sp: SequenceParallel | None
     ) -> tuple[torch.Tensor, dict[str, _Targets]]:
+        """(1, t, hidden) embeddings of this rank's slice and each decoder's targets. Built with the
+        batch dim from the start: the foundation's outputs include its input embeddings (hidden_states
+        [0]), and a view there is what FSDP warns about (an in-place op on it would skip its hook)."""
         self._check_media(batch)
         ids = batch.input_ids[0]
         start, length = 0, ids.shape[0]
         if sp is not None:
             ids = slice_for_sp(ids, sp)
             start, length = sp.rank * ids.shape[0], ids.shape[0]
-        embeds = self.foundation.get_input_embeddings()(ids)
+        embeds = self.foundation.get_input_embeddings()(ids[None])
+        row0 = ids.new_zeros(())  # the batch index of every spliced position
         for name, encoder in self.encoders.items():
             present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
             media = present or {m: x.to(ids.device) for m, x in encoder.dummy_media().items()}
@@ -152,9 +143,10 @@ class OmniModel(nn.Module):
                 rows.append(keep + offset)
                 targets.append(pos[keep])
                 offset += f.shape[0]
-            embeds = embeds.index_put((torch.cat(targets),), projected[torch.cat(rows)].to(embeds.dtype))
+            at = torch.cat(targets)
+            embeds = embeds.index_put((row0.expand_as(at), at), projected[torch.cat(rows)].to(embeds.dtype))
         generated: dict[str, _Targets] = {}
-        batch_targets = getattr(batch, "targets", {})
+        batch_targets = batch.targets
         for name, decoder in self.decoders.items():
             # Generation targets: teacher-forced token embeddings at their positions (dummy: at none).
             (m,) = decoder.modalities
@@ -171,18 +163,19 @@ class OmniModel(nn.Module):
             elif feats.shape[0] != pos.shape[0]:
                 raise ValueError(f"{name} gave {feats.shape[0]} {m} tokens for {pos.shape[0]} placeholders")
             keep = torch.nonzero((pos >= start) & (pos < start + length)).flatten()
-            embeds = embeds.index_put((pos[keep] - start,), feats[keep].to(embeds.dtype))
+            at = pos[keep] - start
+            embeds = embeds.index_put((row0.expand_as(at), at), feats[keep].to(embeds.dtype))
             generated[name] = _Targets(pos, codes[: pos.shape[0]])
         return embeds, generated
 
-    def forward(self, batch: PackedInputs, sequence_parallel: SequenceParallel | None = None) -> OmniOutput:
+    def forward(self, batch: PackedBatch, sequence_parallel: SequenceParallel | None = None) -> OmniOutput:
         sp = sequence_parallel
         embeds, generated = self._embed(batch, sp)
         positions, labels = batch.position_ids[0], batch.labels[0]
         if sp is not None:
             positions, labels = slice_for_sp(positions, sp), slice_for_sp(labels, sp)
         lm = self.foundation(
-            inputs_embeds=embeds.unsqueeze(0),
+            inputs_embeds=embeds,
             position_ids=positions.unsqueeze(0),
             cu_seq_lens_q=batch.cu_seqlens,
             cu_seq_lens_k=batch.cu_seqlens,
@@ -196,13 +189,13 @@ class OmniModel(nn.Module):
         logits = lm.logits[0].float()
         loss = F.cross_entropy(logits, labels.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
         parts = {"text": (loss, int((labels != IGNORE_INDEX).sum()))}
-        start = 0 if sp is None else sp.rank * embeds.shape[0]
+        start = 0 if sp is None else sp.rank * embeds.shape[1]
         for name, decoder in self.decoders.items():
             # Token k of an image is predicted from the hidden state one position before it; that
             # position may sit on this SP rank even when the token itself does not.
             t = generated[name]
             before = t.positions - 1 - start
-            keep = torch.nonzero(_predicted_here(t.positions, start, embeds.shape[0])).flatten()
+            keep = torch.nonzero(_predicted_here(t.positions, start, embeds.shape[1])).flatten()
             hidden = lm.hidden_states[-1][0, before[keep]]
             scores = decoder.lm_head(hidden).float()
             part = F.cross_entropy(scores, t.codes[keep].to(scores.device), reduction="sum")
@@ -232,7 +225,7 @@ class OmniModel(nn.Module):
     def _active_params(self) -> int:  # counted once: flops() runs for every micro-batch
         return active_block_params(self.foundation)
 
-    def flops(self, batch: PackedInputs) -> dict[str, float]:
+    def flops(self, batch: PackedBatch) -> dict[str, float]:
         """Training FLOPs of this micro-batch per part (see omni_models.flops)."""
         cfg = self.foundation.config
         cu = batch.cu_seqlens.tolist()
@@ -250,7 +243,7 @@ class OmniModel(nn.Module):
         for name, encoder in self.encoders.items():
             present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
             out[name] = encoder.flops(present) if present else 0.0
-        targets = getattr(batch, "targets", {})
+        targets = batch.targets
         for name, decoder in self.decoders.items():
             present = {m: targets[m] for m in decoder.modalities if m in targets}
             out[name] = decoder.flops(present) if present else 0.0
@@ -268,7 +261,7 @@ def _owners(parts: nn.ModuleDict, verb: str) -> dict[str, str]:
     return out
 
 
-def loss_tokens(batch: PackedInputs, sp: SequenceParallel | None = None) -> int:
+def loss_tokens(batch: PackedBatch, sp: SequenceParallel | None = None) -> int:
     """Tokens of `batch` whose loss this rank computes: text labels in its slice, plus every generated
     token whose predicting position (the one before it) is in its slice. The step's global sum of this
     is what each rank divides its loss sum by."""
@@ -278,7 +271,7 @@ def loss_tokens(batch: PackedInputs, sp: SequenceParallel | None = None) -> int:
         labels = slice_for_sp(labels, sp)
         start, length = sp.rank * labels.shape[0], labels.shape[0]
     total = int((labels != IGNORE_INDEX).sum())
-    for target in getattr(batch, "targets", {}).values():
+    for target in batch.targets.values():
         total += int(_predicted_here(target.positions, start, length).sum())
     return total
 

@@ -96,17 +96,6 @@ def local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
     return sum(loss_tokens(b, sp) for b in micro_batches)
 
 
-def _to_device(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    for name in ("input_ids", "position_ids", "labels", "cu_seqlens"):
-        setattr(batch, name, getattr(batch, name).to(device, non_blocking=True))
-    for media in (*batch.media.values(), *batch.targets.values()):
-        media.tensors = {k: v.to(device, non_blocking=True) for k, v in media.tensors.items()}
-        media.positions = media.positions.to(device, non_blocking=True)
-    return batch
-
-
 def forward_backward(
     model,
     micro_batches,
@@ -123,7 +112,7 @@ def forward_backward(
     one holding the same samples. A MoE foundation's load-balancing loss is HF's per sequence: each
     micro-batch's, averaged over the step's micro-batches (fillers excluded), times its coefficient.
     """
-    real = sum(not getattr(b, "is_padding", False) for b in micro_batches)
+    real = sum(not b.is_padding for b in micro_batches)
     counts = global_token_count(torch.tensor([local_label_tokens(micro_batches, sp), real]), mesh["loss"])
     tokens = counts[0]
     sp_size = sp.size if sp is not None else 1
@@ -133,14 +122,14 @@ def forward_backward(
     part_counts: dict[str, float] = {}
     flops = 0.0
     for batch in micro_batches:
-        batch = _to_device(batch, device)
+        batch = batch.to(device)
         out = model(batch, sequence_parallel=sp)
         loss = out.loss_sum / tokens.clamp(min=1).to(out.loss_sum.dtype)
         parts = dict(out.parts)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss_coef * out.aux_loss / sequences.clamp(min=1).to(out.aux_loss.dtype)
             # reported as the mean over the step's sequences: each SP rank holds 1/sp of one
-            parts["moe_aux"] = (out.aux_loss, 0.0 if getattr(batch, "is_padding", False) else 1 / sp_size)
+            parts["moe_aux"] = (out.aux_loss, 0.0 if batch.is_padding else 1 / sp_size)
         if backward:
             loss.backward()
         total += loss.detach().double()
@@ -197,7 +186,7 @@ class Trainer:
             offload_params=p.offload_params,
             recompute=p.recompute,
             offload_activations=p.offload_activations,
-            expert_overlap_chunks=p.ep_async,
+            ep_async=p.ep_async,
             expert_compute=p.expert_compute,
         )
         self.param_dtype = getattr(torch, p.param_dtype)

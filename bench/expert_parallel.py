@@ -43,9 +43,7 @@ def build(ep: int, chunks: int, compute: str = "auto"):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), ep=ep), device_type="cpu")
-    parallelize(
-        model, mesh, plan_for(model), ParallelizeConfig(ep_async=chunks, expert_compute=compute)
-    )
+    parallelize(model, mesh, plan_for(model), ParallelizeConfig(ep_async=chunks, expert_compute=compute))
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, seed=0)
     return model

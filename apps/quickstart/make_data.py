@@ -219,7 +219,7 @@ def preprocess_spec(root: Path, manifests: dict[str, Path], tokenizer: Path, mod
             "output": str(root / "shards"),
             "shard_samples": 150,
             "processor": {
-                "factory": "omni_train.processing:chat_processor",
+                "factory": "omni_train.assembly:preprocessing_processor",
                 "options": {"model": str(Path(model).resolve()), "tokenizer": str(tokenizer.resolve())},
             },
             **overrides,

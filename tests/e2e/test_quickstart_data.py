@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from omni_data.config import DataConfig
 from omni_data.loader import OmniLoader
-from omni_train.processing import chat_processor
+from omni_train.assembly import preprocessing_processor
 from tests.e2e.conftest import load_make_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ def test_quickstart_dataset_builds_and_its_counts_match_training_time_processing
     assert len({r["modalities"] for r in index if r["shard"] == "shard-000009.tar"}) > 2  # shards mix sources
     assert {m for r in index for m in r["modalities"].split(",") if m} == {"image", "video", "audio"}
     # The loader, with counts recomputed by the model's processors, sees the same tokens as the index.
-    proc = chat_processor(
+    proc = preprocessing_processor(
         str(ROOT / "apps/quickstart/recipe.yaml"), str(tmp_path / "tokenizer"), use_recorded_counts=False
     )
     cfg = DataConfig.from_dict(

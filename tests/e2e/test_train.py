@@ -129,13 +129,13 @@ def _accumulation_rank(data: str) -> tuple[list[float], list[float]]:
     from omni_dist.weights import materialize_
     from omni_models.config import build_omni_model
     from omni_models.omni_weights import init_omni_weights_
+    from omni_train.assembly import preprocessing_processor
     from omni_train.config import load_config as load
-    from omni_train.processing import chat_processor
     from omni_train.trainer import forward_backward
 
-    cfg = load(str(RECIPE), [f"data.tokenizer={data}/tokenizer"]).omni_model()
+    cfg = load(str(RECIPE), [f"data.tokenizer={data}/tokenizer"]).model_spec
     mesh = ParallelMesh.build(ParallelDims(world_size=1), device_type="cpu")
-    proc = chat_processor(str(RECIPE), f"{data}/tokenizer")
+    proc = preprocessing_processor(str(RECIPE), f"{data}/tokenizer")
     docs = [json.loads(x) for x in Path(data, "raw/quickstart.jsonl").read_text().splitlines()[:4]]
     samples = [
         proc.process(

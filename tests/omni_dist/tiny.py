@@ -189,9 +189,7 @@ def train_single_packed(config, steps: int = STEPS) -> dict[str, list[float]]:
     return {"loss": losses, "grad_norm": norms}
 
 
-def my_sequences(
-    batch: list[PackedBatch], mesh: ParallelMesh, sp: SequenceParallel
-) -> list[PackedBatch]:
+def my_sequences(batch: list[PackedBatch], mesh: ParallelMesh, sp: SequenceParallel) -> list[PackedBatch]:
     """This data-parallel rank's packed sequences, padded for its SP group."""
     return [pad_for_sp(s, sp.size) for s in batch[mesh.dp_rank :: mesh.dims.dp]]
 

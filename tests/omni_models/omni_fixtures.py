@@ -8,9 +8,9 @@ import random
 import numpy as np
 
 from omni_data.collate import collate
-from omni_dist.packed import PackedBatch
 from omni_data.processor import ChatProcessor
 from omni_data.schema import parse_sample
+from omni_dist.packed import PackedBatch
 from omni_models.config import OmniModelConfig
 from tests.omni_data.fixtures import png, tokenizer
 

@@ -7,10 +7,10 @@ import torch
 
 from omni_data.processor import ChatProcessor
 from omni_data.schema import MediaItem, SampleError, parse_sample
+from omni_dist.packed import MediaBatch, PackedBatch
 from omni_models.config import OmniModelConfig, build_omni_model
 from omni_models.encoders.qwen2_vl_processing import PatchGeometry
 from omni_models.media import decode_audio
-from omni_models.modality import Media
 from tests.omni_data.fixtures import png, tokenizer
 from tests.omni_models.omni_fixtures import VISION, foundation_config, mp4, omni_config, wav
 
@@ -35,7 +35,7 @@ def test_image_video_audio_counts_match_the_processed_tensors():
         assert rows == count.encoder_units == int(out["grid_thw"].prod())
         assert count.llm_tokens == rows // g.merge_size**2
         assert out["pixel_values"].shape[1] == 3 * g.temporal_patch_size * g.patch_size**2
-        feats = vision.lm_encode({item.modality: Media.of([out], [count.llm_tokens])})
+        feats = vision.lm_encode({item.modality: MediaBatch.of([out], [count.llm_tokens])})
         assert feats[item.modality].shape == (count.llm_tokens, vision.output_size)
     for seconds, rate in ((0.05, 16000), (0.7, 22050), (0.31, 8000)):
         item = MediaItem("audio", "a.wav", wav(seconds, 3, rate))
@@ -43,7 +43,7 @@ def test_image_video_audio_counts_match_the_processed_tensors():
         count = proc.count(item)
         out = proc.process(item)
         assert out["input_features"].shape[0] * audio.window // 2 == count.encoder_units
-        feats = audio.lm_encode({"audio": Media.of([out], [count.llm_tokens])})["audio"]
+        feats = audio.lm_encode({"audio": MediaBatch.of([out], [count.llm_tokens])})["audio"]
         assert feats.shape == (count.llm_tokens, audio.output_size)
     assert decode_audio(wav(0.5, 0, 22050), 16000).shape == (8000,)
 
@@ -106,7 +106,7 @@ def test_siglip_encoder_and_every_registered_foundation_run():
     proc = model.encoders["image"].processor("image")
     item = MediaItem("image", "a.png", png(20, 50, 1))
     out = proc.process(item)
-    feats = model.encoders["image"].lm_encode({"image": Media.of([out], [proc.count(item).llm_tokens])})[
+    feats = model.encoders["image"].lm_encode({"image": MediaBatch.of([out], [proc.count(item).llm_tokens])})[
         "image"
     ]
     assert feats.shape == (16, 16) and out["pixel_values"].shape == (1, 3, 32, 32)
@@ -137,18 +137,13 @@ def test_siglip_encoder_and_every_registered_foundation_run():
             )
         )
         cu = torch.tensor([0, 5, 9], dtype=torch.int32)
-        batch = type(
-            "B",
-            (),
-            {
-                "input_ids": torch.randint(0, 64, (1, 9)),
-                "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]]),
-                "labels": torch.randint(0, 64, (1, 9)),
-                "cu_seqlens": cu,
-                "max_seqlen": 5,
-                "num_tokens": 9,
-                "media": {},
-            },
+        batch = PackedBatch(
+            input_ids=torch.randint(0, 64, (1, 9)),
+            position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]]),
+            labels=torch.randint(0, 64, (1, 9)),
+            cu_seqlens=cu,
+            max_seqlen=5,
+            num_tokens=9,
         )
         out = model(batch)
         out.loss_sum.backward()

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from omni_data.processor import ChatProcessor, modality_tokens
+from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.config import OmniModelConfig, build_omni_model
 from omni_models.flops import transformer_flops
-from omni_models.modality import Media, MediaCount
+from omni_models.modality import MediaCount
 from omni_models.omni_weights import init_omni_weights_
 from omni_models.registry import ENCODERS, register_encoder
 from tests.omni_data.fixtures import tokenizer
@@ -58,7 +59,7 @@ class SensorEncoder(nn.Module):
         return {m: self(media[m].tensors["windows"].to(self.net[0].weight.dtype))}
 
     def dummy_media(self):
-        return {self.modalities[0]: Media.of([{"windows": torch.zeros(1, WINDOW)}], [1])}
+        return {self.modalities[0]: MediaBatch.of([{"windows": torch.zeros(1, WINDOW)}], [1])}
 
     def processor(self, modality: str):
         return SensorProcessor()

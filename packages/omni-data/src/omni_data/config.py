@@ -1,10 +1,14 @@
-"""Typed data configuration (plain dataclasses: omni-data stays free of pydantic; unknown keys fail)."""
+"""Typed data configuration (plain dataclasses: omni-data stays free of pydantic; unknown keys fail).
+
+A training recipe's `data` section takes DataConfig's fields as they are (omni_train.config), so a new
+field and its default are declared here only.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from omni_data.packing import Budget
 from omni_dist.strict import strict_fields
@@ -39,7 +43,7 @@ class DataConfig:
     shuffle_shards: bool = True
     shuffle_buffer: int = 0  # samples; 0 keeps shard order
     pack_buffer: int = 64  # candidates the packer chooses from
-    overlong: str = "truncate"  # or "drop": samples over the token budget
+    overlong: Literal["truncate", "drop"] = "truncate"  # samples over the token budget
     max_error_rate: float = 0.01
     error_min_samples: int = 200  # the rate is judged only after this many records
     pad_to_multiple: int = 1  # the SP degree: every micro-batch's length is a multiple of it
@@ -61,7 +65,7 @@ class DataConfig:
             raise DataConfigError(f"data.max_error_rate must be in [0, 1], got {self.max_error_rate}")
         if self.max_tokens % self.pad_to_multiple:
             raise DataConfigError(
-                f"data.max_tokens ({self.max_tokens}) must be a multiple of pad_to_multiple "
+                f"data.max_tokens ({self.max_tokens}) must be a multiple of data.pad_to_multiple "
                 f"({self.pad_to_multiple}) so a padded micro-batch stays within the budget"
             )
         Budget(self.max_tokens, self.max_encoder_units, self.max_media_items)  # validates the numbers

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from omni_dist.parallel_dims import ParallelConfigError
 
-EXPERT_COMPUTE = ("auto", "loop", "grouped_mm")
+ExpertCompute = Literal["auto", "loop", "grouped_mm"]
+EXPERT_COMPUTE: tuple[str, ...] = get_args(ExpertCompute)
 
 # (rows grouped by local expert, rows per local expert) -> expert outputs, same order
 ExpertFn = Callable[[torch.Tensor, list[int]], torch.Tensor]

@@ -37,7 +37,9 @@ class MediaBatch:
         keys = list(items[0])
         for item in items:
             if list(item) != keys:
-                raise ValueError(f"media items have keys {list(item)} and {keys}: a processor must be consistent")
+                raise ValueError(
+                    f"media items have keys {list(item)} and {keys}: a processor must be consistent"
+                )
         return cls(
             {k: torch.cat([i[k] for i in items]) for k in keys},
             {k: [int(i[k].shape[0]) for i in items] for k in keys},

@@ -47,14 +47,7 @@ class ParallelDims:
     def __post_init__(self) -> None:
         if not isinstance(self.world_size, int) or self.world_size < 1:
             raise ParallelConfigError(f"world_size must be a positive integer, got {self.world_size!r}.")
-        for name in ("dp_replicate", "sp", "ep"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ParallelConfigError(f"parallel.{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.dp_shard, int) or (self.dp_shard < 1 and self.dp_shard != -1):
-            raise ParallelConfigError(
-                f"parallel.dp_shard must be a positive integer or -1 (infer), got {self.dp_shard!r}."
-            )
+        self.check_degrees(self.dp_replicate, self.dp_shard, self.sp, self.ep)
         outer = self.dp_replicate * self.sp
         if self.dp_shard == -1:
             if self.world_size % outer:
@@ -79,6 +72,17 @@ class ParallelDims:
             raise ParallelConfigError(
                 f"ep ({self.ep}) must divide dp_shard x sp = {self.shard_group_size}: experts are sharded within "
                 f"one data-parallel replica. Valid ep values here: {_divisors(self.shard_group_size)}."
+            )
+
+    @staticmethod
+    def check_degrees(dp_replicate: int = 1, dp_shard: int = -1, sp: int = 1, ep: int = 1) -> None:
+        """The checks that need no world size (a recipe is validated before it has one)."""
+        for name, value in (("dp_replicate", dp_replicate), ("sp", sp), ("ep", ep)):
+            if not isinstance(value, int) or value < 1:
+                raise ParallelConfigError(f"parallel.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(dp_shard, int) or (dp_shard < 1 and dp_shard != -1):
+            raise ParallelConfigError(
+                f"parallel.dp_shard must be a positive integer or -1 (infer), got {dp_shard!r}."
             )
 
     @property

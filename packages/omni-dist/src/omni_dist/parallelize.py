@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from torch.distributed.fsdp import (
 )
 
 from omni_dist.dtypes import resolve_dtype
-from omni_dist.expert_compute import check_expert_compute
+from omni_dist.expert_compute import ExpertCompute, check_expert_compute
 from omni_dist.expert_parallel import apply_expert_parallel
 from omni_dist.mesh import ParallelMesh
 from omni_dist.plan import ParallelPlan, PlanError
@@ -34,28 +35,34 @@ from omni_dist.recompute import ActivationOffloader, apply_activation_offload, a
 
 log = logging.getLogger(__name__)
 
-RECOMPUTE_MODES = ("none", "full", "selective")
+Recompute = Literal["none", "full", "selective"]
+RECOMPUTE_MODES: tuple[str, ...] = get_args(Recompute)
 
 
 @dataclass(frozen=True)
 class ParallelizeConfig:
-    """User choices for how the plan is applied (the plan says where, this says what)."""
+    """User choices for how the plan is applied (the plan says where, this says what).
+
+    A training recipe's `parallel` section takes these fields as they are (omni_train.config).
+    """
 
     param_dtype: str = "float32"  # dtype of unsharded parameters in forward/backward
     reduce_dtype: str = "float32"  # dtype of gradient reduction
     reshard_after_forward: bool = True  # False keeps gathered params until backward (ZeRO-2-like)
     forward_prefetch: int = 0  # FSDP units ahead whose all-gather is issued early in forward
     offload_params: bool = False  # FSDP CPUOffloadPolicy: params, grads and optimizer state on CPU
-    recompute: str = "none"  # none | full | selective, applied to plan.recompute
+    recompute: Recompute = "none"  # applied to plan.recompute
     offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
     ep_async: int = 1  # >1: EP dispatch in chunks overlapping expert compute
-    expert_compute: str = "auto"  # auto | loop | grouped_mm (omni_dist.expert_compute)
+    expert_compute: ExpertCompute = "auto"  # local experts under EP (omni_dist.expert_compute)
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}.")
         if self.forward_prefetch < 0:
             raise ValueError(f"forward_prefetch must be >= 0, got {self.forward_prefetch}.")
+        if self.ep_async < 1:
+            raise ValueError(f"ep_async must be >= 1 (1: no chunking), got {self.ep_async}.")
         check_expert_compute(self.expert_compute)
 
 

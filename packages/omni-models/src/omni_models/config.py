@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from omni_dist.strict import strict_fields
 from omni_models.attention import implementation_name, register_packed_attention
+from omni_models.contracts import check_contract
+from omni_models.modality import Decoder, Encoder, Foundation, MediaProcessor
 from omni_models.omni import OmniModel, projector
 from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS
 
@@ -120,16 +122,43 @@ def build_foundation(cfg: FoundationConfig) -> nn.Module:
     return AutoModelForCausalLM.from_config(hf_cfg)
 
 
+def _checked_part(part: Any, protocol: type, where: str, modalities: tuple[str, ...] = ()) -> Any:
+    """`part` once it (and its processor of each of `modalities`) satisfies its Protocol."""
+    check_contract(part, protocol, where, ModelConfigError)
+    for m in modalities:
+        try:
+            proc = part.processor(m)
+        except (KeyError, ValueError) as err:
+            raise ModelConfigError(f"{where}: processor({m!r}) raised {type(err).__name__}: {err}") from err
+        check_contract(proc, MediaProcessor, f"{where} processor({m!r})", ModelConfigError)
+    return part
+
+
 def build_omni_model(cfg: OmniModelConfig) -> OmniModel:
-    """Build on the current default device (use `with torch.device("meta")` before parallelizing)."""
-    foundation = build_foundation(cfg.foundation)
+    """Build on the current default device (use `with torch.device("meta")` before parallelizing).
+
+    Every part is checked against its Protocol (omni_models.modality) as it is built: a registered
+    class without a member the framework calls is a ModelConfigError naming the part and the member."""
+    foundation = _checked_part(
+        build_foundation(cfg.foundation), Foundation, f"model.foundation ({cfg.foundation.name})"
+    )
     width = foundation.config.hidden_size
     encoders, projectors = {}, {}
     for name, e in cfg.encoders.items():
-        encoders[name] = ENCODERS[e.name](dict(e.config), modalities=e.modalities, **e.options)
+        encoders[name] = _checked_part(
+            ENCODERS[e.name](dict(e.config), modalities=e.modalities, **e.options),
+            Encoder,
+            f"model.encoders.{name} ({e.name})",
+            e.modalities,
+        )
         projectors[name] = projector(e.projector, encoders[name].output_size, width)
     decoders = {
-        name: DECODERS[d.name](dict(d.config), modalities=d.modalities, hidden_size=width, **d.options)
+        name: _checked_part(
+            DECODERS[d.name](dict(d.config), modalities=d.modalities, hidden_size=width, **d.options),
+            Decoder,
+            f"model.decoders.{name} ({d.name})",
+            d.modalities,
+        )
         for name, d in cfg.decoders.items()
     }
     model = OmniModel(foundation, encoders, projectors, decoders)

@@ -1,4 +1,4 @@
-"""The modality protocol: what an encoder, a decoder and their media batches look like.
+"""The modality protocol: what an encoder, a decoder, the foundation and their media batches look like.
 
 Small Protocols instead of base classes. An encoder is an nn.Module that turns the media of a
 micro-batch into LLM-token embeddings; its processor (one per modality) turns a raw item into
@@ -9,48 +9,14 @@ through omni-train (omni-data only knows the structural MediaProcessor Protocol)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
+from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
-
-
-class MediaInputs(Protocol):
-    """All items of one modality in a micro-batch, in sequence order (omni_data.collate.MediaBatch)."""
-
-    tensors: dict[str, torch.Tensor]  # each item's processor output concatenated along dim 0
-    sizes: dict[str, list[int]]  # per key, each item's extent along dim 0
-    llm_tokens: torch.Tensor  # (items,)
-    positions: torch.Tensor  # placeholder positions in the packed sequence
-
-
-@dataclass
-class Media:
-    """A MediaInputs built on the model side (dummy inputs, tests)."""
-
-    tensors: dict[str, torch.Tensor]
-    sizes: dict[str, list[int]]
-    llm_tokens: torch.Tensor
-    positions: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-
-    @classmethod
-    def of(cls, items: list[dict[str, torch.Tensor]], llm_tokens: list[int]) -> Media:
-        keys = list(items[0])
-        return cls(
-            {k: torch.cat([i[k] for i in items]) for k in keys},
-            {k: [int(i[k].shape[0]) for i in items] for k in keys},
-            torch.tensor(llm_tokens),
-        )
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Media:
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
-
-        return Media(
-            {k: move(v) for k, v in self.tensors.items()}, self.sizes, self.llm_tokens, self.positions
-        )
 
 
 @dataclass(frozen=True)
@@ -59,56 +25,171 @@ class MediaCount:
     encoder_units: int
 
 
+# The Protocols below list exactly what the framework calls on each part: nothing more is required,
+# and `omni_models.contracts.check_contract` checks a built part against them (build_omni_model does,
+# for every part). Call sites pass the arguments before `/` positionally (any parameter name works)
+# and those after `*` by keyword. Members read with getattr and a fallback are optional and are named
+# in the docstrings only.
+
+
+@runtime_checkable
 class MediaProcessor(Protocol):
-    """Raw item (with `.data` bytes and `.name`) -> tensors; ValueError for bytes that do not decode."""
+    """One modality's raw item -> tensors, plus the counts the packer budgets with.
 
-    def count(self, item: Any) -> MediaCount: ...
+    omni-train hands these (an encoder's or decoder's `processor(modality)`) to
+    omni_data.processor.ChatProcessor, which calls `count` for every item of a sample it measures and
+    `process` for the items of samples it packs (omni_data.processor.MediaProcessor is the same Protocol
+    on the data side). `item` is an omni_data.schema.MediaItem: `.data` (raw bytes), `.name`,
+    `.modality`. Both raise ValueError for bytes that do not decode (the sample is skipped and counted
+    as `decode_error`); any other exception is a bug and propagates.
+    """
 
-    def process(self, item: Any) -> dict[str, torch.Tensor]: ...
+    def count(self, item: Any, /) -> MediaCount:
+        """(LLM tokens, encoder units) of the item, cheaply: from its header, without decoding it."""
+        ...
+
+    def process(self, item: Any, /) -> dict[str, torch.Tensor]:
+        """The decoded item as tensors; a micro-batch concatenates each key over its items along dim 0."""
+        ...
 
 
 @runtime_checkable
 class Encoder(Protocol):
-    """An nn.Module: media of its modalities -> (sum of llm_tokens, output_size) embeddings per modality."""
+    """An nn.Module that reads the media of its modalities into LLM-token features.
 
-    modalities: tuple[str, ...]
-    output_size: int
+    Built as `ENCODERS[name](config: dict, modalities=tuple, **options)`. Called by OmniModel
+    (`modalities`, `lm_encode`, `dummy_media`, `flops`), build_omni_model (`output_size` sizes its
+    projector), omni_models.parallel (`plan`; `lm_encode` becomes an FSDP forward method) and omni-train
+    (`processor`, for every modality it reads), besides the nn.Module API (parameters, requires_grad_).
 
-    def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, torch.Tensor]: ...
+    Optional, read with getattr: `tower`, the HF module whose checkpoint layout a `path` loads, export
+    writes and whose `_init_weights` initialises it (default: the encoder itself); and
+    `checkpoint_keys(name, tensor) -> {checkpoint name: tensor} | None`, which maps a tower parameter to
+    a checkpoint of another layout (None: under its own name).
+    """
 
-    def dummy_media(self) -> dict[str, Media]:
-        """The smallest valid input, run on ranks whose micro-batch has none of its modalities."""
+    modalities: tuple[str, ...]  # the modalities it reads; no other encoder of a model reads them
+    output_size: int  # feature width (its projector maps it to the foundation's hidden size)
+
+    def lm_encode(self, media: Mapping[str, MediaBatch], /) -> dict[str, torch.Tensor]:
+        """Some of its modalities' media -> per modality given, (sum of llm_tokens, output_size) features
+        in item order. Return fresh tensors, not views (FSDP hooks these outputs for backward)."""
         ...
 
-    def processor(self, modality: str) -> MediaProcessor: ...
+    def dummy_media(self) -> dict[str, MediaBatch]:
+        """The smallest valid input, encoded on ranks whose micro-batch has none of its modalities."""
+        ...
+
+    def processor(self, modality: str, /) -> MediaProcessor:
+        """The processor of one of its modalities (KeyError for another)."""
+        ...
 
     def plan(self) -> ParallelPlan:
         """FSDP units / recompute for this encoder, relative to the encoder module."""
         ...
 
-    def flops(self, media: Mapping[str, MediaInputs]) -> float:
-        """Training FLOPs (forward + backward) of encoding this media."""
+    def flops(self, media: Mapping[str, MediaBatch], /) -> float:
+        """Training FLOPs (forward + backward) of encoding this media (called only with media present)."""
         ...
 
 
 @runtime_checkable
 class Decoder(Protocol):
-    """Reads the foundation's output for a generated modality (e.g. VQ image tokens)."""
+    """An nn.Module that makes one generated modality from the foundation's hidden states, as a fixed
+    number of discrete codes per item (e.g. VQ image tokens).
 
-    modalities: tuple[str, ...]
+    Built as `DECODERS[name](config: dict, modalities=(modality,), hidden_size=<foundation width>,
+    **options)`. Called by OmniModel for training (`modalities`, `lm_encode`, `lm_head`, `dummy_media`,
+    `flops`), omni_models.generate for sampling (`tokens`, `lm_head`, `lm_embed`, `lm_generate`),
+    omni_models.parallel (`plan`; `lm_encode`, `lm_head` and `lm_embed` become FSDP forward methods) and
+    omni-train (`processor` of its modality), besides the nn.Module API.
 
-    def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, torch.Tensor]:
-        """Teacher forcing: target media -> input embeddings at its placeholder positions."""
+    Optional, read with getattr: `tower`, the HF module whose `_init_weights` initialises it, and
+    `checkpoint_keys(name, tensor) -> {checkpoint name: tensor} | None`, as for an Encoder (a decoder's
+    checkpoint layout is its own module's: `path` loads and export writes the whole decoder).
+    """
+
+    modalities: tuple[str, ...]  # exactly one generated modality
+    tokens: int  # codes per generated item: generation samples this many, then the end marker
+
+    def lm_encode(self, media: Mapping[str, MediaBatch], /) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Teacher forcing: target media -> per modality, (input embeddings (n, hidden_size), the codes
+        they embed (n,)), n = sum of llm_tokens; the codes are the targets of `lm_head`."""
         ...
 
-    def lm_embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """Generated codes -> input embeddings (autoregressive sampling)."""
+    def lm_head(self, hidden: torch.Tensor, /) -> torch.Tensor:
+        """Foundation hidden states (n, hidden_size) -> logits (n, codebook) of the next code."""
         ...
 
-    def lm_head(self, hidden: torch.Tensor, media: Mapping[str, MediaInputs]) -> tuple[torch.Tensor, int]:
-        """Foundation hidden states at the target positions -> (loss sum, scored tokens)."""
+    def lm_embed(self, codes: torch.Tensor, /) -> torch.Tensor:
+        """Codes (n,) -> input embeddings (n, hidden_size) (generated codes fed back while sampling)."""
         ...
 
-    def lm_generate(self, foundation: Any, prompt_embeds: torch.Tensor, **kwargs: Any) -> Any: ...
+    def lm_generate(self, codes: torch.Tensor, /) -> torch.Tensor:
+        """(items, tokens) codes -> the generated items (an image decoder: (items, 3, S, S) in [0, 1])."""
+        ...
 
-    def processor(self, modality: str) -> MediaProcessor: ...
+    def dummy_media(self) -> dict[str, MediaBatch]:
+        """The smallest valid target, run on ranks whose micro-batch generates none of its modality."""
+        ...
+
+    def processor(self, modality: str, /) -> MediaProcessor:
+        """The processor of its target items (KeyError for another modality)."""
+        ...
+
+    def plan(self) -> ParallelPlan:
+        """FSDP units / recompute for this decoder, relative to the decoder module."""
+        ...
+
+    def flops(self, media: Mapping[str, MediaBatch], /) -> float:
+        """Training FLOPs (forward + backward) of these targets (called only with targets present)."""
+        ...
+
+
+@runtime_checkable
+class Foundation(Protocol):
+    """The language model: an HF causal LM built by `AutoModelForCausalLM.from_config` from
+    `FOUNDATIONS[name](**config)`, besides the nn.Module API (named_parameters, named_modules).
+
+    `config` is read for hidden_size, vocab_size, num_hidden_layers, num_attention_heads, head_dim (if
+    set), `_attn_implementation` (saved and restored around generation) and, for MoE,
+    num_experts / num_local_experts, num_experts_per_tok, router_aux_loss_coef; generation builds
+    `transformers.DynamicCache(config=config)`. The output of a forward has `.logits` (1, T, vocab),
+    `.hidden_states` (with output_hidden_states) and `.router_logits` (with output_router_logits).
+    Parallelizing looks its class name up in omni_models.hf_plans (unless the recipe gives a plan), and
+    initialisation uses its `_init_weights` when it has one (optional, read with getattr).
+    """
+
+    config: Any  # a transformers PretrainedConfig
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding (ids (1, T) -> (1, T, hidden_size)); media features are spliced into its output."""
+        ...
+
+    def set_attn_implementation(self, attn_implementation: str, /) -> None:
+        """Switch the attention backend by name (generation runs plain "sdpa", then restores it)."""
+        ...
+
+    def forward(
+        self,
+        *,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        sequence_parallel: Any = None,
+    ) -> Any:
+        """Called as the module (`foundation(**kwargs)`), always by keyword: training passes the packed
+        `inputs_embeds` (1, T, hidden), position_ids, the cu_seq_lens / max_length of the packed
+        attention, use_cache=False, sequence_parallel (an omni_dist SequenceParallel or None),
+        output_hidden_states and, for a MoE config whose load-balancing loss trains,
+        output_router_logits=True; generation passes inputs_embeds, past_key_values (a DynamicCache),
+        use_cache and output_hidden_states=True. HF models take the packed-attention keywords through
+        `**kwargs`."""
+        ...

@@ -147,7 +147,7 @@ def launch(
 
 @app.command()
 def convert(
-    checkpoint: str = typer.Argument(..., help="A checkpoint directory (RUN_DIR/checkpoints/step-N)."),
+    checkpoint: str = typer.Argument(..., help="A checkpoint directory (one step of RUN_DIR/checkpoints)."),
     out: str = typer.Argument(..., help="Output directory."),
     to: str = typer.Option("hf", "--to", help="Output format (hf: safetensors + config per model part)."),
     config: str = typer.Option(

@@ -3,19 +3,31 @@
 Everything is checked before any process starts: unknown keys (with the closest valid key), wrong
 types, and impossible combinations (degrees that do not multiply to the world size, an SP degree
 that does not divide the attention heads, a token budget that is not a multiple of sp, an unknown
-encoder or foundation). The `model` section is the omni model spec (omni_models.config) and the
-`data` section the loader's (omni_data.config); both are validated by their own packages.
+encoder or foundation).
+
+Each setting is declared once. The `data` and `parallel` sections are generated from the packages'
+own config types (omni_data's DataConfig; omni_dist's ParallelDims degrees and ParallelizeConfig),
+with their defaults; a field a package adds appears in the recipe by itself. Fields the trainer sets
+from elsewhere (DERIVED) are left out. The `model` section is the omni model spec, parsed once by
+omni_models.config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+
+from omni_data.config import DataConfig, DataConfigError
+from omni_dist import ParallelDims
+from omni_dist.parallel_dims import ParallelConfigError
+from omni_dist.parallelize import ParallelizeConfig
+from omni_models.config import ModelConfigError, OmniModelConfig
 
 
 class ConfigError(ValueError):
@@ -26,20 +38,50 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ParallelSection(_Section):
-    dp_replicate: int = Field(1, ge=1)
-    dp_shard: int = -1  # -1: inferred from the world size
-    sp: int = Field(1, ge=1)
-    sp_async: int = Field(1, ge=1)  # >1: Ulysses all-to-alls overlapped in this many head chunks
-    ep: int = Field(1, ge=1)
-    ep_async: int = Field(1, ge=1)  # >1: EP token dispatch in this many chunks overlapping expert compute
-    expert_compute: Literal["auto", "loop", "grouped_mm"] = "auto"  # local experts under EP
-    recompute: Literal["none", "full", "selective"] = "none"
-    offload_params: bool = False
-    offload_activations: bool = False
-    param_dtype: str = "float32"
-    reduce_dtype: str = "float32"
-    reshard_after_forward: bool = True
+# Package config fields the trainer sets itself, and the recipe key each comes from.
+DERIVED = {
+    "data": {"seed": "train.seed", "pad_to_multiple": "parallel.sp", "epochs": None},
+    "parallel": {"world_size": None},
+}
+
+
+def _section(name: str, packages: tuple[type, ...], own: dict[str, Any]) -> type[_Section]:
+    """A recipe section with the fields (types, defaults) of the packages' dataclasses, plus its own."""
+    fields: dict[str, Any] = {}
+    skip = DERIVED.get(name.lower().removesuffix("section"), {})
+    for cls in packages:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = Field(default_factory=f.default_factory)
+            else:
+                default = ...
+            fields[f.name] = (hints[f.name], default)
+    return create_model(name, __base__=_Section, **{**fields, **own})
+
+
+DataSection = _section(
+    "DataSection",
+    (DataConfig,),
+    {
+        "sources": (list[dict[str, Any]], ...),  # each validated by omni_data's SourceConfig
+        "tokenizer": (str, ...),
+        "eval_sources": (list[dict[str, Any]], []),
+        "prepare": (str | None, None),  # a command that makes the data when it is missing
+    },
+)
+ParallelSection = _section(
+    "ParallelSection",
+    (ParallelDims, ParallelizeConfig),
+    {"sp_async": (int, Field(1, ge=1))},  # >1: Ulysses all-to-alls overlapped in this many head chunks
+)
+_TRAINER_DATA_KEYS = {"tokenizer", "eval_sources", "prepare"}
+_DIMS_KEYS = {f.name for f in dataclasses.fields(ParallelDims)} - DERIVED["parallel"].keys()
+_PARALLELIZE_KEYS = {f.name for f in dataclasses.fields(ParallelizeConfig)}
 
 
 class TrainSection(_Section):
@@ -51,32 +93,14 @@ class TrainSection(_Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
-    micro_batches_per_step: int = Field(1, ge=1)  # gradient accumulation
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # 0: no evaluation
     eval_steps: int = Field(4, ge=1)
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite losses before the run stops
 
 
-class DataSection(_Section):
-    tokenizer: str
-    sources: list[dict[str, Any]]
-    max_tokens: int = Field(4096, ge=1)
-    max_encoder_units: int | None = None
-    max_media_items: int | None = None
-    num_workers: int = Field(1, ge=0)
-    shuffle_buffer: int = Field(256, ge=0)
-    pack_buffer: int = Field(64, ge=1)
-    overlong: Literal["truncate", "drop"] = "truncate"
-    max_error_rate: float = Field(0.01, ge=0, le=1)
-    balance: bool = False
-    streams: int | None = None
-    eval_sources: list[dict[str, Any]] = []
-    prepare: str | None = None  # a command that makes the data when it is missing (e.g. the quickstart's)
-
-
 class CheckpointSection(_Section):
-    dir: str | None = None  # default: RUN_DIR/checkpoints
+    dir: str | None = None  # default RUN_DIR/checkpoints; a relative path is relative to the run dir
     interval: int = Field(0, ge=0)  # steps; 0: only at the end
     keep: int = Field(2, ge=1)
     async_save: bool = True
@@ -84,7 +108,6 @@ class CheckpointSection(_Section):
 
 
 class LauncherSection(_Section):
-    backend: Literal["local", "ray"] = "local"
     num_workers: int = Field(1, ge=1)  # processes (ranks)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -113,62 +136,54 @@ class TrainConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     launcher: LauncherSection = LauncherSection()
     logging: LoggingSection = LoggingSection()
+    _model_spec: OmniModelConfig = PrivateAttr()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        from omni_models.config import ModelConfigError, OmniModelConfig
-
         try:
-            OmniModelConfig.from_dict(self.model)
+            self._model_spec = OmniModelConfig.from_dict(self.model)
         except (ModelConfigError, TypeError) as e:
             raise ValueError(f"model: {e}") from None
-        if self.data.max_tokens % self.parallel.sp:
-            raise ValueError(
-                f"data.max_tokens ({self.data.max_tokens}) must be a multiple of parallel.sp ({self.parallel.sp})"
-            )
+        p = self.parallel
+        try:
+            ParallelDims.check_degrees(**p.model_dump(include=_DIMS_KEYS))
+            self.parallelize_config()
+        except (ParallelConfigError, ValueError) as e:
+            raise ValueError(f"parallel: {e}") from None
+        self.data_config()
+        if self.data.eval_sources:
+            self.data_config(self.data.eval_sources, epochs=1)
         return self
 
-    # -- derived ---------------------------------------------------------------------------------
-    def dims(self, world_size: int | None = None):
-        from omni_dist import ParallelDims
+    # -- each package's config, derived from the recipe ------------------------------------------
+    @property
+    def model_spec(self) -> OmniModelConfig:
+        """The omni model spec (omni_models.config), parsed once."""
+        return self._model_spec
 
-        p = self.parallel
-        return ParallelDims(
-            world_size=world_size or self.launcher.num_workers,
-            dp_replicate=p.dp_replicate,
-            dp_shard=p.dp_shard,
-            sp=p.sp,
-            ep=p.ep,
-        )
+    def dims(self, world_size: int | None = None) -> ParallelDims:
+        degrees = self.parallel.model_dump(include=_DIMS_KEYS)
+        return ParallelDims(world_size=world_size or self.launcher.num_workers, **degrees)
 
-    def omni_model(self):
-        from omni_models.config import OmniModelConfig
+    def parallelize_config(self) -> ParallelizeConfig:
+        return ParallelizeConfig(**self.parallel.model_dump(include=_PARALLELIZE_KEYS))
 
-        return OmniModelConfig.from_dict(self.model)
-
-    def data_config(self, sources: list[dict[str, Any]] | None = None, epochs: int | None = None):
-        from omni_data.config import DataConfig
-
-        d = self.data
-        return DataConfig.from_dict(
-            {
-                "sources": sources if sources is not None else d.sources,
-                "max_tokens": d.max_tokens,
-                "max_encoder_units": d.max_encoder_units,
-                "max_media_items": d.max_media_items,
-                "micro_batches_per_step": self.train.micro_batches_per_step,
-                "num_workers": d.num_workers,
-                "seed": self.train.seed,
-                "shuffle_buffer": d.shuffle_buffer,
-                "pack_buffer": d.pack_buffer,
-                "overlong": d.overlong,
-                "max_error_rate": d.max_error_rate,
-                "pad_to_multiple": self.parallel.sp,
-                "balance": d.balance,
-                "streams": d.streams,
-                "epochs": epochs,
-            }
-        )
+    def data_config(
+        self, sources: list[dict[str, Any]] | None = None, epochs: int | None = None
+    ) -> DataConfig:
+        """The loader's config: the training sources (or `sources`, e.g. the eval set), `epochs` passes."""
+        fields = self.data.model_dump(exclude=_TRAINER_DATA_KEYS)
+        if sources is not None:
+            fields["sources"] = sources
+        derived = {"seed": self.train.seed, "pad_to_multiple": self.parallel.sp, "epochs": epochs}
+        try:
+            return DataConfig.from_dict({**fields, **derived})
+        except DataConfigError as e:
+            message = str(e)
+            for key, recipe_key in DERIVED["data"].items():
+                if recipe_key:  # name the recipe key the user can change
+                    message = message.replace(f"data.{key}", recipe_key)
+            raise ConfigError(message) from None
 
     @property
     def run_dir(self) -> Path:
@@ -176,7 +191,13 @@ class TrainConfig(_Section):
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_dir / "checkpoints"
+        """checkpoint.dir, relative to the run dir unless absolute (default RUN_DIR/checkpoints)."""
+        return checkpoint_dir(self, self.run_dir)
+
+
+def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Where a run's checkpoints are, for a run dir that may have moved since (inference, convert)."""
+    return run_dir / (cfg.checkpoint.dir or "checkpoints")
 
 
 # -- loading ---------------------------------------------------------------------------------------
@@ -251,12 +272,12 @@ def load_config(
 
 def check_layout(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Parallel degrees vs the world size and the model (heads for SP, experts for EP)."""
-    from omni_dist.parallel_dims import ParallelConfigError, check_sp_heads
+    from omni_dist.parallel_dims import check_sp_heads
     from omni_models.registry import FOUNDATIONS
 
     try:
         cfg.dims(world_size)
-        mc = cfg.omni_model()
+        mc = cfg.model_spec
         hf = FOUNDATIONS[mc.foundation.name](**mc.foundation.config)
         check_sp_heads(cfg.parallel.sp, hf.num_attention_heads, getattr(hf, "num_key_value_heads", None))
         experts = getattr(hf, "num_experts", None)

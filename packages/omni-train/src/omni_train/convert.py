@@ -4,27 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from omni_models.omni_weights import export_parts
+from omni_train.assembly import checkpoint_model
 from omni_train.config import load_config
 
 
 def convert_checkpoint(
     checkpoint: str, out: str, config: str | None = None, dtype: str = "bfloat16"
 ) -> list[str]:
-    from omni_dist import distributed
-    from omni_dist.checkpoint import CheckpointManager, ModelPart
-    from omni_dist.weights import materialize_
-    from omni_models.config import build_omni_model
-    from omni_models.omni_weights import export_parts
-
+    """`config` defaults to the run's config.yaml, two levels above the checkpoint directory."""
     ckpt = Path(checkpoint)
-    config = config or str(ckpt.parent.parent / "config.yaml")  # RUN_DIR/checkpoints/step-N
-    cfg = load_config(config)
-    with distributed():  # one process; DCP reshards whatever layout wrote the checkpoint
-        with torch.device("meta"):
-            model = build_omni_model(cfg.omni_model())
-        materialize_(model, "cpu")
-        CheckpointManager(ckpt.parent).load({"model": ModelPart(model)}, ckpt)
-        written = export_parts(model, out, dtype=dtype)
+    cfg = load_config(config or ckpt.parent.parent / "config.yaml")
+    written = export_parts(checkpoint_model(cfg, ckpt), out, dtype=dtype)
     return sorted(part for part, files in written.items() if files)

@@ -16,15 +16,13 @@ from omni_train.config import TrainConfig, check_layout, dump
 
 
 def describe(cfg: TrainConfig, world_size: int) -> str:
-    from omni_models.config import build_omni_model
     from omni_models.parallel import omni_plan
+    from omni_train.assembly import meta_model
 
     check_layout(cfg, world_size)
     dims = cfg.dims(world_size)
-    mc = cfg.omni_model()
-    with torch.device("meta"):
-        model = build_omni_model(mc)
-    plan = omni_plan(model, mc)
+    model = meta_model(cfg.model_spec)
+    plan = omni_plan(model, cfg.model_spec)
     units = Counter(
         u.split(".")[0] if not u.startswith(("encoders", "projectors")) else ".".join(u.split(".")[:2])
         for u in plan.fsdp_units

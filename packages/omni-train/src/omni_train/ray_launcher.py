@@ -8,7 +8,8 @@ The driver polls every actor's heartbeat (the step it last finished, and when). 
 error (a killed process, a lost node, a gloo/NCCL error in a surviving rank) or a worker with no
 progress for `launcher.heartbeat_timeout_s` (a hang) fails the attempt: the whole group is torn down
 and a new one resumes from the last complete checkpoint, up to `launcher.max_failures` restarts.
-Errors that a restart cannot fix (bad data rate, non-finite losses, config) end the run at once.
+Errors that a restart cannot fix (bad data rate, non-finite losses, config) end the run at once: they
+are recognised by type (`omni_train.errors.FATAL_ERRORS`), inside Ray's RayTaskError wrapping.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omni_dist.checkpoint import CheckpointLayout
 from omni_train.config import TrainConfig
+from omni_train.errors import FATAL_ERRORS
 
 log = logging.getLogger("omni_train.launch")
 
 ROOT_CAUSE_WAIT_S = 5.0  # after a worker error, how long the other ranks may take to report theirs
-FATAL = ("TrainingError", "DataErrorRateExceeded", "ConfigError", "ModelConfigError", "DataConfigError")
 
 
 class LaunchError(RuntimeError):
@@ -84,15 +86,6 @@ class Attempt:
     actors: list[Any]
     futures: list[Any]
     placement_group: Any
-
-
-def _checkpoint_step(cfg: TrainConfig) -> int:
-    latest = cfg.checkpoint_dir / "latest"
-    if latest.exists():
-        name = latest.read_text().strip()
-        if name.startswith("step-"):
-            return int(name.split("-")[1])
-    return 0
 
 
 class Launcher:
@@ -208,11 +201,12 @@ class Launcher:
         )
         config = worker_cfg.model_dump(mode="json")
         bar = _Progress(self.cfg.train.steps, enabled=self.cfg.logging.console == "progress")
+        checkpoints = CheckpointLayout(self.cfg.checkpoint_dir)
         failures = 0
         failed_at = None
         try:
             while True:
-                resume_from = _checkpoint_step(self.cfg)
+                resume_from = checkpoints.latest_step() or 0
                 attempt = self._start(ray, config)
 
                 def progress(beat, resume_from=resume_from, failed_at=failed_at):
@@ -230,7 +224,7 @@ class Launcher:
                     return results
                 failed_at = time.perf_counter()
                 self.timings.pop("failure_to_resumed_step_s", None)
-                step = _checkpoint_step(self.cfg)
+                step = checkpoints.latest_step() or 0
                 if outcome == "fatal":
                     raise LaunchError(
                         f"training failed: {cause} (not retried: a restart would fail the same way)"
@@ -272,12 +266,42 @@ def _root_cause(ray, attempt: Attempt, pending, errors: list[tuple[int, Exceptio
     return _classify(ray, _errors(ray, attempt, more) + errors)
 
 
-def _classify(ray, errors: list[tuple[int, Exception]]) -> tuple[str, str, None]:
-    """('fatal' | 'failed', cause): a fatal error anywhere wins, then a dead worker, then the first."""
-    fatal = [(r, e) for r, e in errors if any(f in str(e) for f in FATAL)]
-    died = [(r, e) for r, e in errors if isinstance(e, ray.exceptions.ActorDiedError)]
-    rank, e = (fatal or died or errors)[0]
+def _classify(ray, errors: list[tuple[int, BaseException]]) -> tuple[str, str, None]:
+    """('fatal' | 'failed', cause): a fatal error anywhere wins, then a dead worker, then the first.
+
+    Errors are judged by the exception the worker raised, not by Ray's wrapper: `ray.get` raises a
+    RayTaskError (subclassed as "RayTaskError(TrainingError)") whose `.cause` is the original. A
+    type in FATAL_ERRORS, raised or chained (`raise ... from`) as a cause, makes the failure fatal.
+    """
+    raised = [(rank, _unwrap(ray, e)) for rank, e in errors]
+    fatal = [(rank, f) for rank, e in raised if (f := _fatal_in(ray, e)) is not None]
+    died = [(rank, e) for rank, e in raised if isinstance(e, ray.exceptions.ActorDiedError)]
+    rank, e = (fatal or died or raised)[0]
     return ("fatal" if fatal else "failed"), f"rank {rank}: {type(e).__name__}: {_first_line(e)}", None
+
+
+def _unwrap(ray, e: BaseException) -> BaseException:
+    """The exception a worker raised, out of Ray's RayTaskError wrapping (nested for nested tasks)."""
+    seen = set()
+    while isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, BaseException):
+        if id(e) in seen:
+            break
+        seen.add(id(e))
+        e = e.cause
+    return e
+
+
+def _fatal_in(ray, e: BaseException) -> BaseException | None:
+    """The first exception of a FATAL_ERRORS type in `e`'s chain of causes (Ray's and Python's)."""
+    seen = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current = _unwrap(ray, current)
+        if isinstance(current, FATAL_ERRORS):
+            return current
+        current = current.__cause__
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,17 +26,12 @@ from omni_dist.attention import SequenceParallel
 from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RNGPart
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
-from omni_dist.parallelize import ParallelizeConfig
-from omni_dist.weights import materialize_
-from omni_models.config import build_omni_model
 from omni_models.omni import loss_tokens
-from omni_models.omni_weights import init_omni_weights_, load_part_weights_
-from omni_models.parallel import parallelize_omni
+from omni_train.assembly import build_loader, build_model, build_optimizer, chat_processor, tokenizer
 from omni_train.config import TrainConfig, dump
 from omni_train.errors import TrainingError
 from omni_train.hardware import peak_flops, peak_memory_gb
 from omni_train.metrics import Metrics
-from omni_train.schedule import lr_lambda
 
 log = logging.getLogger("omni_train")
 
@@ -158,8 +153,14 @@ class Trainer:
         self.mesh = ParallelMesh.build(cfg.dims(self.env.world_size), device_type=self.device.type)
         p = cfg.parallel
         self.sp = SequenceParallel.from_mesh(self.mesh["sp"], p.sp_async) if p.sp > 1 else None
-        self._build_model()
-        self._build_data()
+        built = build_model(cfg, self.mesh, self.device)
+        self.model, self.report = built.model, built.report
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.device)
+        self.peak = peak_flops(self.device, getattr(torch, p.param_dtype))
+        tok = tokenizer(cfg, self.model)
+        self.pad_id = tok.pad_token_id or 0
+        self.processor = chat_processor(self.model, tok)
+        self.loader = self._loader()
         self.counters = Counters()
         self.checkpoints = CheckpointManager(
             cfg.checkpoint_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
@@ -173,71 +174,8 @@ class Trainer:
             "trainer": self.counters,
         }
 
-    # -- components --------------------------------------------------------------------------
-    def _build_model(self) -> None:
-        cfg, p = self.cfg, self.cfg.parallel
-        self.model_cfg = cfg.omni_model()
-        with torch.device("meta"):
-            self.model = build_omni_model(self.model_cfg)
-        pcfg = ParallelizeConfig(
-            param_dtype=p.param_dtype,
-            reduce_dtype=p.reduce_dtype,
-            reshard_after_forward=p.reshard_after_forward,
-            offload_params=p.offload_params,
-            recompute=p.recompute,
-            offload_activations=p.offload_activations,
-            ep_async=p.ep_async,
-            expert_compute=p.expert_compute,
-        )
-        self.param_dtype = getattr(torch, p.param_dtype)
-        self.report = parallelize_omni(self.model, self.mesh, self.model_cfg, pcfg)
-        materialize_(self.model, self.device, offload_params=p.offload_params)
-        loaded = load_part_weights_(self.model, self.model_cfg)
-        names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
-        init_omni_weights_(self.model, cfg.train.seed, names=names - loaded)
-        t = cfg.train
-        self.optimizer = torch.optim.AdamW(
-            _trainable(self.model),
-            lr=t.lr,
-            betas=t.betas,
-            weight_decay=t.weight_decay,
-            foreach=self.device.type == "cuda",
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.schedule, t.steps, t.warmup_steps, t.min_lr_ratio)
-        )
-        self.peak = peak_flops(self.device, self.param_dtype)
-
-    def _processor(self):
-        from transformers import AutoTokenizer
-
-        from omni_data.processor import ChatProcessor
-
-        tokenizer = AutoTokenizer.from_pretrained(self.cfg.data.tokenizer)
-        media = {m: self.model.encoders[e].processor(m) for m, e in self.model.modality_encoder.items()}
-        targets = {m: self.model.decoders[d].processor(m) for m, d in self.model.modality_decoder.items()}
-        return ChatProcessor(tokenizer, media=media, targets=targets), tokenizer
-
-    def _loader(self, sources, epochs) -> OmniLoader:
-        return OmniLoader(
-            self.cfg.data_config(sources, epochs),
-            self.processor,
-            dp_rank=self.mesh.dp_rank,
-            dp_size=self.mesh.dims.dp,
-            group=self.mesh["dp"].get_group(),
-            device=self.device,
-            pad_id=self.pad_id,
-        )
-
-    def _build_data(self) -> None:
-        self.processor, tokenizer = self._processor()
-        vocab = self.model.foundation.config.vocab_size
-        if len(tokenizer) > vocab:
-            raise TrainingError(
-                f"the tokenizer has {len(tokenizer)} tokens, the foundation's vocab_size is {vocab}"
-            )
-        self.pad_id = tokenizer.pad_token_id or 0
-        self.loader = self._loader(None, None)
+    def _loader(self, sources=None, epochs=None) -> OmniLoader:
+        return build_loader(self.cfg, self.processor, self.mesh, self.device, self.pad_id, sources, epochs)
 
     def _forward_backward(self, step: Step, backward: bool = True) -> tuple[torch.Tensor, float, float, dict]:
         return forward_backward(self.model, step.micro_batches, self.mesh, self.sp, self.device, backward)

@@ -7,7 +7,7 @@
     output: shards/
     shard_samples: 1000          # at most this many samples per shard
     shard_bytes: 256000000       # and about this many bytes (estimated from the inputs)
-    processor: {factory: "omni_train.processing:chat_processor", options: {recipe: recipe.yaml}}
+    processor: {factory: "omni_train.assembly:preprocessing_processor", options: {model: recipe.yaml, tokenizer: tok/}}
     ray: {address: null, num_cpus: null, cpus_per_task: 1, memory_per_task: null}
 
 `processor` is optional: it names a callable by import path that returns an omni_data Processor; with it

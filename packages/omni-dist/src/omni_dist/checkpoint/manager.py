@@ -1,14 +1,12 @@
 """Sharded, atomic, optionally asynchronous checkpoints of a set of stateful parts (torch DCP).
 
-Layout of `root`:
-    step-00000120/        complete checkpoints (DCP shards + .metadata, written last by DCP)
-    step-00000140.tmp/    a save in progress, or the debris of one that crashed
-    latest                name of the newest complete checkpoint (replaced atomically)
+The folder layout of `root` (complete step directories, partial saves, the `latest` pointer) is owned
+by `CheckpointLayout` (layout.py), which answers questions about it without a process group.
 
 A checkpoint becomes visible only when every rank has written its shards and rank 0 has renamed the
-`.tmp` directory; `latest` moves after that. Partial directories are ignored by `load` and removed by
-the next `save`. At most one asynchronous save is in flight; the time `save` blocks training is
-returned and logged. Checkpoints hold tensors only (see parts.py); DCP's own `.metadata` index is a
+partial directory; the `latest` pointer moves after that. Partial directories are ignored by `load`
+and removed by the next `save`. At most one asynchronous save is in flight; the time `save` blocks
+training is returned and logged. Checkpoints hold tensors only (see parts.py); DCP's own `.metadata` index is a
 pickle, so load checkpoints you or your jobs wrote, and take weights from others as safetensors.
 """
 
@@ -17,9 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -31,16 +26,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
+from omni_dist.checkpoint.layout import METADATA, CheckpointError, CheckpointLayout
 from omni_dist.checkpoint.parts import Stateful, decode_json, encode_json, join_state, split_state
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _SKELETON = "__skeleton__"
 
-
-class CheckpointError(RuntimeError):
-    """No checkpoint to resume from, or one that does not fit the parts being loaded."""
+__all__ = ["CheckpointError", "CheckpointManager"]
 
 
 class CheckpointManager:
@@ -49,7 +42,8 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep: int = 2, async_save: bool = False):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}.")
-        self.root = Path(root)
+        self.layout = CheckpointLayout(root)
+        self.root = self.layout.root
         self.keep = keep
         self.async_save = async_save
         self.rank = dist.get_rank()
@@ -67,10 +61,10 @@ class CheckpointManager:
         """Checkpoint `parts` as step `step`; returns the seconds training was blocked."""
         start = time.perf_counter()
         self.wait()
-        final, tmp = self._dir(step), self._dir(step).with_name(self._dir(step).name + ".tmp")
+        final, tmp = self.layout.step_dir(step), self.layout.tmp_dir(step)
 
         def prepare() -> None:
-            self._remove_partial()
+            self.layout.remove_partial()
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
 
@@ -109,23 +103,12 @@ class CheckpointManager:
             self._pending_error = e
 
     def _commit(self, tmp: Path, final: Path) -> None:
-        if not (tmp / ".metadata").exists():
-            raise CheckpointError(f"{tmp} has no .metadata after the save: not committing it.")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = self.root / "latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, self.root / "latest")
+        self.layout.publish(tmp, final)
         # Keep the one just written plus the newest keep-1 others (a run resumed from an older step
         # must not lose what it just saved to checkpoints of the abandoned, later steps).
-        others = [s for s in self.complete_steps() if self._dir(s) != final]
+        others = [s for s in self.layout.complete_steps() if self.layout.step_dir(s) != final]
         for old in others[: max(0, len(others) - (self.keep - 1))]:
-            shutil.rmtree(self._dir(old), ignore_errors=True)
-
-    def _remove_partial(self) -> None:
-        for path in self.root.glob("step-*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
+            self.layout.remove(old)
 
     def _flatten(self, step: int, parts: Mapping[str, Stateful]) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {
@@ -160,25 +143,12 @@ class CheckpointManager:
     # ---- loading ----------------------------------------------------------------------------------
 
     def complete_steps(self) -> list[int]:
-        """Steps of the complete checkpoints under root, oldest first."""
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for path in self.root.iterdir():
-            m = _STEP_DIR.match(path.name)
-            if m and (path / ".metadata").exists():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        """Steps of the complete checkpoints under root, oldest first (see `CheckpointLayout`)."""
+        return self.layout.complete_steps()
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        pointer = self.root / "latest"
-        if pointer.exists():
-            path = self.root / pointer.read_text().strip()
-            if (path / ".metadata").exists():
-                return path
-        steps = self.complete_steps()
-        return self._dir(steps[-1]) if steps else None
+        """The newest complete checkpoint, or None (see `CheckpointLayout.latest`)."""
+        return self.layout.latest()
 
     def load(self, parts: Mapping[str, Stateful], path: str | Path | None = None) -> int:
         """Load `parts` from `path` (default: the latest complete checkpoint); returns its step.
@@ -188,11 +158,9 @@ class CheckpointManager:
         present with the same tensors; a mismatch on any rank raises on all of them.
         """
         self.wait()
-        path = Path(path) if path is not None else self.latest()
-        if path is None or not (path / ".metadata").exists():
-            raise CheckpointError(
-                f"no complete checkpoint {'at ' + str(path) if path else 'under ' + str(self.root)}."
-            )
+        path = Path(path) if path is not None else self.layout.checkpoint()
+        if not (path / METADATA).is_file():  # any finished DCP directory loads, even renamed or moved
+            raise CheckpointError(f"no complete checkpoint at {path} (it has no {METADATA}).")
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         meta = self._read(path, {"meta/world_size": torch.tensor(0), "meta/step": torch.tensor(0)})
         same_world = int(meta["meta/world_size"]) == self.world_size
@@ -259,9 +227,6 @@ class CheckpointManager:
     @staticmethod
     def _part_names(stored) -> list[str]:
         return sorted({k.split("/")[0] for k in stored if k.endswith(_SKELETON)})
-
-    def _dir(self, step: int) -> Path:
-        return self.root / f"step-{step:08d}"
 
 
 def _fingerprint(skeleton, tensors: dict[str, torch.Tensor]) -> str:

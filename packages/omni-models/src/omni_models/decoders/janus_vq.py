@@ -19,10 +19,11 @@ from torch import nn
 from transformers.models.janus.configuration_janus import JanusVQVAEConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE, JanusVQVAEAlignerMLP, JanusVQVAEHead
 
+from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
 from omni_models.media import decode_image, image_size
-from omni_models.modality import Media, MediaCount, MediaInputs
+from omni_models.modality import MediaCount
 
 # Checkpoint layouts: "native" (this module's own names, as `export_parts` writes them) and "janus"
 # (a JanusForConditionalGeneration checkpoint: point `path` at e.g. deepseek-ai/Janus-Pro-1B).
@@ -97,12 +98,12 @@ class JanusVQImageDecoder(nn.Module):
         return VQImageProcessor(self.image_size, self.tokens)
 
     @torch.no_grad()
-    def codes(self, media: MediaInputs) -> torch.Tensor:
+    def codes(self, media: MediaBatch) -> torch.Tensor:
         """(images, tokens) codebook indices of the target images (the VQ-VAE is frozen)."""
         pixels = media.tensors["pixel_values"].to(next(self.tower.parameters()).dtype)
         return self.tower.encode(pixels).image_tokens.view(pixels.shape[0], -1)
 
-    def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per modality: (input embeddings (n, hidden), their codebook indices (n,))."""
         (name,) = [m for m in self.modalities if m in media]
         codes = self.codes(media[name]).flatten()
@@ -121,9 +122,9 @@ class JanusVQImageDecoder(nn.Module):
         pixels = self.tower.decode(codes.view(-1, self.tokens))
         return ((pixels.float() + 1) / 2).clamp(0, 1)
 
-    def dummy_media(self) -> dict[str, Media]:
+    def dummy_media(self) -> dict[str, MediaBatch]:
         item = {"pixel_values": torch.zeros(1, 3, self.image_size, self.image_size)}
-        return {self.modalities[0]: Media.of([item], [self.tokens])}
+        return {self.modalities[0]: MediaBatch.of([item], [self.tokens])}
 
     def plan(self) -> ParallelPlan:
         return ParallelPlan()  # small trainable parts; the decoder is one FSDP unit
@@ -132,7 +133,7 @@ class JanusVQImageDecoder(nn.Module):
     def _token_params(self) -> int:  # counted once: flops() runs for every micro-batch
         return sum(p.numel() for p in [*self.aligner.parameters(), *self.head.parameters()])
 
-    def flops(self, media: Mapping[str, MediaInputs]) -> float:
+    def flops(self, media: Mapping[str, MediaBatch]) -> float:
         # The aligner and head per token (the VQ encoder's convolutions run without gradients; left out).
         tokens = sum(int(m.llm_tokens.sum()) for m in media.values())
         return transformer_flops(self._token_params, [1] * tokens, 0, 0, causal=False)

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.encoders.qwen2_vl_processing import (
     PatchGeometry,
@@ -18,7 +19,6 @@ from omni_models.encoders.qwen2_vl_processing import (
     Qwen2VLVideoProcessor,
 )
 from omni_models.flops import transformer_flops
-from omni_models.modality import Media, MediaInputs
 
 
 class Qwen2VLVisionEncoder(nn.Module):
@@ -59,7 +59,7 @@ class Qwen2VLVisionEncoder(nn.Module):
             return Qwen2VLVideoProcessor(self.geometry, *self._video)
         raise KeyError(modality)
 
-    def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, torch.Tensor]:
+    def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
         names = [m for m in self.modalities if m in media]
         pixels = torch.cat([media[m].tensors["pixel_values"] for m in names])
         grid = torch.cat([media[m].tensors["grid_thw"] for m in names])
@@ -71,10 +71,10 @@ class Qwen2VLVisionEncoder(nn.Module):
         # Copies, not views: FSDP hooks the outputs of lm_encode for backward.
         return {m: part.clone() for m, part in zip(names, merged.split(counts), strict=True)}
 
-    def dummy_media(self) -> dict[str, Media]:
+    def dummy_media(self) -> dict[str, MediaBatch]:
         g = self.geometry
         frames = torch.zeros(1, 3, g.factor, g.factor)
-        return {self.modalities[0]: Media.of([g.patchify(frames)], [1])}
+        return {self.modalities[0]: MediaBatch.of([g.patchify(frames)], [1])}
 
     def plan(self) -> ParallelPlan:
         return ParallelPlan(fsdp_units=("Qwen2VLVisionBlock",), recompute=("Qwen2VLVisionBlock",))
@@ -83,7 +83,7 @@ class Qwen2VLVisionEncoder(nn.Module):
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
         return sum(p.numel() for p in self.tower.blocks.parameters())
 
-    def flops(self, media: Mapping[str, MediaInputs]) -> float:
+    def flops(self, media: Mapping[str, MediaBatch]) -> float:
         cfg = self.tower.config
         # Attention runs within each temporal slice of h x w patches.
         lengths = [

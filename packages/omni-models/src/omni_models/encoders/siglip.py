@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
 from omni_models.media import decode_image, image_size
-from omni_models.modality import Media, MediaCount, MediaInputs
+from omni_models.modality import MediaCount
 
 
 class SiglipImageProcessor:
@@ -55,16 +56,16 @@ class SiglipImageEncoder(nn.Module):
         cfg = self.tower.config
         return SiglipImageProcessor(cfg.image_size, cfg.patch_size)
 
-    def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, torch.Tensor]:
+    def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
         (name,) = [m for m in self.modalities if m in media]
         pixels = media[name].tensors["pixel_values"]
         hidden = self.tower(pixels.to(next(self.tower.parameters()).dtype)).last_hidden_state
         return {name: hidden.flatten(0, 1).clone()}  # a copy: FSDP hooks lm_encode outputs for backward
 
-    def dummy_media(self) -> dict[str, Media]:
+    def dummy_media(self) -> dict[str, MediaBatch]:
         cfg = self.tower.config
         item = {"pixel_values": torch.zeros(1, cfg.num_channels, cfg.image_size, cfg.image_size)}
-        return {self.modalities[0]: Media.of([item], [(cfg.image_size // cfg.patch_size) ** 2])}
+        return {self.modalities[0]: MediaBatch.of([item], [(cfg.image_size // cfg.patch_size) ** 2])}
 
     def plan(self) -> ParallelPlan:
         return ParallelPlan(fsdp_units=("SiglipEncoderLayer",), recompute=("SiglipEncoderLayer",))
@@ -74,7 +75,7 @@ class SiglipImageEncoder(nn.Module):
         layers = [m for m in self.tower.modules() if type(m).__name__ == "SiglipEncoderLayer"]
         return sum(p.numel() for m in layers for p in m.parameters())
 
-    def flops(self, media: Mapping[str, MediaInputs]) -> float:
+    def flops(self, media: Mapping[str, MediaBatch]) -> float:
         cfg = self.tower.config
         images = sum(int(m.tensors["pixel_values"].shape[0]) for m in media.values())
         n = (cfg.image_size // cfg.patch_size) ** 2

@@ -13,10 +13,10 @@ from torch import nn
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.encoders.whisper_processing import WhisperAudioProcessor, window_frames
 from omni_models.flops import transformer_flops
-from omni_models.modality import Media, MediaInputs
 
 
 class WhisperAudioEncoder(nn.Module):
@@ -42,7 +42,7 @@ class WhisperAudioEncoder(nn.Module):
         cfg = self.tower.config
         return WhisperAudioProcessor(cfg.num_mel_bins, cfg.max_source_positions, self.pool)
 
-    def lm_encode(self, media: Mapping[str, MediaInputs]) -> dict[str, torch.Tensor]:
+    def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
         (name,) = [m for m in self.modalities if m in media]
         batch = media[name]
         feats = batch.tensors["input_features"].to(self.tower.conv1.weight.dtype)
@@ -57,13 +57,13 @@ class WhisperAudioEncoder(nn.Module):
             out.append(F.avg_pool1d(seq, self.pool, self.pool, ceil_mode=True)[0].T)
         return {name: torch.cat(out)}
 
-    def dummy_media(self) -> dict[str, Media]:
+    def dummy_media(self) -> dict[str, MediaBatch]:
         cfg = self.tower.config
         item = {
             "input_features": torch.zeros(1, cfg.num_mel_bins, self.window),
             "num_frames": torch.tensor([[2]]),
         }
-        return {self.modalities[0]: Media.of([item], [1])}
+        return {self.modalities[0]: MediaBatch.of([item], [1])}
 
     def plan(self) -> ParallelPlan:
         return ParallelPlan(fsdp_units=("WhisperEncoderLayer",), recompute=("WhisperEncoderLayer",))
@@ -72,7 +72,7 @@ class WhisperAudioEncoder(nn.Module):
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
         return sum(p.numel() for p in self.tower.layers.parameters())
 
-    def flops(self, media: Mapping[str, MediaInputs]) -> float:
+    def flops(self, media: Mapping[str, MediaBatch]) -> float:
         cfg = self.tower.config
         windows = sum(int(m.tensors["input_features"].shape[0]) for m in media.values())
         return transformer_flops(

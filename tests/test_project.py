@@ -16,7 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ROOT / "packages"
 
-# Which first-party packages each package may import (ARCHITECTURE.md: arrows point down the list).
+# Which first-party packages each package may import (the design guide, ../shared/ARCHITECTURE.md
+# beside the repository: an arrow only points down the package list).
 ALLOWED = {
     "omni_dist": set(),
     "omni_models": {"omni_dist"},

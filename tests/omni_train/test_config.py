@@ -76,3 +76,50 @@ def test_recipes_validate_with_dry_run(recipe):
     assert "# layout" in result.output and "GiB per rank" in result.output and "foundation:" in result.output
     if "moe" in recipe:
         assert "foundation: 30.5" in result.output and "expert-parallel tensors: 96" in result.output
+
+
+def test_each_setting_is_declared_once_by_its_package():
+    """The data and parallel sections are the packages' own config fields, with the packages' defaults;
+    only the fields the trainer derives from other sections are left out."""
+    import dataclasses
+
+    from omni_data.config import DataConfig
+    from omni_dist import ParallelDims
+    from omni_dist.parallelize import ParallelizeConfig
+    from omni_train.config import DERIVED, DataSection, ParallelSection
+
+    for section, packages, own in (
+        (DataSection, (DataConfig,), {"tokenizer", "eval_sources", "prepare"}),
+        (ParallelSection, (ParallelDims, ParallelizeConfig), {"sp_async"}),
+    ):
+        name = section.__name__.removesuffix("Section").lower()
+        package_fields = {f.name: f for cls in packages for f in dataclasses.fields(cls)}
+        assert set(section.model_fields) == set(package_fields) - set(DERIVED[name]) | own
+        for key, f in package_fields.items():
+            if key in section.model_fields and f.default is not dataclasses.MISSING:
+                assert section.model_fields[key].default == f.default, key
+
+    # Fields the recipe could not set before reach the loader; derived ones come from their sections.
+    cfg = load_config(
+        QUICKSTART, ["data.shuffle_shards=false", "data.error_min_samples=7", "train.seed=5", "parallel.sp=2"]
+    )
+    dc = cfg.data_config()
+    assert (dc.shuffle_shards, dc.error_min_samples, dc.seed, dc.pad_to_multiple) == (False, 7, 5, 2)
+    assert cfg.data_config(cfg.data.eval_sources, epochs=1).epochs == 1
+    assert cfg.parallelize_config().forward_prefetch == 0
+    assert load_config(QUICKSTART, ["parallel.forward_prefetch=2"]).parallelize_config().forward_prefetch == 2
+    with pytest.raises(ConfigError, match=r"unknown key launcher.backend"):
+        load_config(QUICKSTART, ["launcher.backend=ray"])
+    with pytest.raises(ConfigError, match=r"unknown key train.micro_batches_per_step.*"):
+        load_config(QUICKSTART, ["train.micro_batches_per_step=2"])
+
+
+def test_relative_checkpoint_dir_is_under_the_run_dir_everywhere(tmp_path):
+    from omni_train.config import checkpoint_dir
+
+    cfg = load_config(QUICKSTART, [f"logging.run_dir={tmp_path / 'run'}", "checkpoint.dir=ckpt"])
+    assert cfg.checkpoint_dir == tmp_path / "run" / "ckpt"
+    moved = tmp_path / "moved"  # inference and convert read a run dir wherever it is now
+    assert checkpoint_dir(cfg, moved) == moved / "ckpt"
+    absolute = load_config(QUICKSTART, [f"checkpoint.dir={tmp_path / 'elsewhere'}"])
+    assert absolute.checkpoint_dir == checkpoint_dir(absolute, moved) == tmp_path / "elsewhere"

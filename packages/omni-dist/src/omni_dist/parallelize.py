@@ -1,6 +1,6 @@
-"""Apply a ParallelPlan to a model: recompute/offload wrappers, then FSDP2 units and the root.
+"""Apply a ParallelPlan to a model: expert parallelism, recompute/offload wrappers, then FSDP2 units.
 
-Order is fixed: (expert parallelism, when it lands) -> activation recompute / offload -> (compile) ->
+Order is fixed: expert parallelism -> activation recompute / offload -> (compile) ->
 FSDP. Works on a meta-device model (nothing is allocated until `materialize_`). Data parallelism is
 decided by the mesh: dp_replicate == 1 shards over the `fsdp` view (FSDP); dp_replicate > 1 uses the
 2-D `hsdp` view (HSDP), which is pure replication (DDP) when dp_shard x sp == 1.

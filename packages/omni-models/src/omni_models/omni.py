@@ -111,9 +111,7 @@ class OmniModel(nn.Module):
     def _embed(
         self, batch: PackedBatch, sp: SequenceParallel | None
     ) -> tuple[torch.Tensor, dict[str, _Targets]]:
-        """(1, t, hidden) embeddings of this rank's slice and each decoder's targets. Built with the
-        batch dim from the start: the foundation's outputs include its input embeddings (hidden_states
-        [0]), and a view there is what FSDP warns about (an in-place op on it would skip its hook)."""
+        """(1, t, hidden) embeddings of this rank's slice, and each decoder's targets."""
         self._check_media(batch)
         ids = batch.input_ids[0]
         start, length = 0, ids.shape[0]
@@ -183,7 +181,10 @@ class OmniModel(nn.Module):
             max_length_k=batch.max_seqlen,
             use_cache=False,
             sequence_parallel=sp,
-            output_hidden_states=bool(self.decoders),
+            # Only the last hidden state (the decoders read it). All of them would include the input
+            # embeddings, which FSDP's pre-forward hands on as a view: returned from the foundation's
+            # unit, an in-place op on that view would skip FSDP's pre-backward hook.
+            output_hidden_states=-1 if self.decoders else False,
             **({"output_router_logits": True} if self._moe else {}),
         )
         logits = lm.logits[0].float()

@@ -55,7 +55,9 @@ def _rank(config: dict, steps: int, warmup: int) -> dict:
         count = global_token_count(local_label_tokens(step.micro_batches, trainer.sp), trainer.mesh["loss"])
         for batch in step.micro_batches:
             f0 = time.perf_counter()
-            loss = trainer.model(batch, sequence_parallel=trainer.sp).loss_sum / count.float()
+            loss = (
+                trainer.model(batch.to(trainer.device), sequence_parallel=trainer.sp).loss_sum / count.float()
+            )
             f1 = time.perf_counter()
             loss.backward()
             phases["forward"] += f1 - f0

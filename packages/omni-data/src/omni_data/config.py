@@ -65,7 +65,7 @@ class DataConfig:
             raise DataConfigError(f"data.max_error_rate must be in [0, 1], got {self.max_error_rate}")
         if self.max_tokens % self.pad_to_multiple:
             raise DataConfigError(
-                f"data.max_tokens ({self.max_tokens}) must be a multiple of data.pad_to_multiple "
+                f"data.max_tokens ({self.max_tokens}) must be a multiple of pad_to_multiple "
                 f"({self.pad_to_multiple}) so a padded micro-batch stays within the budget"
             )
         Budget(self.max_tokens, self.max_encoder_units, self.max_media_items)  # validates the numbers

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
@@ -182,7 +183,7 @@ class TrainConfig(_Section):
             message = str(e)
             for key, recipe_key in DERIVED["data"].items():
                 if recipe_key:  # name the recipe key the user can change
-                    message = message.replace(f"data.{key}", recipe_key)
+                    message = re.sub(rf"\b(data\.)?{key}\b", recipe_key, message)
             raise ConfigError(message) from None
 
     @property

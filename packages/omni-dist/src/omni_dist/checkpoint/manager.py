@@ -6,8 +6,9 @@ by `CheckpointLayout` (layout.py), which answers questions about it without a pr
 A checkpoint becomes visible only when every rank has written its shards and rank 0 has renamed the
 partial directory; the `latest` pointer moves after that. Partial directories are ignored by `load`
 and removed by the next `save`. At most one asynchronous save is in flight; the time `save` blocks
-training is returned and logged. Checkpoints hold tensors only (see parts.py); DCP's own `.metadata` index is a
-pickle, so load checkpoints you or your jobs wrote, and take weights from others as safetensors.
+training is returned and logged. Checkpoints hold tensors only (see parts.py); DCP's own `.metadata`
+index is a pickle, so load checkpoints you or your jobs wrote, and take weights from others as
+safetensors.
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ def test_overrides_and_types():
             "model: unknown key model.encoders.vision.nmae (did you mean 'name'?)",
         ),
         (["set_without_value"], "--set expects key=value"),
+        (
+            ["data.sources=[{kind: webdataset, paths: x-{0..3}.tar}]"],
+            "--set data.sources: the value is not valid YAML",
+        ),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):

@@ -2,16 +2,16 @@
 
 Costs (LLM tokens + encoder units^2 per item, a proxy for attention-dominated compute) are gathered,
 every rank computes the same longest-processing-time assignment (each rank keeps its micro-batch
-count), and micro-batches travel to their new rank in one all_to_all of serialised bytes.
+count), and micro-batches travel to their new rank in one all_to_all of bytes in the tensor encoding
+of `omni_data.wire` (a JSON header and raw tensor bytes: bytes from a peer never run code).
 """
 
 from __future__ import annotations
 
-import io
-
 import torch
 import torch.distributed as dist
 
+from omni_data import wire
 from omni_dist.packed import PackedBatch
 
 
@@ -32,12 +32,6 @@ def assign(costs: list[list[int]]) -> list[list[tuple[int, int]]]:
     return [sorted(x) for x in out]
 
 
-def _pack(obj: object) -> torch.Tensor:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-
-
 def balance_step(
     batches: list[PackedBatch], group: dist.ProcessGroup | None, device: torch.device
 ) -> list[PackedBatch]:
@@ -47,7 +41,7 @@ def balance_step(
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
     plan = assign([g.tolist() for g in gathered])
-    outgoing = [_pack([batches[i] for src, i in plan[d] if src == rank]) for d in range(world)]
+    outgoing = [wire.encode([batches[i] for src, i in plan[d] if src == rank]) for d in range(world)]
     send_sizes = torch.tensor([t.numel() for t in outgoing], dtype=torch.int64, device=device)
     recv_sizes = torch.empty_like(send_sizes)
     dist.all_to_all_single(recv_sizes, send_sizes, group=group)
@@ -56,7 +50,7 @@ def balance_step(
         received, torch.cat(outgoing).to(device), recv_sizes.tolist(), send_sizes.tolist(), group=group
     )
     parts = received.cpu().split(recv_sizes.tolist())
-    by_source = [torch.load(io.BytesIO(p.numpy().tobytes()), weights_only=False) for p in parts]
+    by_source = [wire.decode(p) for p in parts]
     # Restore plan order: the pairs for this rank are sorted by (source rank, index).
     cursor = [0] * world
     out = []

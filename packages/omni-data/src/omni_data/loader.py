@@ -18,6 +18,8 @@ one process with streams=2 trains on exactly what two DP ranks do.
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from omni_data.config import DataConfig
 from omni_data.dataset import StreamingDataset, WorkerItem
 from omni_data.errors import DataErrorRateExceeded, ErrorCounts
 from omni_data.processor import Processor
+from omni_dist.lifecycle import die_with_parent
 from omni_dist.packed import PackedBatch
 
 
@@ -43,6 +46,10 @@ class Step:
 
 def _identity(x):
     return x
+
+
+def _worker_init(rank_pid: int, worker_id: int) -> None:
+    die_with_parent(rank_pid)
 
 
 class _Stream:
@@ -58,6 +65,9 @@ class _Stream:
                 num_workers=config.num_workers,
                 collate_fn=_identity,
                 prefetch_factor=2 if config.num_workers else None,
+                # torch's own check of the parent never runs while a worker is blocked in a read (a hung
+                # mount, a FIFO): tie the workers' lives to this process instead
+                worker_init_fn=functools.partial(_worker_init, os.getpid()),
             )
         self.iterator: Iterator[WorkerItem] | None = None
         self.exhausted = False

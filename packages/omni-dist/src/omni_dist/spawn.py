@@ -18,7 +18,6 @@ import os
 import pickle
 import queue
 import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -26,6 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from omni_dist.lifecycle import die_with_parent
 
 _POLL_S = 0.05
 _STACK_DUMP_WAIT_S = 2.0
@@ -97,6 +98,7 @@ def run_ranks(
                         pg_timeout,
                         stack_dir,
                         results,
+                        os.getpid(),
                     ),
                     name=f"rank{rank}",
                     daemon=False,  # ranks may start workers of their own (data loaders)
@@ -127,19 +129,6 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this rank if the launcher dies (a rank never outlives its job)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the launcher died before the call
-        os._exit(1)
-
-
 def _rank_main(
     payload: bytes,
     rank: int,
@@ -148,9 +137,10 @@ def _rank_main(
     pg_timeout: timedelta,
     stack_dir: str,
     results: queue.Queue,
+    launcher_pid: int,
 ) -> None:
     os.setsid()  # own process group: stopping the rank also stops anything it started
-    _die_with_parent()
+    die_with_parent(launcher_pid)  # a rank never outlives its job
     stack_file = open(Path(stack_dir) / f"rank{rank}.txt", "w")  # noqa: SIM115 (lives as long as the rank)
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     import torch

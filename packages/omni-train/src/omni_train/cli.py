@@ -87,7 +87,11 @@ def run(
         return
     from omni_train.local import run_local
 
-    results = run_local(cfg, world)
+    try:
+        results = run_local(cfg, world)
+    except ConfigError as e:  # e.g. data.prepare failed or the data is still missing: one line, no traceback
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun every rank runs this command; rank 0 reports
     summary = results[0]
@@ -127,6 +131,9 @@ def launch(
 
     try:
         results, timings = ray_launch(cfg, address)
+    except ConfigError as e:  # e.g. data.prepare failed or the data is still missing: one line, no traceback
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
     except LaunchError as e:
         typer.echo(f"launch failed: {e}", err=True)
         raise typer.Exit(1) from None

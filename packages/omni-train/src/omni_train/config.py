@@ -248,7 +248,15 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(
+                f"--set {key}: the value is not valid YAML ({where}); quote strings that hold braces or "
+                "colons, e.g. [{kind: webdataset, paths: 'x-{0..3}.tar'}]"
+            ) from None
+        out.append((key.strip(), value))
     return out
 
 

@@ -19,25 +19,60 @@ def _rank_entry(config: dict[str, Any]) -> dict[str, Any]:
     return train(TrainConfig.model_validate(config))
 
 
-def _source_paths(cfg: TrainConfig) -> list[str]:
-    paths = []
-    for s in [*cfg.data.sources, *cfg.data.eval_sources]:
-        p = s.get("paths")
-        paths += [p] if isinstance(p, str) else list(p or [])
-    return paths
+def _source_paths(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(recipe key, path pattern) of every train and eval source."""
+    out = []
+    for key in ("sources", "eval_sources"):
+        for i, s in enumerate(getattr(cfg.data, key)):
+            p = s.get("paths")
+            out += [(f"data.{key}[{i}].paths", x) for x in ([p] if isinstance(p, str) else list(p or []))]
+    return out
+
+
+def _first_unmatched(cfg: TrainConfig) -> str | None:
+    """'<key>: <pattern> (resolved <absolute path>)' of the first pattern matching no file, if any."""
+    import braceexpand  # a dependency of webdataset
+
+    missing = [
+        (key, p)
+        for key, p in _source_paths(cfg)
+        if not any(glob.glob(x) for x in braceexpand.braceexpand(os.path.expanduser(p)))
+    ]
+    if not missing:
+        return None
+    key, p = missing[0]
+    more = f" (and {len(missing) - 1} more pattern(s))" if len(missing) > 1 else ""
+    return f"{key}: {p} (resolved {os.path.abspath(os.path.expanduser(p))}){more}"
 
 
 def prepare_data(cfg: TrainConfig) -> None:
-    """Run `data.prepare` when some source pattern matches no file (e.g. the quickstart's generator)."""
-    import braceexpand
+    """Run `data.prepare` when some source pattern matches no file (e.g. the quickstart's generator).
 
-    missing = [p for p in _source_paths(cfg) if not any(glob.glob(x) for x in braceexpand.braceexpand(p))]
-    if not missing:
+    Relative paths in `data` resolve against the working directory, and the command runs there too.
+    A failing command, or sources that still match nothing afterwards, is a ConfigError of one line.
+    """
+    missing = _first_unmatched(cfg)
+    if missing is None:
         return
     if not cfg.data.prepare:
-        raise ConfigError(f"data.sources match no files: {missing} (and data.prepare is not set)")
-    log.info("data missing (%s): running %s", missing[0], cfg.data.prepare)
-    subprocess.run(cfg.data.prepare, shell=True, check=True)
+        raise ConfigError(
+            f"data sources match no files: {missing}; fix the paths or set data.prepare "
+            "to a command that makes the data"
+        )
+    cwd = os.getcwd()
+    log.info("data missing (%s): running data.prepare %r in %s", missing, cfg.data.prepare, cwd)
+    rc = subprocess.run(cfg.data.prepare, shell=True, cwd=cwd).returncode
+    if rc != 0:
+        how = f"exit status {rc}" if rc > 0 else f"killed by signal {-rc}"
+        raise ConfigError(
+            f"data.prepare failed ({how}): {cfg.data.prepare!r}, run in {cwd}; its output is above"
+        )
+    missing = _first_unmatched(cfg)
+    if missing is not None:
+        raise ConfigError(
+            f"data.prepare ({cfg.data.prepare!r}, run in {cwd}) succeeded but the data sources still "
+            f"match no files: {missing}"
+        )
 
 
 def run_local(cfg: TrainConfig, nproc: int | None = None) -> list[dict[str, Any]]:

@@ -28,7 +28,9 @@ def die_with_parent(parent_pid: int, poll_s: float | None = 0.5) -> None:
     if not _alive(parent_pid) or os.getppid() != parent_pid:  # it died before the call took effect
         os._exit(1)
     if poll_s:
-        threading.Thread(target=_watch, args=(parent_pid, poll_s), daemon=True, name="die-with-parent").start()
+        threading.Thread(
+            target=_watch, args=(parent_pid, poll_s), daemon=True, name="die-with-parent"
+        ).start()
 
 
 def _alive(pid: int) -> bool:

@@ -43,11 +43,14 @@ def _ranks_and_workers(cli: int, env) -> tuple[list[int], list[int]]:
 
 def test_killing_the_cli_while_workers_hang_in_a_read_leaves_nothing(quickstart_data, tmp_path):
     data, _ = quickstart_data
-    fifo = tmp_path / "hung-0.tar"
-    os.mkfifo(fifo)
+    for i in range(2):  # one shard per reader: each worker blocks opening its own
+        os.mkfifo(tmp_path / f"hung-{i}.tar")
     env = new_marker()
     args = overrides(data, tmp_path / "run", ["data.num_workers=1", "parallel.dp_shard=2"])
-    args += [f"data.sources=[{{kind: webdataset, paths: '{fifo}'}}]", "data.eval_sources=[]"]
+    args += [
+        f"data.sources=[{{kind: webdataset, paths: '{tmp_path}/hung-{{0..1}}.tar'}}]",
+        "data.eval_sources=[]",
+    ]
     proc = _run(args, env)
     try:
         # two ranks, each with its loader worker blocked opening the FIFO

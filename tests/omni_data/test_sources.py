@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -134,6 +135,7 @@ def test_bad_data_is_skipped_counted_and_logged(tmp_path, caplog):
             "max_tokens": 512,
             "epochs": 1,
             "max_error_rate": 0.5,
+            "max_bad_shards": 0.6,  # 3 of the 5 shards cannot be read (fully)
             "shuffle_shards": False,
         }
     )
@@ -142,7 +144,15 @@ def test_bad_data_is_skipped_counted_and_logged(tmp_path, caplog):
         ids = [i for step in loader for b in step.micro_batches for i in b.sample_ids]
     skipped = loader.errors.skipped
     assert skipped["bad_json"] == 1 and skipped["missing_field"] == 1 and skipped["decode_error"] == 1
-    assert skipped["shard_read"] == 1 and skipped["shard_open"] == 2
+    # shards that cannot be opened or read on are counted as shards, not as skipped samples
+    (bad,) = loader.bad_shards()
+    reasons = {os.path.basename(path): why.split(":")[0] for path, why in bad.items()}
+    assert reasons == {
+        "truncated.tar": "shard_read",
+        "notatar.tar": "shard_open",
+        "missing.tar": "No such file or directory",
+    }
+    assert not set(skipped) & {"shard_read", "shard_open"}
     assert "a4" in ids and len([i for i in ids if i.startswith("s")]) > 40  # good + readable half
     assert any("bad.tar" in r.message and "'a1'" in r.message for r in caplog.records)
 
@@ -151,7 +161,8 @@ def test_error_rate_limit_stops_with_a_clear_message(tmp_path):
     shards = _corrupt_shards(tmp_path)
     cfg = DataConfig.from_dict(
         {
-            "sources": [{"kind": "webdataset", "paths": shards[1:]}],
+            # bad samples only: unreadable shards are judged by data.max_bad_shards (test_failfast.py)
+            "sources": [{"kind": "webdataset", "paths": shards[1:2]}],
             "max_tokens": 512,
             "epochs": 1,
             "max_error_rate": 0.2,

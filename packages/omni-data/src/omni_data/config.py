@@ -45,6 +45,7 @@ class DataConfig:
     pack_buffer: int = 64  # candidates the packer chooses from
     overlong: Literal["truncate", "drop"] = "truncate"  # samples over the token budget
     max_error_rate: float = 0.01
+    max_bad_shards: float = 0.1  # fraction of a source's shards that may be missing or unreadable
     error_min_samples: int = 200  # the rate is judged only after this many records
     pad_to_multiple: int = 1  # the SP degree: every micro-batch's length is a multiple of it
     balance: bool = False  # redistribute micro-batches across DP ranks by cost each step
@@ -61,8 +62,9 @@ class DataConfig:
                 raise DataConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise DataConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
-        if not 0 <= self.max_error_rate <= 1:
-            raise DataConfigError(f"data.max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        for name in ("max_error_rate", "max_bad_shards"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise DataConfigError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.max_tokens % self.pad_to_multiple:
             raise DataConfigError(
                 f"data.max_tokens ({self.max_tokens}) must be a multiple of pad_to_multiple "

@@ -1,4 +1,8 @@
-"""Bad-data accounting: skip, count by reason, log with shard and key, stop past a maximum rate."""
+"""Bad-data accounting: skip, count by reason, log with shard and key, stop past a maximum rate.
+
+Samples and shards are counted apart: a record that does not parse is a skipped sample; a shard that
+cannot be opened or read on is a bad shard (path -> reason), judged against `data.max_bad_shards`.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +18,28 @@ class DataErrorRateExceeded(RuntimeError):
     """More bad samples than the configured maximum rate: the data (or its config) needs fixing."""
 
 
+class DataUnreadable(RuntimeError):
+    """A source yields nothing usable (every shard missing or unreadable, or no sample parses), or more
+    of its shards are bad than data.max_bad_shards allows."""
+
+
+# Reasons that concern a whole shard (an unreadable file), not one sample.
+SHARD_REASONS = frozenset({"shard_open", "shard_read", "missing"})
+
+
 @dataclass
 class ErrorCounts:
     """Records seen and skipped (by reason); JSON-able for the loader state and for metrics."""
 
     seen: int = 0
     skipped: Counter = field(default_factory=Counter)
+    bad_shards: dict[str, str] = field(default_factory=dict)  # shard -> "reason: detail"
 
     def record_bad(self, reason: str, shard: str, key: str, detail: str) -> None:
+        if reason in SHARD_REASONS:
+            self.bad_shards.setdefault(shard, f"{reason}: {detail}")
+            log.warning("skipping shard %s: %s: %s", shard, reason, detail)
+            return
         self.skipped[reason] += 1
         log.warning("skipping sample: %s (shard %s, key %r): %s", reason, shard, key, detail)
 
@@ -30,11 +48,12 @@ class ErrorCounts:
         return sum(self.skipped.values())
 
     def state(self) -> dict:
-        return {"seen": self.seen, "skipped": dict(self.skipped)}
+        return {"seen": self.seen, "skipped": dict(self.skipped), "bad_shards": dict(self.bad_shards)}
 
     @classmethod
     def from_state(cls, state: Mapping) -> ErrorCounts:
-        return cls(int(state["seen"]), Counter({k: int(v) for k, v in state["skipped"].items()}))
+        skipped = Counter({k: int(v) for k, v in state["skipped"].items()})
+        return cls(int(state["seen"]), skipped, dict(state.get("bad_shards", {})))
 
     @classmethod
     def merged(cls, parts: Iterable[ErrorCounts]) -> ErrorCounts:
@@ -42,6 +61,7 @@ class ErrorCounts:
         for p in parts:
             out.seen += p.seen
             out.skipped.update(p.skipped)
+            out.bad_shards.update(p.bad_shards)
         return out
 
     def check(self, max_rate: float, min_seen: int) -> str | None:

@@ -31,8 +31,10 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from omni_data.balance import balance_step
 from omni_data.collate import padding_batch
 from omni_data.config import DataConfig
-from omni_data.dataset import StreamingDataset, WorkerItem
-from omni_data.errors import DataErrorRateExceeded, ErrorCounts
+from omni_data.dataset import StreamingDataset, WorkerItem, build_sources
+from omni_data.errors import DataErrorRateExceeded, DataUnreadable, ErrorCounts
+from omni_data.peers import check_peers
+from omni_data.preflight import SourceHealth, check_sources, judge, warn
 from omni_data.processor import Processor
 from omni_dist.lifecycle import die_with_parent
 from omni_dist.packed import PackedBatch
@@ -100,7 +102,10 @@ class OmniLoader:
         group: dist.ProcessGroup | None = None,
         device: torch.device | str = "cpu",
         pad_id: int = 0,
+        peers: dist.ProcessGroup | None = None,
     ):
+        """`group`: the data-parallel ranks (steps are agreed over it); `peers`: ranks that must get the
+        same micro-batches (an SP group), checked every step."""
         if dp_size > 1 and not dist.is_initialized():
             raise RuntimeError(
                 "dp_size > 1 needs torch.distributed initialised (steps are agreed across ranks)"
@@ -116,11 +121,22 @@ class OmniLoader:
         self.device = torch.device(device)
         self.pad_id = pad_id
         self.dp_size = dp_size
+        self.peers = peers
+        sources = build_sources(config)
+        self._shard_source = {os.path.abspath(s): i for i, src in enumerate(sources) for s in src.shards()}
+        self.health = check_sources(sources)
+        problem = judge(self.health, config.max_bad_shards)
+        if self._any(problem is not None) and problem is None:
+            problem = "another data-parallel rank cannot read its data sources (its error names them)"
+        if problem is not None:
+            raise DataUnreadable(problem)
+        warn(self.health)
         self._streams = [
             _Stream(config, processor, s, total, pad_id) for s in range(dp_rank * per, (dp_rank + 1) * per)
         ]
         self.epoch = 0
         self.steps = 0
+        self.epoch_steps = 0  # steps with data in this epoch (the same on every rank)
         self._worker_errors: dict[tuple[int, int], ErrorCounts] = {}
         self._dropped: dict[tuple[int, int], int] = {}
         self._truncated: dict[tuple[int, int], int] = {}
@@ -146,11 +162,55 @@ class OmniLoader:
         self._truncated[key] = item.truncated
 
     # -- iteration -----------------------------------------------------------------------------
-    def _agree(self, real: int, abort: bool) -> tuple[int, bool]:
-        flags = torch.tensor([real, int(abort)], dtype=torch.int64, device=self.device)
+    def _agree(self, *values: int) -> list[int]:
+        """The maximum of each value over the data-parallel ranks (one collective)."""
+        flags = torch.tensor(values, dtype=torch.int64, device=self.device)
         if self.dp_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flags[0]), bool(flags[1])
+        return [int(f) for f in flags]
+
+    def _any(self, flag: bool) -> bool:
+        return bool(self._agree(int(flag))[0])
+
+    def bad_shards(self) -> list[dict[str, str]]:
+        """Per source: the shards found missing before reading plus those that failed while read."""
+        out = [dict(h.bad) for h in self.health]
+        for shard, why in self.errors.bad_shards.items():
+            path = os.path.abspath(shard)
+            out[self._shard_source.get(path, 0)].setdefault(path, why)
+        return out
+
+    def _too_many_bad_shards(self) -> str | None:
+        for h, bad in zip(self.health, self.bad_shards(), strict=True):
+            if len(bad) > self.config.max_bad_shards * h.shards:
+                h = SourceHealth(h.name, h.index, h.shards, bad)
+                return judge([h], self.config.max_bad_shards)
+        return None
+
+    def report(self) -> dict:
+        """This rank's account of its data: per source the bad shards (and the samples they held, per
+        index.parquet), samples skipped by reason, dropped and truncated."""
+        errors = self.errors
+        sources = []
+        for h, bad in zip(self.health, self.bad_shards(), strict=True):
+            sources.append(SourceHealth(h.name, h.index, h.shards, bad, h.lost_samples).report())
+        return {
+            "sources": sources,
+            "records_seen": errors.seen,
+            "skipped": dict(errors.skipped),
+            "dropped": self.dropped,
+            "truncated": self.truncated,
+        }
+
+    def _nothing_usable(self) -> str:
+        errors = self.errors
+        skipped = ", ".join(f"{r}={n}" for r, n in errors.skipped.most_common()) or "none"
+        bad = [f"{p} ({why})" for per in self.bad_shards() for p, why in per.items()][:3]
+        return (
+            f"epoch {self.epoch} produced no usable sample on any data-parallel rank: this rank saw "
+            f"{errors.seen} records, skipped by reason: {skipped}; bad shards: {', '.join(bad) or 'none'}. "
+            "The warnings above name each shard and key."
+        )
 
     def __iter__(self) -> Iterator[Step]:
         g = self.config.micro_batches_per_step
@@ -168,20 +228,33 @@ class OmniLoader:
                     if item.batch is not None:
                         real.append(item.batch)
                 per_stream.append(real)
-            most, any_abort = self._agree(max(len(r) for r in per_stream), abort is not None)
+            shards_abort = self._too_many_bad_shards()
+            most, any_abort, any_shards_abort = self._agree(
+                max(len(r) for r in per_stream), abort is not None, shards_abort is not None
+            )
+            if any_shards_abort:
+                raise DataUnreadable(
+                    shards_abort or "another data-parallel rank exceeded data.max_bad_shards"
+                )
             if any_abort:
                 raise DataErrorRateExceeded(
                     abort or "another data-parallel rank exceeded data.max_error_rate"
                 )
             if most == 0:  # no stream on any rank has data: the epoch is over everywhere
+                if not self.epoch_steps:  # an epoch without a single usable sample would repeat forever
+                    raise DataUnreadable(self._nothing_usable())
                 self.epoch += 1
+                self.epoch_steps = 0
                 for stream in self._streams:
                     stream.new_epoch()
                 continue
+            self.epoch_steps += 1
             filler = padding_batch(self.config.pad_to_multiple, self.pad_id)
             batches = [b for real in per_stream for b in real + [filler] * (g - len(real))]
             if self.config.balance and self.dp_size > 1:
                 batches = balance_step(batches, self.group, self.device)
+            if self.peers is not None:
+                check_peers(batches, self.peers, self.device, self.steps + 1)
             self.steps += 1
             yield Step(batches, self.epoch)
 
@@ -191,6 +264,7 @@ class OmniLoader:
         return {
             "epoch": self.epoch,
             "steps": self.steps,
+            "epoch_steps": self.epoch_steps,
             "streams": [{"exhausted": s.exhausted, "loader": s.loader.state_dict()} for s in self._streams],
         }
 
@@ -201,6 +275,7 @@ class OmniLoader:
                 "exact resume needs the same data.streams and data-parallel size"
             )
         self.epoch, self.steps = state["epoch"], state["steps"]
+        self.epoch_steps = state.get("epoch_steps", self.steps)
         for stream, st in zip(self._streams, state["streams"], strict=True):
             stream.exhausted = st["exhausted"]
             if not stream.exhausted:  # an ended stream restarts fresh at the next epoch

@@ -128,6 +128,7 @@ def build_loader(
         group=mesh["dp"].get_group(),
         device=device,
         pad_id=pad_id,
+        peers=mesh["sp"].get_group() if mesh.dims.sp > 1 else None,  # SP ranks share micro-batches
     )
 
 

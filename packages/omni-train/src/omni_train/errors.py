@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from omni_data.config import DataConfigError
-from omni_data.errors import DataErrorRateExceeded
+from omni_data.errors import DataErrorRateExceeded, DataUnreadable
+from omni_data.peers import DataPeerMismatch
 from omni_models.config import ModelConfigError
 from omni_train.config import ConfigError
 
@@ -18,4 +19,6 @@ FATAL_ERRORS: tuple[type[BaseException], ...] = (
     ModelConfigError,
     DataConfigError,
     DataErrorRateExceeded,
+    DataUnreadable,
+    DataPeerMismatch,
 )

@@ -21,9 +21,11 @@ import torch
 import torch.distributed as dist
 
 from omni_data.loader import OmniLoader, Step
+from omni_data.preflight import merge_reports, summary
 from omni_dist import ParallelMesh, destroy_distributed, init_distributed
 from omni_dist.attention import SequenceParallel
 from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RNGPart
+from omni_dist.gather import all_gather_json
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
 from omni_models.omni import loss_tokens
@@ -236,12 +238,21 @@ class Trainer:
                     self.checkpoints.save(self.counters.step, self.parts)
             if self.counters.step > resumed_at:  # nothing new to save when resumed at the end
                 self.checkpoints.save(self.counters.step, self.parts)
+            self._data_report()
             self.checkpoints.wait()
         finally:
             metrics.close()
             if samples_log is not None:
                 samples_log.close()
         return self.counters
+
+    def _data_report(self) -> None:
+        """RUN_DIR/data_report.json and one log line: bad shards, skipped samples, over all DP ranks."""
+        reports = all_gather_json(self.loader.report(), self.mesh["dp"].get_group(), self.device)
+        if self.rank0:
+            report = merge_reports(reports)
+            (self.cfg.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
+            log.info("%s (RUN_DIR/data_report.json)", summary(report))
 
     def _samples_log(self):
         """Per-rank log of the sample ids each step trained on (logging.sample_ids), for audits."""

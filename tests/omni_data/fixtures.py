@@ -167,3 +167,62 @@ def write_wds(
                 i += 1
         paths.append(path)
     return paths
+
+
+def uniform_doc(i: int, rng: random.Random, image: bool) -> tuple[dict, dict[str, bytes]]:
+    """A conversation of fixed word counts (records of similar size) and, if `image`, a 16x16 PNG."""
+    user = [{"type": "text", "text": " ".join(rng.choices(WORDS, k=12))}]
+    files = {}
+    if image:
+        user.append({"type": "image", "media": "0.png"})
+        files["0.png"] = png(16, 16, i)
+    doc = {
+        "id": f"s{i:05d}",
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": " ".join(rng.choices(WORDS, k=6))}]},
+        ],
+    }
+    return doc, files
+
+
+def uniform_docs(
+    n: int, *, start: int = 0, image_every: int = 5, seed: int = 0
+) -> list[tuple[dict, dict[str, bytes]]]:
+    rng = random.Random(seed)
+    return [uniform_doc(i, rng, image_every > 0 and i % image_every == 0) for i in range(start, start + n)]
+
+
+def write_jsonl(path: str, n: int, *, start: int = 0, image_every: int = 5, seed: int = 0) -> str:
+    """One JSONL file of `n` similar-sized samples (ids from s{start:05d}), inline PNGs as base64 `files`."""
+    import base64
+
+    with open(path, "w") as f:
+        for doc, files in uniform_docs(n, start=start, image_every=image_every, seed=seed):
+            b64 = {k: base64.b64encode(v).decode() for k, v in files.items()}
+            f.write(json.dumps({**doc, "files": b64}) + "\n")
+    return path
+
+
+def write_parquet(
+    path: str,
+    n: int,
+    *,
+    start: int = 0,
+    row_group_size: int | None = None,
+    image_every: int = 5,
+    seed: int = 0,
+) -> str:
+    """One Parquet file of `n` samples (`json` + `media` columns); one row group unless `row_group_size`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = uniform_docs(n, start=start, image_every=image_every, seed=seed)
+    table = pa.table(
+        {
+            "json": [json.dumps(d) for d, _ in docs],
+            "media": [[{"name": k, "data": v} for k, v in f.items()] for _, f in docs],
+        }
+    )
+    pq.write_table(table, path, row_group_size=row_group_size or max(1, n))
+    return path

@@ -1,10 +1,13 @@
-"""The per-worker stream: shards -> weighted mix -> shuffle buffer -> packer -> collated micro-batches.
+"""The per-worker stream: pieces -> weighted mix -> shuffle buffer -> packer -> collated micro-batches.
 
-Each (rank, loader worker) pair is a slot; slot s of n reads every n-th shard of each source (after a
-seeded per-epoch shard shuffle), so slots read disjoint data. All randomness is drawn from counters
-(seed, epoch, slot, draw number), so the state is a handful of integers plus the restore keys
-(source, shard, index, key) of the samples sitting in the shuffle and packing buffers; restoring it
-re-reads those samples and continues the identical stream.
+Each (rank, loader worker) pair is a slot, a reader; slot s of n reads its pieces of each source
+(`omni_data.splits.plan_epoch`: the epoch's seeded shard order cut into n equal spans of records where
+the source can be split, whole shards round robin where it cannot), so slots read disjoint data and,
+where splitting is possible, about the same amount of it. All randomness is drawn from counters
+(seed, epoch, slot, draw number), so the state is a handful of integers, each source's cursor (piece
+number and the seekable position of the next record in it) and the restore keys (source, shard,
+position, key) of the samples sitting in the shuffle and packing buffers; restoring it seeks to each
+cursor's position, re-reads those samples (one seek each) and continues the identical stream.
 """
 
 from __future__ import annotations
@@ -19,16 +22,18 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from omni_data.collate import collate
 from omni_data.config import DataConfig
-from omni_data.errors import ErrorCounts
+from omni_data.errors import SHARD_REASONS, ErrorCounts
 from omni_data.packing import take_batch
 from omni_data.processor import Measured, Processor
 from omni_data.schema import SampleError
 from omni_data.sources import SOURCES, Record, Source
+from omni_data.splits import Piece, Size, fingerprint, plan_epoch, probe, read_piece, seeded, splittable
 from omni_dist.packed import PackedBatch
 
 log = logging.getLogger("omni_data")
 
-RestoreKey = tuple[int, str, int, str]  # source index, shard, index in shard, sample key
+RestoreKey = tuple[int, str, int, str]  # source index, shard, position in shard, sample key
+STATE_VERSION = 2  # 2: cursors are (piece, position); JSONL positions are byte offsets
 
 
 def build_sources(config: DataConfig) -> list[Source]:
@@ -42,7 +47,7 @@ def build_sources(config: DataConfig) -> list[Source]:
 
 
 def _rng(*parts: Any) -> random.Random:
-    return random.Random(":".join(map(str, parts)))  # str seeds hash with sha512: same in every process
+    return seeded(*parts)
 
 
 @dataclass
@@ -59,30 +64,50 @@ class WorkerItem:
 
 @dataclass
 class _Cursor:
-    shards: list[str]
-    shard_pos: int = 0
-    index: int = 0  # records consumed from shards[shard_pos]
+    """One source's pieces for this reader, and how far into them it is."""
+
+    pieces: list[Piece]
+    seekable: bool  # the source reads from a position (else a resume skips `consumed` records)
+    piece_pos: int = 0
+    position: int | None = None  # the next record's position in pieces[piece_pos]; None: its start
+    consumed: int = 0  # records taken from pieces[piece_pos]
     done: bool = False
     _reader: Iterator[Record] | None = field(default=None, repr=False)
 
     def next(self, source: Source) -> Record | None:
         while not self.done:
-            if self.shard_pos >= len(self.shards):
+            if self.piece_pos >= len(self.pieces):
                 self.done = True
                 return None
             if self._reader is None:
-                self._reader = iter(source.read(self.shards[self.shard_pos]))
-                for _ in range(self.index):  # resume: skip what was consumed before
-                    next(self._reader, None)
+                self._reader = read_piece(source, self.pieces[self.piece_pos], self.position)
+                if self.position is None:  # a source that cannot seek: skip what was consumed
+                    for _ in range(self.consumed):
+                        next(self._reader, None)
             rec = next(self._reader, None)
             if rec is None:
-                self._reader = None
-                self.shard_pos += 1
-                self.index = 0
+                self._next_piece()
                 continue
-            self.index += 1
+            self.consumed += 1
+            if self.seekable and rec.end is not None:
+                self.position = rec.end
+            if rec.error is not None and rec.error.reason in SHARD_REASONS:
+                self._next_piece()  # nothing follows it: a resume must not read (and count) it again
             return rec
         return None
+
+    def _next_piece(self) -> None:
+        close = getattr(self._reader, "close", None)
+        if close is not None:
+            close()
+        self._reader, self.position, self.consumed = None, None, 0
+        self.piece_pos += 1
+
+    def state(self) -> list:
+        return [self.piece_pos, self.position, self.consumed, self.done]
+
+    def restore(self, st: list) -> None:
+        self.piece_pos, self.position, self.consumed, self.done = st
 
 
 @dataclass
@@ -106,12 +131,10 @@ class _Candidate:
 class _WorkerStream:
     def __init__(self, ds: StreamingDataset, slot: int, nslots: int, epoch: int, state: dict | None):
         self.ds, self.cfg, self.slot, self.nslots, self.epoch = ds, ds.config, slot, nslots, epoch
-        self.cursors = []
-        for i, src in enumerate(ds.sources):
-            shards = src.shards()
-            if self.cfg.shuffle_shards:
-                _rng(self.cfg.seed, epoch, "shards", i).shuffle(shards)
-            self.cursors.append(_Cursor(shards[slot::nslots]))
+        self.cursors = [
+            _Cursor(pieces[slot], splittable(src))
+            for src, pieces in zip(ds.sources, ds.plan(epoch, nslots), strict=True)
+        ]
         self.draws = 0
         self.shuffle_draws = 0
         self.shuffle: list[tuple[Record, RestoreKey]] = []
@@ -126,12 +149,14 @@ class _WorkerStream:
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         return {
+            "version": STATE_VERSION,
             "epoch": self.epoch,
             "slot": self.slot,
             "nslots": self.nslots,
+            "sources": self.ds.fingerprints(self.nslots),  # what the pieces were planned from
             "draws": self.draws,
             "shuffle_draws": self.shuffle_draws,
-            "cursors": [[c.shard_pos, c.index, c.done] for c in self.cursors],
+            "cursors": [c.state() for c in self.cursors],
             "shuffle": [list(k) for _, k in self.shuffle],
             "pack": [list(c.key) for c in self.pack],
             "errors": self.errors.state(),
@@ -141,14 +166,28 @@ class _WorkerStream:
         }
 
     def _restore(self, st: dict) -> None:
+        if st.get("version") != STATE_VERSION:
+            raise RuntimeError(
+                f"data loader state version {st.get('version', 1)} cannot be restored by this loader "
+                f"(version {STATE_VERSION}: reader positions are seekable offsets, JSONL lines by byte "
+                "offset): resume with the omni-data version that saved it, or start a new run"
+            )
         if (st["slot"], st["nslots"]) != (self.slot, self.nslots):
             raise RuntimeError(
                 f"data loader state is for slot {st['slot']} of {st['nslots']} (rank x worker), this is slot "
                 f"{self.slot} of {self.nslots}: exact resume needs the same DP size and num_workers"
             )
+        for src, saved, now in zip(
+            self.ds.sources, st["sources"], self.ds.fingerprints(self.nslots), strict=True
+        ):
+            if saved != now:
+                raise RuntimeError(
+                    f"data source {src.name!r} changed since the save (its shard list or shard sizes "
+                    "differ), so the saved read positions are meaningless: restore the files or start a new run"
+                )
         self.draws, self.shuffle_draws = st["draws"], st["shuffle_draws"]
-        for c, (pos, index, done) in zip(self.cursors, st["cursors"], strict=True):
-            c.shard_pos, c.index, c.done = pos, index, done
+        for c, cst in zip(self.cursors, st["cursors"], strict=True):
+            c.restore(cst)
         self.errors = ErrorCounts.from_state(st["errors"])
         self.dropped, self.truncated, self.done = st["dropped"], st["truncated"], st["done"]
         keys = [tuple(k) for k in st["shuffle"]] + [tuple(k) for k in st["pack"]]
@@ -162,13 +201,16 @@ class _WorkerStream:
             self.pack.append(_Candidate(measured, tuple(k)))
 
     def _fetch(self, keys: list[RestoreKey]) -> dict[RestoreKey, Record]:
-        """Re-read buffered samples by restore key (one pass over each shard that holds any)."""
+        """Re-read buffered samples by restore key: one seek per run of adjacent positions (a pass
+        over the shard for a source that cannot seek)."""
         by_shard: dict[tuple[int, str], dict[int, str]] = {}
         for src, shard, index, key in keys:
             by_shard.setdefault((src, shard), {})[index] = key
         found: dict[RestoreKey, Record] = {}
         for (src, shard), wanted in by_shard.items():
-            for rec in self.ds.sources[src].read(shard):
+            source = self.ds.sources[src]
+            records = _seek_each(source, shard, sorted(wanted)) if splittable(source) else source.read(shard)
+            for rec in records:
                 if rec.index in wanted and rec.sample is not None and rec.key == wanted[rec.index]:
                     found[(src, shard, rec.index, rec.key)] = rec
         missing = [k for k in keys if k not in found]
@@ -230,6 +272,9 @@ class _WorkerStream:
             if nxt is None:
                 return None
             rec, key = nxt
+            if rec.error is not None and rec.error.reason in SHARD_REASONS:  # a bad shard, not a sample
+                self.errors.record_bad(rec.error.reason, rec.shard, rec.key, rec.error.detail)
+                continue
             self.errors.seen += 1
             if rec.error is not None:
                 self._skip(rec, rec.error)
@@ -279,6 +324,21 @@ class _WorkerStream:
                 yield self._item(collate(processed, self.cfg.pad_to_multiple, self.ds.pad_id))
 
 
+def _seek_each(source: Source, shard: str, positions: list[int]) -> Iterator[Record]:
+    """The records at `positions` (sorted) of a splittable source: a new seek only across a gap."""
+    reader: Iterator[Record] | None = None
+    following: int | None = None
+    for pos in positions:
+        if reader is None or pos != following:
+            reader = iter(source.read(shard, pos))
+        rec = next(reader, None)
+        if rec is None:
+            reader = None
+            continue
+        following = rec.end
+        yield rec
+
+
 class StreamingDataset(IterableDataset):
     """One rank's share of the data; each loader worker runs its own slot of it."""
 
@@ -291,18 +351,57 @@ class StreamingDataset(IterableDataset):
         self.processor = processor
         self.dp_rank, self.dp_size, self.pad_id = dp_rank, dp_size, pad_id
         self.sources = build_sources(config)
+        self._shards = [src.shards() for src in self.sources]
+        self._sizes: dict[int, list[list[Size]]] = {}
+        self._fingerprints: dict[int, list[str]] = {}
         self.epoch = 0
         self._pending: dict | None = None
         self._live: _WorkerStream | None = None
-        nslots = dp_size * max(1, config.num_workers)
-        for src in self.sources:
-            if len(src.shards()) < nslots:
+        readers = dp_size * max(1, config.num_workers)
+        # Sized here, in the rank's process: loader workers inherit the sizes with the dataset.
+        plans, sizes = self.plan(0, readers), self.sizes(readers)
+        for src, shards, pieces, sz in zip(self.sources, self._shards, plans, sizes, strict=True):
+            if empty := sum(not p for p in pieces):
                 log.warning(
-                    "source %s has %d shards for %d readers (dp ranks x workers): some readers get none of it",
+                    "source %s gives no data to %d of %d readers (dp ranks x workers): %d shards, %d of "
+                    "them read whole (a source kind without size(), or unreadable)",
                     src.name,
-                    len(src.shards()),
-                    nslots,
+                    empty,
+                    readers,
+                    len(shards),
+                    sum(n is None for n in sz),
                 )
+
+    def sizes(self, readers: int) -> list[list[Size]]:
+        """Per source, its shards' sizes as split among `readers` (None: read whole); probed once."""
+        if readers not in self._sizes:
+            self._sizes[readers] = [
+                probe(src, shards, readers) for src, shards in zip(self.sources, self._shards, strict=True)
+            ]
+        return self._sizes[readers]
+
+    def fingerprints(self, readers: int) -> list[str]:
+        """Per source, a digest of the shards and sizes its pieces are planned from (saved in state)."""
+        if readers not in self._fingerprints:
+            self._fingerprints[readers] = [
+                fingerprint(sh, sz) for sh, sz in zip(self._shards, self.sizes(readers), strict=True)
+            ]
+        return self._fingerprints[readers]
+
+    def plan(self, epoch: int, readers: int) -> list[list[list[Piece]]]:
+        """Per source, each reader's pieces in `epoch`."""
+        return [
+            plan_epoch(
+                shards,
+                sizes,
+                readers,
+                seed=self.config.seed,
+                epoch=epoch,
+                source_index=i,
+                shuffle=self.config.shuffle_shards,
+            )
+            for i, (shards, sizes) in enumerate(zip(self._shards, self.sizes(readers), strict=True))
+        ]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

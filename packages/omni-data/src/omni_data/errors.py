@@ -23,8 +23,9 @@ class DataUnreadable(RuntimeError):
     of its shards are bad than data.max_bad_shards allows."""
 
 
-# Reasons that concern a whole shard (an unreadable file), not one sample.
-SHARD_REASONS = frozenset({"shard_open", "shard_read", "missing"})
+# Reasons of the error record that ends a shard (nothing follows it in that read): a bad shard, not a
+# bad sample.
+SHARD_REASONS = frozenset({"shard_open", "shard_read"})
 
 
 @dataclass

@@ -13,7 +13,9 @@ has data left the epoch ends everywhere. No sample is dropped to equalise.
 The data is split into `streams` (default: one per DP rank); each rank reads streams
 [dp_rank * k, (dp_rank + 1) * k) with k = streams / dp_size, and a step holds micro_batches_per_step
 from each. With the same number of streams, any number of ranks sees the same global batch per step:
-one process with streams=2 trains on exactly what two DP ranks do.
+one process with streams=2 trains on exactly what two DP ranks do. The checkpointed state names each
+stream's global number, so a run resumes on any DP/SP layout: the saved streams continue where they
+were, spread over the new ranks (see `load_state_dict`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class _Stream:
     """One data stream: its dataset (a slot layout of its own) and its StatefulDataLoader."""
 
     def __init__(self, config: DataConfig, processor: Processor, index: int, total: int, pad_id: int):
+        self.index = index  # this stream's global number of `total`
         self.dataset = StreamingDataset(config, processor, dp_rank=index, dp_size=total, pad_id=pad_id)
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API here
             warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -89,6 +92,10 @@ class _Stream:
         self.iterator, self.exhausted = None, False
 
 
+class DataResumeError(RuntimeError):
+    """A saved data position that cannot continue exactly here; the message names the options."""
+
+
 class OmniLoader:
     """Yields `Step`s (equal micro-batch counts on every DP rank); `state_dict` resumes exactly."""
 
@@ -110,13 +117,13 @@ class OmniLoader:
             raise RuntimeError(
                 "dp_size > 1 needs torch.distributed initialised (steps are agreed across ranks)"
             )
-        total = config.streams or dp_size
-        if total % dp_size:
+        if config.streams and config.streams % dp_size:
             raise ValueError(
-                f"data.streams ({total}) must be a multiple of the data-parallel size ({dp_size})"
+                f"data.streams ({config.streams}) must be a multiple of the data-parallel size ({dp_size})"
             )
-        per = total // dp_size
         self.config = config
+        self.processor = processor
+        self.dp_rank = dp_rank
         self.group = group
         self.device = torch.device(device)
         self.pad_id = pad_id
@@ -131,15 +138,25 @@ class OmniLoader:
         if problem is not None:
             raise DataUnreadable(problem)
         warn(self.health)
-        self._streams = [
-            _Stream(config, processor, s, total, pad_id) for s in range(dp_rank * per, (dp_rank + 1) * per)
-        ]
+        self._layout(config.streams or dp_size)
         self.epoch = 0
         self.steps = 0
         self.epoch_steps = 0  # steps with data in this epoch (the same on every rank)
         self._worker_errors: dict[tuple[int, int], ErrorCounts] = {}
         self._dropped: dict[tuple[int, int], int] = {}
         self._truncated: dict[tuple[int, int], int] = {}
+
+    def _layout(self, total: int) -> None:
+        """This rank's streams of `total`: a contiguous block when dp divides total, else every dp-th
+        (after a resume onto more ranks than saved streams some ranks have none and step on fillers);
+        every rank runs `per_rank` streams' worth of micro-batches per step."""
+        self.total = total
+        self.per_rank = -(-total // self.dp_size)
+        if total % self.dp_size == 0:
+            mine = range(self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank)
+        else:
+            mine = range(self.dp_rank, total, self.dp_size)
+        self._streams = [_Stream(self.config, self.processor, s, total, self.pad_id) for s in mine]
 
     # -- stats ---------------------------------------------------------------------------------
     @property
@@ -230,7 +247,7 @@ class OmniLoader:
                 per_stream.append(real)
             shards_abort = self._too_many_bad_shards()
             most, any_abort, any_shards_abort = self._agree(
-                max(len(r) for r in per_stream), abort is not None, shards_abort is not None
+                max((len(r) for r in per_stream), default=0), abort is not None, shards_abort is not None
             )
             if any_shards_abort:
                 raise DataUnreadable(
@@ -245,12 +262,15 @@ class OmniLoader:
                     raise DataUnreadable(self._nothing_usable())
                 self.epoch += 1
                 self.epoch_steps = 0
+                if self.total != (self.config.streams or self.dp_size):  # resumed onto another layout
+                    self._layout(self.config.streams or self.dp_size)
                 for stream in self._streams:
                     stream.new_epoch()
                 continue
             self.epoch_steps += 1
             filler = padding_batch(self.config.pad_to_multiple, self.pad_id)
             batches = [b for real in per_stream for b in real + [filler] * (g - len(real))]
+            batches += [filler] * (g * (self.per_rank - len(per_stream)))
             if self.config.balance and self.dp_size > 1:
                 batches = balance_step(batches, self.group, self.device)
             if self.peers is not None:
@@ -260,23 +280,55 @@ class OmniLoader:
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Valid between steps; plain Python (JSON-able): per stream, its loader's worker states."""
+        """Valid between steps; plain Python (JSON-able): this rank's streams, by global number."""
         return {
             "epoch": self.epoch,
             "steps": self.steps,
             "epoch_steps": self.epoch_steps,
-            "streams": [{"exhausted": s.exhausted, "loader": s.loader.state_dict()} for s in self._streams],
+            "total_streams": self.total,
+            "num_workers": self.config.num_workers,
+            "streams": [
+                {"index": s.index, "exhausted": s.exhausted, "loader": s.loader.state_dict()}
+                for s in self._streams
+            ],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["streams"]) != len(self._streams):
-            raise ValueError(
-                f"data loader state has {len(state['streams'])} streams on this rank, the loader {len(self._streams)}: "
-                "exact resume needs the same data.streams and data-parallel size"
+        """This rank's own state, or `{"ranks": [every saved rank's state]}` (what the checkpoint gives
+        a part with `gather_ranks`): the data position is global, so a run saved with any DP/SP layout
+        continues with any other. The saved streams go on where they were, spread over the current ranks
+        (the same micro-batches per step as before, so nothing is trained twice or skipped); from the next
+        epoch the streams follow the current layout. Loader workers must stay as many per stream."""
+        ranks = state.get("ranks", [state])
+        saved: dict[int, dict] = {}
+        for r in ranks:
+            if "total_streams" not in r:
+                raise DataResumeError(
+                    "this data loader state predates layout-free resume: resume it with the layout that saved "
+                    "it (same data-parallel size, data.streams and data.num_workers), or start a new run"
+                )
+            for st in r["streams"]:
+                saved.setdefault(st["index"], st)  # SP peers saved the same streams
+        first, total = ranks[0], ranks[0]["total_streams"]
+        if sorted(saved) != list(range(total)) and "ranks" in state:
+            raise DataResumeError(
+                f"the checkpoint holds data streams {sorted(saved)} of {total}: some are missing"
             )
-        self.epoch, self.steps = state["epoch"], state["steps"]
-        self.epoch_steps = state.get("epoch_steps", self.steps)
-        for stream, st in zip(self._streams, state["streams"], strict=True):
+        live = [i for i, st in saved.items() if not st["exhausted"]]
+        if live and first["num_workers"] != self.config.num_workers:
+            raise DataResumeError(
+                f"the data position was saved with data.num_workers={first['num_workers']} loader workers per "
+                f"stream, this run has {self.config.num_workers}: resume with data.num_workers="
+                f"{first['num_workers']} (the DP/SP layout may change), or change it at an epoch boundary"
+            )
+        if total != self.total:
+            self._layout(total)
+        self.epoch, self.steps = first["epoch"], first["steps"]
+        self.epoch_steps = first.get("epoch_steps", self.steps)
+        for stream in self._streams:
+            st = saved.get(stream.index)
+            if st is None:
+                raise DataResumeError(f"data stream {stream.index} of {total} is not in the saved state")
             stream.exhausted = st["exhausted"]
             if not stream.exhausted:  # an ended stream restarts fresh at the next epoch
                 stream.loader.load_state_dict(st["loader"])

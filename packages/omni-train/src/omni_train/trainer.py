@@ -39,9 +39,12 @@ log = logging.getLogger("omni_train")
 
 
 class _LoaderPart:
-    """The data loader as a per-rank checkpoint part (its cursors and buffered restore keys)."""
+    """The data loader as a checkpoint part: each rank saves its streams' cursors and buffered restore
+    keys; on load every rank gets all saved ranks' states (the data position is global, so the run can
+    resume on another DP/SP layout)."""
 
     per_rank = True
+    gather_ranks = True
 
     def __init__(self, loader: OmniLoader):
         self.loader = loader
@@ -222,7 +225,8 @@ class Trainer:
                 self.on_progress(self.counters.step, record["loss"])
                 if samples_log is not None:
                     ids = [i for b in step.micro_batches for i in b.sample_ids]
-                    samples_log.write(json.dumps({"step": self.counters.step, "ids": ids}) + "\n")
+                    line = {"step": self.counters.step, "epoch": step.epoch, "ids": ids}
+                    samples_log.write(json.dumps(line) + "\n")
                     samples_log.flush()
                 metrics.progress(self.counters.step, record["loss"], record["tokens_per_s"])
                 if self.counters.step % cfg.logging.log_every == 0 or self.counters.step == cfg.train.steps:

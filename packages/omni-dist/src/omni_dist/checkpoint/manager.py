@@ -154,8 +154,10 @@ class CheckpointManager:
     def load(self, parts: Mapping[str, Stateful], path: str | Path | None = None) -> int:
         """Load `parts` from `path` (default: the latest complete checkpoint); returns its step.
 
-        Per-rank parts (RNG, data cursors) are restored only when the checkpoint was written by the
-        same world size; otherwise every rank skips them (logged once). Every other part must be
+        Per-rank parts (RNG) are restored only when the checkpoint was written by the same world size;
+        otherwise every rank skips them (logged once). A per-rank part with `gather_ranks = True` (data
+        cursors) gets every saved rank's state on every rank, whatever the world sizes:
+        `load_state_dict({"ranks": [state of rank 0, state of rank 1, ...]})`. Every other part must be
         present with the same tensors; a mismatch on any rank raises on all of them.
         """
         self.wait()
@@ -164,9 +166,15 @@ class CheckpointManager:
             raise CheckpointError(f"no complete checkpoint at {path} (it has no {METADATA}).")
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         meta = self._read(path, {"meta/world_size": torch.tensor(0), "meta/step": torch.tensor(0)})
-        same_world = int(meta["meta/world_size"]) == self.world_size
-        active = {}
+        saved_world = int(meta["meta/world_size"])
+        same_world = saved_world == self.world_size
+        active = {}  # load key -> (part, prefix of its tensors in the checkpoint)
+        gathered: dict[str, list[str]] = {}  # part name -> the load keys of every saved rank's state
         for name, part in parts.items():
+            if getattr(part, "per_rank", False) and getattr(part, "gather_ranks", False):
+                gathered[name] = [f"{name}/rank{r}" for r in range(saved_world)]
+                active.update({key: (part, key) for key in gathered[name]})
+                continue
             if getattr(part, "per_rank", False) and not same_world:
                 if self.rank == 0:
                     log.warning("checkpoint %s: per-rank part %r was saved by %d ranks, not %d: not restored",
@@ -192,7 +200,10 @@ class CheckpointManager:
         _agree(error, f"loading {path}")  # nobody enters the collective load unless everyone can
         dcp.load(state, checkpoint_id=str(path))
         for name, (part, _) in active.items():
-            part.load_state_dict(join_state(skeletons[name], state))
+            if not any(name in keys for keys in gathered.values()):
+                part.load_state_dict(join_state(skeletons[name], state))
+        for name, keys in gathered.items():
+            parts[name].load_state_dict({"ranks": [join_state(skeletons[k], state) for k in keys]})
         return int(meta["meta/step"])
 
     def _plan_part(self, name, part, prefix, skeleton, path, stored, state) -> None:

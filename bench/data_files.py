@@ -1,0 +1,140 @@
+"""Trainer tokens/s when the data is one JSONL file vs the same samples in 8 files (2 ranks), and the
+time from start to the error when every shard is missing.
+
+    uv run python bench/data_files.py [--steps 30] [--samples 6000]
+
+The quickstart model trains on text conversations (arithmetic, like the quickstart's text part)
+through `omni-train run --nproc 2`: once from one JSONL file, once from 8. With record-level splitting
+every reader gets its share of the single file; without it one rank would step on filler batches.
+Prints one JSON object: tokens/s of both (median over the steps after the first 5) and their ratio,
+plus the seconds `omni-train run` takes to exit on all-missing data and the seconds the loader takes
+to raise on it in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "apps/quickstart/recipe.yaml"
+TOKENIZER = ROOT / "data/quickstart/tokenizer"
+
+
+def _conversations(n: int) -> list[str]:
+    rng = random.Random(0)
+    lines = []
+    for i in range(n):
+        terms = [rng.randint(0, 99) for _ in range(rng.randint(2, 6))]
+        q = " + ".join(map(str, terms))
+        doc = {
+            "id": f"t{i:06d}",
+            "messages": [
+                {"role": "user", "content": f"What is {q}?"},
+                {"role": "assistant", "content": f"{q} = {sum(terms)}."},
+            ],
+        }
+        lines.append(json.dumps(doc))
+    return lines
+
+
+def _write(root: Path, lines: list[str], files: int) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        (root / f"part-{f:02d}.jsonl").write_text("\n".join(lines[f::files]) + "\n")
+    return str(root / "part-*.jsonl")
+
+
+def _train(paths: str, run_dir: Path, steps: int) -> float:
+    sets = [
+        f"data.tokenizer={TOKENIZER}",
+        f"data.sources=[{{kind: jsonl, paths: '{paths}'}}]",
+        "data.eval_sources=[]",
+        "data.num_workers=1",
+        "data.prepare=null",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "checkpoint.resume=none",
+        "checkpoint.interval=0",
+        "logging.console=none",
+        "logging.tensorboard=false",
+        f"logging.run_dir={run_dir}",
+    ]
+    cmd = [sys.executable, "-m", "omni_train.cli", "run", str(RECIPE), "--nproc", "2"]
+    for s in sets:
+        cmd += ["--set", s]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 5]
+    return statistics.median(rates)
+
+
+def _time_to_error(missing: str) -> dict[str, float]:
+    from omni_data.config import DataConfig
+    from omni_data.errors import DataUnreadable
+    from omni_data.loader import OmniLoader
+    from omni_train.assembly import preprocessing_processor
+
+    cmd = [sys.executable, "-m", "omni_train.cli", "run", str(RECIPE), "--nproc", "2"]
+    cmd += ["--set", f"data.sources=[{{kind: webdataset, paths: '{missing}'}}]", "--set", "data.prepare=null"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    cli_s = time.perf_counter() - t0
+    assert proc.returncode != 0, proc.stdout
+    cfg = DataConfig.from_dict({"sources": [{"kind": "webdataset", "paths": missing}], "max_tokens": 512})
+    processor = preprocessing_processor(str(RECIPE), str(TOKENIZER))
+    t0 = time.perf_counter()
+    try:
+        OmniLoader(cfg, processor)
+    except DataUnreadable:
+        loader_s = time.perf_counter() - t0
+    return {"cli_exit_s": cli_s, "loader_raise_s": loader_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--samples", type=int, default=6000)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if not TOKENIZER.exists():
+        cmd = [
+            sys.executable,
+            "apps/quickstart/make_data.py",
+            "--out",
+            "data/quickstart",
+            "--model",
+            str(RECIPE),
+        ]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    lines = _conversations(args.samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        one = _train(_write(tmp / "one", lines, 1), tmp / "run-1", args.steps)
+        eight = _train(_write(tmp / "eight", lines, 8), tmp / "run-8", args.steps)
+        errors = _time_to_error(f"{tmp}/nope/x-{{0..3}}.tar")
+    print(
+        json.dumps(
+            {
+                "bench": "data_files",
+                "device": "cpu (2 cores), 2 ranks",
+                "steps": args.steps,
+                "tokens_per_s_1_file": one,
+                "tokens_per_s_8_files": eight,
+                "ratio_1_vs_8_files": one / eight,
+                "all_missing": errors,
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

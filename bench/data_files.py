@@ -8,7 +8,8 @@ through `omni-train run --nproc 2`: once from one JSONL file, once from 8. With 
 every reader gets its share of the single file; without it one rank would step on filler batches.
 Prints one JSON object: tokens/s of both (median over the steps after the first 5) and their ratio,
 plus the seconds `omni-train run` takes to exit on all-missing data and the seconds the loader takes
-to raise on it in process.
+to raise on it in process, and the cost of the SP peers' per-step check (one 8-byte digest
+all_gather, 2 gloo ranks) against the step time.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _write(root: Path, lines: list[str], files: int) -> str:
     return str(root / "part-*.jsonl")
 
 
-def _train(paths: str, run_dir: Path, steps: int) -> float:
+def _train(paths: str, run_dir: Path, steps: int) -> tuple[float, float]:
+    """(median tokens/s, median step seconds) over the steps after the first 5."""
     sets = [
         f"data.tokenizer={TOKENIZER}",
         f"data.sources=[{{kind: jsonl, paths: '{paths}'}}]",
@@ -72,8 +74,9 @@ def _train(paths: str, run_dir: Path, steps: int) -> float:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 5]
-    return statistics.median(rates)
+    timed = [r for r in records if "tokens_per_s" in r and r["step"] > 5]
+    rates = [r["tokens_per_s"] for r in timed]
+    return statistics.median(rates), statistics.median(r["tokens"] / r["tokens_per_s"] for r in timed)
 
 
 def _time_to_error(missing: str) -> dict[str, float]:
@@ -98,6 +101,27 @@ def _time_to_error(missing: str) -> dict[str, float]:
     return {"cli_exit_s": cli_s, "loader_raise_s": loader_s}
 
 
+def _peer_check_rank(calls: int) -> float:
+    """Seconds per SP-peer check of a step of 8 micro-batches with 16 samples each (2 ranks, gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    from omni_data.peers import check_peers
+    from omni_dist.packed import pack
+
+    batches = []
+    for m in range(8):
+        b = pack([torch.arange(8)])
+        b.sample_ids = [f"shard-{m:04d}@{i * 977}" for i in range(16)]
+        batches.append(b)
+    check_peers(batches, dist.group.WORLD, torch.device("cpu"), 0)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for step in range(calls):
+        check_peers(batches, dist.group.WORLD, torch.device("cpu"), step)
+    return (time.perf_counter() - t0) / calls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
@@ -117,9 +141,12 @@ def main() -> None:
     lines = _conversations(args.samples)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        one = _train(_write(tmp / "one", lines, 1), tmp / "run-1", args.steps)
-        eight = _train(_write(tmp / "eight", lines, 8), tmp / "run-8", args.steps)
+        one, _ = _train(_write(tmp / "one", lines, 1), tmp / "run-1", args.steps)
+        eight, step_s = _train(_write(tmp / "eight", lines, 8), tmp / "run-8", args.steps)
         errors = _time_to_error(f"{tmp}/nope/x-{{0..3}}.tar")
+    from omni_dist.spawn import run_ranks
+
+    peer_check_s = run_ranks(_peer_check_rank, 2, args=(500,), threads_per_rank=1)[0]
     print(
         json.dumps(
             {
@@ -130,6 +157,8 @@ def main() -> None:
                 "tokens_per_s_8_files": eight,
                 "ratio_1_vs_8_files": one / eight,
                 "all_missing": errors,
+                "sp_peer_check_ms": peer_check_s * 1e3,
+                "sp_peer_check_share_of_step": peer_check_s / step_s,
             },
             indent=1,
         )

@@ -70,7 +70,10 @@ def expand_paths(paths: str | list[str]) -> list[str]:
         for p in braceexpand.braceexpand(os.path.expanduser(pattern)):
             matches = sorted(glob.glob(p)) if glob.has_magic(p) else [p]
             if not matches:
-                raise FileNotFoundError(f"no files match {p!r}")
+                raise FileNotFoundError(
+                    f"no files match {p!r} (resolved {os.path.abspath(p)}; relative paths resolve against "
+                    "the working directory)"
+                )
             out.extend(matches)
     if not out:
         raise FileNotFoundError(f"no shards in {paths!r}")

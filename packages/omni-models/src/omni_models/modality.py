@@ -53,8 +53,31 @@ class MediaProcessor(Protocol):
         ...
 
 
+class _ModalityPart(Protocol):
+    """What encoders and decoders share: the media of their modalities, in and out of a micro-batch."""
+
+    modalities: tuple[str, ...]
+
+    def dummy_media(self) -> dict[str, MediaBatch]:
+        """The smallest valid input (encoder) or target (decoder), run on ranks whose micro-batch has
+        none of its modalities, so every rank runs the same modules."""
+        ...
+
+    def processor(self, modality: str, /) -> MediaProcessor:
+        """The processor of one of its modalities (KeyError for another)."""
+        ...
+
+    def plan(self) -> ParallelPlan:
+        """FSDP units / recompute for this part, relative to the part's module."""
+        ...
+
+    def flops(self, media: Mapping[str, MediaBatch], /) -> float:
+        """Training FLOPs (forward + backward) of this media (called only with media present)."""
+        ...
+
+
 @runtime_checkable
-class Encoder(Protocol):
+class Encoder(_ModalityPart, Protocol):
     """An nn.Module that reads the media of its modalities into LLM-token features.
 
     Built as `ENCODERS[name](config: dict, modalities=tuple, **options)`. Called by OmniModel
@@ -76,25 +99,9 @@ class Encoder(Protocol):
         in item order. Return fresh tensors, not views (FSDP hooks these outputs for backward)."""
         ...
 
-    def dummy_media(self) -> dict[str, MediaBatch]:
-        """The smallest valid input, encoded on ranks whose micro-batch has none of its modalities."""
-        ...
-
-    def processor(self, modality: str, /) -> MediaProcessor:
-        """The processor of one of its modalities (KeyError for another)."""
-        ...
-
-    def plan(self) -> ParallelPlan:
-        """FSDP units / recompute for this encoder, relative to the encoder module."""
-        ...
-
-    def flops(self, media: Mapping[str, MediaBatch], /) -> float:
-        """Training FLOPs (forward + backward) of encoding this media (called only with media present)."""
-        ...
-
 
 @runtime_checkable
-class Decoder(Protocol):
+class Decoder(_ModalityPart, Protocol):
     """An nn.Module that makes one generated modality from the foundation's hidden states, as a fixed
     number of discrete codes per item (e.g. VQ image tokens).
 
@@ -127,22 +134,6 @@ class Decoder(Protocol):
 
     def lm_generate(self, codes: torch.Tensor, /) -> torch.Tensor:
         """(items, tokens) codes -> the generated items (an image decoder: (items, 3, S, S) in [0, 1])."""
-        ...
-
-    def dummy_media(self) -> dict[str, MediaBatch]:
-        """The smallest valid target, run on ranks whose micro-batch generates none of its modality."""
-        ...
-
-    def processor(self, modality: str, /) -> MediaProcessor:
-        """The processor of its target items (KeyError for another modality)."""
-        ...
-
-    def plan(self) -> ParallelPlan:
-        """FSDP units / recompute for this decoder, relative to the decoder module."""
-        ...
-
-    def flops(self, media: Mapping[str, MediaBatch], /) -> float:
-        """Training FLOPs (forward + backward) of these targets (called only with targets present)."""
         ...
 
 

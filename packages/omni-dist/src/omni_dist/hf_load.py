@@ -18,6 +18,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from omni_dist.gather import all_gather_json
+
 log = logging.getLogger(__name__)
 
 
@@ -108,9 +110,7 @@ def load_hf_weights_(
             error = CheckpointMismatchError(
                 f"loading {path} failed on {int(failed)} other rank(s); see their logs."
             )
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, used)
-        used = set().union(*everyone)
+        used = set().union(*all_gather_json(sorted(used)))
     if error is not None:
         raise error
     unused = set(available) - {n for names in aliases.values() for n in names} - used

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 
 from omni_dist.checkpoint.layout import METADATA, CheckpointError, CheckpointLayout
 from omni_dist.checkpoint.parts import Stateful, decode_json, encode_json, join_state, split_state
+from omni_dist.gather import all_gather_json
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ class CheckpointManager:
                 replicated[name] = _fingerprint(skeleton, tensors)
         if self.world_size > 1:
             # DCP stores one copy of a key that all ranks have: such parts must really be identical.
-            everyone: list = [None] * self.world_size
-            dist.all_gather_object(everyone, replicated)
+            everyone = all_gather_json(replicated)  # JSON, not pickle, between ranks
             differing = sorted(n for n in replicated if any(o.get(n) != replicated[n] for o in everyone))
             if differing:
                 raise CheckpointError(

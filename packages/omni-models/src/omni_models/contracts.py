@@ -20,9 +20,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from omni_models.modality import Decoder, Encoder, Foundation, MediaProcessor
+from omni_models.modality import Decoder, Encoder, Foundation
 
-PROTOCOLS = (Encoder, Decoder, Foundation, MediaProcessor)
 MODULE_PROTOCOLS = (Encoder, Decoder, Foundation)  # these parts are also nn.Modules
 
 _P = inspect.Parameter

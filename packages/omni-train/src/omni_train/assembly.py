@@ -132,13 +132,17 @@ def build_loader(
     )
 
 
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def build_optimizer(
     cfg: TrainConfig, model: torch.nn.Module, device: torch.device
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW over the trainable parameters and the recipe's LR schedule."""
     t = cfg.train
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        trainable_parameters(model),
         lr=t.lr,
         betas=t.betas,
         weight_decay=t.weight_decay,

@@ -29,7 +29,14 @@ from omni_dist.gather import all_gather_json
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
 from omni_models.omni import loss_tokens
-from omni_train.assembly import build_loader, build_model, build_optimizer, chat_processor, tokenizer
+from omni_train.assembly import (
+    build_loader,
+    build_model,
+    build_optimizer,
+    chat_processor,
+    tokenizer,
+    trainable_parameters,
+)
 from omni_train.config import TrainConfig, dump
 from omni_train.errors import TrainingError
 from omni_train.hardware import peak_flops, peak_memory_gb
@@ -85,10 +92,6 @@ def _device(env) -> torch.device:
         return torch.device("cuda", index)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
     return torch.device("cpu")
-
-
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
@@ -269,7 +272,7 @@ class Trainer:
     def _step(self, step: Step) -> dict[str, Any]:
         loss, tokens, flops, parts = self._forward_backward(step)
         lr = self.scheduler.get_last_lr()[0]
-        params = _trainable(self.model)
+        params = trainable_parameters(self.model)
         norm = clip_grad_norm_(params, self.cfg.train.grad_clip).item()
         finite = math.isfinite(loss.item()) and math.isfinite(norm)
         if finite:

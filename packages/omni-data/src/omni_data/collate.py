@@ -26,6 +26,21 @@ def _media_batch(items: list[tuple[ProcessedMedia, int]]) -> MediaBatch:
     )
 
 
+def _positions(samples: list[ProcessedSample]) -> torch.Tensor:
+    """(1, T), or (rows, 1, T) when the model makes multi-row positions (M-RoPE: HF's (3, B, T)
+    layout); every sample's positions start at 0, a sample without its own gets 0..L-1 on every row."""
+    rows = {s.position_ids.shape[0] for s in samples if s.position_ids is not None}
+    if len(rows) > 1:
+        raise ValueError(f"samples have position ids with different row counts {sorted(rows)}")
+    n = rows.pop() if rows else 1
+    parts = []
+    for s in samples:
+        own = s.position_ids
+        parts.append(own if own is not None else torch.arange(s.input_ids.numel()).expand(n, -1))
+    out = torch.cat(parts, dim=-1)
+    return out.unsqueeze(1) if n > 1 else out
+
+
 def collate(samples: list[ProcessedSample], pad_to_multiple: int = 1, pad_id: int = 0) -> PackedBatch:
     """Pack samples into one sequence; pad to a multiple of `pad_to_multiple` (the SP degree)."""
     if not samples:
@@ -40,7 +55,7 @@ def collate(samples: list[ProcessedSample], pad_to_multiple: int = 1, pad_id: in
             grouped.setdefault((m.generate, m.modality), []).append((m, offset))
     batch = PackedBatch(
         input_ids=torch.cat([s.input_ids for s in samples]).unsqueeze(0),
-        position_ids=torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+        position_ids=_positions(samples),
         labels=shift_labels(labels, cu).unsqueeze(0),
         cu_seqlens=cu,
         max_seqlen=max(lengths),

@@ -115,6 +115,13 @@ class ProcessedSample:
     input_ids: torch.Tensor  # (L,) int64
     labels: torch.Tensor  # (L,) int64, unshifted
     media: list[ProcessedMedia] = field(default_factory=list)
+    position_ids: torch.Tensor | None = None  # (rows, L) from the model's PositionFn; None: 0..L-1
+
+
+class PositionFn(Protocol):
+    """A model's own position ids for one sample (e.g. M-RoPE's (3, L) rows t/h/w), starting at 0."""
+
+    def __call__(self, input_ids: torch.Tensor, media: Sequence[ProcessedMedia], /) -> torch.Tensor: ...
 
 
 class Processor(Protocol):
@@ -140,6 +147,10 @@ def modality_tokens(modality: str) -> tuple[str, str, str]:
 class ChatProcessor:
     """Text through the tokenizer's chat template, media as `start, placeholder x n, end` tokens.
 
+    The marker tokens are `modality_tokens(m)` unless `markers[m]` names the model's own (a pretrained
+    family's, e.g. `<|vision_start|>`, `<|image_pad|>`, `<|vision_end|>`); `positions`, when given,
+    makes each processed sample's position ids (the model's M-RoPE rows).
+
     Labels cover assistant turns only (found by rendering each conversation prefix, so any template
     that renders a prefix as a prefix works); placeholders and markers of input media get no text
     loss; a generation target keeps its start marker's label (the model learns to start the image)
@@ -152,21 +163,26 @@ class ChatProcessor:
         media: Mapping[str, MediaProcessor] | None = None,
         targets: Mapping[str, MediaProcessor] | None = None,
         use_recorded_counts: bool = True,
+        markers: Mapping[str, tuple[str, str, str]] | None = None,
+        positions: PositionFn | None = None,
     ):
         self.tokenizer = tokenizer
         self.media = dict(media or {})
         self.targets = dict(targets or {})
         self.use_recorded_counts = use_recorded_counts
+        self.positions = positions
+        self._names: dict[str, tuple[str, str, str]] = {}
         self._ids: dict[str, tuple[int, int, int]] = {}
         vocab = tokenizer.get_vocab()
         for modality in {*self.media, *self.targets}:
-            names = modality_tokens(modality)
+            names = (markers or {}).get(modality) or modality_tokens(modality)
             missing = [n for n in names if n not in vocab]
             if missing:
                 raise ValueError(
                     f"tokenizer lacks the {modality!r} tokens {missing}: add them as special tokens "
                     f"(omni_data.processor.modality_tokens gives the names)"
                 )
+            self._names[modality] = tuple(names)
             self._ids[modality] = tuple(vocab[n] for n in names)
 
     def _render(self, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
@@ -192,7 +208,7 @@ class ChatProcessor:
                     text.append(p.text or "")
                 else:
                     self._processor_for(p.media)
-                    text.append(modality_tokens(p.type)[1])
+                    text.append(self._names[p.type][1])
                     items.append(p.media)
             chat.append({"role": m.role, "content": "".join(text)})
         full = self._render(chat, generation_prompt=False)
@@ -257,10 +273,8 @@ class ChatProcessor:
             for m in measured.media
         ]
         s = measured.sample
+        ids = torch.tensor(measured.input_ids, dtype=torch.long)
+        positions = self.positions(ids, media) if self.positions is not None else None
         return ProcessedSample(
-            s.id,
-            s.source,
-            torch.tensor(measured.input_ids, dtype=torch.long),
-            torch.tensor(measured.labels, dtype=torch.long),
-            media,
+            s.id, s.source, ids, torch.tensor(measured.labels, dtype=torch.long), media, positions
         )

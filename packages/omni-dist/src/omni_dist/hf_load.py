@@ -39,7 +39,11 @@ def local_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_hf_weights_(
-    model: nn.Module, path: str | Path, strict: bool = True, split_keys: SplitKeys | None = None
+    model: nn.Module,
+    path: str | Path,
+    strict: bool = True,
+    split_keys: SplitKeys | None = None,
+    used: set[str] | None = None,
 ) -> set[str]:
     """Fill `model`'s persistent parameters and buffers from the safetensors files in `path`.
 
@@ -51,7 +55,9 @@ def load_hf_weights_(
     experts this rank holds); it returns None for tensors stored under their own name.
     Returns every name now filled, tied aliases included. With `strict`, a tensor the model has and
     the checkpoint lacks is an error listing them; otherwise the caller initialises the rest
-    (`init_weights_(..., names=all - loaded)`). Unused checkpoint tensors are logged.
+    (`init_weights_(..., names=all - loaded)`). Unused checkpoint tensors are logged, unless `used` is
+    given: then the checkpoint keys read are added to it, for a caller that fills several modules from
+    one directory (and calls `log_unused` once).
     """
     try:
         import safetensors  # noqa: F401  (imported by the reader; fail here with a useful message)
@@ -102,7 +108,7 @@ def load_hf_weights_(
     except CheckpointMismatchError as e:
         error = e
     # With sharded experts the checks differ per rank: agree before anyone enters the collective load.
-    used = set(to_load)
+    used_keys = set(to_load)
     if dist.is_initialized():
         failed = torch.tensor([0 if error is None else 1])
         dist.all_reduce(failed)
@@ -110,16 +116,28 @@ def load_hf_weights_(
             error = CheckpointMismatchError(
                 f"loading {path} failed on {int(failed)} other rank(s); see their logs."
             )
-        used = set().union(*all_gather_json(sorted(used)))
+        used_keys = set().union(*all_gather_json(sorted(used_keys)))
     if error is not None:
         raise error
-    unused = set(available) - {n for names in aliases.values() for n in names} - used
-    if unused and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.warning(
-            "%d checkpoint tensors are not used by the model, e.g. %s", len(unused), sorted(unused)[:4]
-        )
+    read = used_keys | {n for names in aliases.values() for n in names if n in available}
+    if used is None:
+        log_unused(path, set(available) - read)
+    else:
+        used |= read
     dcp.load(to_load, storage_reader=reader)
     return loaded
+
+
+def checkpoint_keys(path: str | Path) -> set[str]:
+    """Every tensor name in the safetensors files of `path`."""
+    return set(dcp.HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def log_unused(path: str | Path, unused: set[str]) -> None:
+    if unused and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning(
+            "%d tensors of %s are not used by the model, e.g. %s", len(unused), path, sorted(unused)[:4]
+        )
 
 
 def _check_shape(name: str, want: tuple, have: tuple, path: Path) -> None:

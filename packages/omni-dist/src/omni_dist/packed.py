@@ -3,8 +3,10 @@
 This is the one batch type of the project: the collator (omni-data) makes it, the model (omni-models)
 reads it, generation builds one for its prompt, and it moves itself to a device. Layout:
 
-    input_ids, position_ids, labels   (1, T); position ids restart per sample; labels already shifted
+    input_ids, labels                 (1, T); labels already shifted
                                       (IGNORE_INDEX on prompts, media, sample ends and padding)
+    position_ids                      (1, T), or (3, 1, T) for M-RoPE (HF's layout, rows t/h/w);
+                                      they restart per sample; the sequence is always the last dim
     cu_seqlens (n + 1,) int32         sample boundaries; SP padding is its own last segment
     media / targets                   encoder inputs / generation targets by modality (MediaBatch)
 
@@ -134,7 +136,7 @@ def pad_for_sp(batch: PackedBatch, sp_size: int, pad_id: int = 0) -> PackedBatch
         return batch
 
     def extend(x: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, tail.to(x.device, x.dtype)[None]], dim=1)
+        return torch.cat([x, tail.to(x.device, x.dtype).expand(*x.shape[:-1], pad)], dim=-1)
 
     return dataclasses.replace(
         batch,

@@ -6,6 +6,12 @@
                projector: mlp, options: {max_pixels: 401408}}
       audio:  {name: whisper, modalities: [audio], config: {...}, path: whisper_encoder_dir}
 
+Or a whole pretrained HF model directory, expanded by its family (omni_models.families) into the
+same part specs (each with `path` = the directory); extra encoders/decoders may be added by config:
+
+    pretrained: /models/Qwen2-VL-7B-Instruct
+    freeze: [vision]              # parts to freeze by name (foundation, an encoder, a decoder)
+
 `config` holds the part's HF config fields (tiny ones in tests, the real ones for users); `path`
 names a directory whose safetensors fill the part (`load_part_weights_`); `plan` overrides the
 part's default ParallelPlan. Frozen parts get requires_grad=False: no gradients, no optimizer state.
@@ -13,8 +19,9 @@ part's default ParallelPlan. Frozen parts get requires_grad=False: no gradients,
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -23,9 +30,10 @@ from transformers import AutoModelForCausalLM
 from omni_dist.strict import strict_fields
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.contracts import check_contract
+from omni_models.families import PretrainedSource, read_source
 from omni_models.modality import Decoder, Encoder, Foundation, MediaProcessor
 from omni_models.omni import OmniModel, projector
-from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS
+from omni_models.registry import DECODERS, ENCODERS, FOUNDATION_MODELS, FOUNDATIONS
 
 
 class ModelConfigError(ValueError):
@@ -68,6 +76,9 @@ class _PartConfig:
             raise ModelConfigError(f"{kind} {self.name!r} lists no modalities")
 
 
+PROJECTORS = ("mlp", "linear", "identity")  # identity: the tower's own merger/aligner already projects
+
+
 @dataclass(frozen=True)
 class EncoderConfig(_PartConfig):
     freeze: bool = True
@@ -76,8 +87,8 @@ class EncoderConfig(_PartConfig):
 
     def __post_init__(self) -> None:
         self._check("encoder", ENCODERS)
-        if self.projector not in ("mlp", "linear"):
-            raise ModelConfigError(f"projector must be 'mlp' or 'linear', got {self.projector!r}")
+        if self.projector not in PROJECTORS:
+            raise ModelConfigError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
 
 
 @dataclass(frozen=True)
@@ -93,12 +104,23 @@ class OmniModelConfig:
     foundation: FoundationConfig
     encoders: Mapping[str, EncoderConfig] = field(default_factory=dict)
     decoders: Mapping[str, DecoderConfig] = field(default_factory=dict)
+    pretrained: PretrainedSource | None = None  # the HF model directory the parts came from
+    freeze: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OmniModelConfig:
         d = _strict(cls, data, "model")
+        source = None
+        if d.get("pretrained") is not None:
+            if "foundation" in d:
+                raise ModelConfigError(
+                    "model.foundation and model.pretrained exclude each other: the foundation comes from "
+                    "the pretrained directory (add encoders/decoders beside it, or drop model.pretrained)"
+                )
+            source = read_source(str(d["pretrained"]), ModelConfigError)
+            d = _with_parts(source.family.expand(source.hf_config, source.path), d)
         if "foundation" not in d:
-            raise ModelConfigError("model.foundation is required")
+            raise ModelConfigError("model.foundation (or model.pretrained) is required")
         encoders = {}
         for name, e in (d.get("encoders") or {}).items():
             e = _strict(EncoderConfig, e, f"model.encoders.{name}")
@@ -108,18 +130,46 @@ class OmniModelConfig:
             e = _strict(DecoderConfig, e, f"model.decoders.{name}")
             decoders[name] = DecoderConfig(**{**e, "modalities": tuple(e.get("modalities", ()))})
         foundation = FoundationConfig(**_strict(FoundationConfig, d["foundation"], "model.foundation"))
-        return cls(foundation, encoders, decoders)
+        freeze = tuple(d.get("freeze") or ())
+        for name in freeze:
+            if name == "foundation":
+                foundation = replace(foundation, freeze=True)
+            elif name in encoders:
+                encoders[name] = replace(encoders[name], freeze=True)
+            elif name in decoders:
+                decoders[name] = replace(decoders[name], freeze=True)
+            else:
+                parts = ["foundation", *encoders, *decoders]
+                close = difflib.get_close_matches(name, parts, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ModelConfigError(f"model.freeze names {name!r}, which is no part{hint}; parts: {parts}")
+        return cls(foundation, encoders, decoders, source, freeze)
 
     @property
     def modalities(self) -> list[str]:
         return [m for e in self.encoders.values() for m in e.modalities]
 
 
+def _with_parts(parts: Mapping[str, Any], d: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's model section with a family's expanded parts; an added part may not reuse a name."""
+    out = {**d, "foundation": parts["foundation"]}
+    for kind in ("encoders", "decoders"):
+        extra = dict(d.get(kind) or {})
+        clash = sorted(set(extra) & set(parts.get(kind, {})))
+        if clash:
+            raise ModelConfigError(
+                f"model.{kind}: {clash} already come from model.pretrained; give added parts other names"
+            )
+        out[kind] = {**parts.get(kind, {}), **extra}
+    return out
+
+
 def build_foundation(cfg: FoundationConfig) -> nn.Module:
     register_packed_attention()
     hf_cfg = FOUNDATIONS[cfg.name](**cfg.config)
     hf_cfg._attn_implementation = implementation_name(cfg.attention)
-    return AutoModelForCausalLM.from_config(hf_cfg)
+    model_class = FOUNDATION_MODELS.get(cfg.name)
+    return model_class(hf_cfg) if model_class is not None else AutoModelForCausalLM.from_config(hf_cfg)
 
 
 def _checked_part(part: Any, protocol: type, where: str, modalities: tuple[str, ...] = ()) -> Any:

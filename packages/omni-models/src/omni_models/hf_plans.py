@@ -33,6 +33,7 @@ HF_DECODER_PLANS: dict[str, ParallelPlan] = {
     "Qwen3MoeForCausalLM": moe_decoder_plan("Qwen3MoeDecoderLayer", "Qwen3MoeExperts"),
     "Qwen2ForCausalLM": decoder_plan("Qwen2DecoderLayer"),
     "Qwen3ForCausalLM": decoder_plan("Qwen3DecoderLayer"),
+    "Qwen2VLTextForCausalLM": decoder_plan("Qwen2VLDecoderLayer"),
 }
 
 

@@ -67,11 +67,17 @@ class _Targets:
 
 
 def projector(kind: str, in_size: int, out_size: int) -> nn.Module:
+    if kind == "identity":
+        if in_size != out_size:
+            raise ValueError(
+                f"an identity projector needs the encoder's width {in_size} == the LM's {out_size}"
+            )
+        return nn.Identity()
     if kind == "linear":
         return nn.Linear(in_size, out_size)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_size, out_size), nn.GELU(), nn.Linear(out_size, out_size))
-    raise ValueError(f"projector must be 'linear' or 'mlp', got {kind!r}")
+    raise ValueError(f"projector must be 'identity', 'linear' or 'mlp', got {kind!r}")
 
 
 class OmniModel(nn.Module):
@@ -169,12 +175,13 @@ class OmniModel(nn.Module):
     def forward(self, batch: PackedBatch, sequence_parallel: SequenceParallel | None = None) -> OmniOutput:
         sp = sequence_parallel
         embeds, generated = self._embed(batch, sp)
-        positions, labels = batch.position_ids[0], batch.labels[0]
+        # (1, T), or (3, 1, T) for M-RoPE (HF's own layout): either way the sequence is the last dim
+        positions, labels = batch.position_ids, batch.labels[0]
         if sp is not None:
-            positions, labels = slice_for_sp(positions, sp), slice_for_sp(labels, sp)
+            positions, labels = slice_for_sp(positions, sp, dim=-1), slice_for_sp(labels, sp)
         lm = self.foundation(
             inputs_embeds=embeds,
-            position_ids=positions.unsqueeze(0),
+            position_ids=positions,
             cu_seq_lens_q=batch.cu_seqlens,
             cu_seq_lens_k=batch.cu_seqlens,
             max_length_q=batch.max_seqlen,

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from omni_dist.hf_export import export_hf_safetensors
-from omni_dist.hf_load import load_hf_weights_
+from omni_dist.hf_load import checkpoint_keys, load_hf_weights_, log_unused
 from omni_dist.weights import init_weights_
 from omni_models.config import OmniModelConfig
 from omni_models.omni import OmniModel
@@ -61,6 +61,7 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
         | {f"decoders.{n}": d.path for n, d in cfg.decoders.items()}
     )
     loaded: set[str] = set()
+    used: dict[str, set[str]] = {}  # per directory (a pretrained model fills several parts from one)
     for part, path in paths.items():
         if path is None:
             continue
@@ -69,7 +70,10 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
         # A part whose checkpoints use another layout (a full Janus or Qwen2-VL model's keys) maps
         # its tower's names to the checkpoint's.
         keys = getattr(model.get_submodule(part), "checkpoint_keys", None)
-        loaded |= {prefix + n for n in load_hf_weights_(tower, path, split_keys=keys)}
+        read = used.setdefault(str(path), set())
+        loaded |= {prefix + n for n in load_hf_weights_(tower, path, split_keys=keys, used=read)}
+    for path, read in used.items():
+        log_unused(path, checkpoint_keys(path) - read)
     return loaded
 
 

@@ -6,11 +6,13 @@ from collections.abc import Callable
 
 from torch import nn
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
 from omni_models.encoders.qwen2_vl import Qwen2VLVisionEncoder
 from omni_models.encoders.siglip import SiglipImageEncoder
 from omni_models.encoders.whisper import WhisperAudioEncoder
+from omni_models.foundations.text_lm import Qwen2VLTextForCausalLM
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "qwen2_vl_vision": Qwen2VLVisionEncoder,
@@ -28,6 +30,12 @@ FOUNDATIONS: dict[str, type[PretrainedConfig]] = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
     "qwen3_moe": Qwen3MoeConfig,
+    "qwen2_vl_text": Qwen2VLTextConfig,
+}
+
+# Foundations whose class AutoModelForCausalLM does not build (the text LM of an HF multimodal family).
+FOUNDATION_MODELS: dict[str, type[nn.Module]] = {
+    "qwen2_vl_text": Qwen2VLTextForCausalLM,
 }
 
 
@@ -38,10 +46,15 @@ def register_encoder(name: str, factory: Callable[..., nn.Module]) -> None:
     ENCODERS[name] = factory
 
 
-def register_foundation(name: str, config_class: type[PretrainedConfig]) -> None:
+def register_foundation(
+    name: str, config_class: type[PretrainedConfig], model_class: type[nn.Module] | None = None
+) -> None:
+    """Add a foundation: its HF config class, and its model class when not an AutoModelForCausalLM."""
     if name in FOUNDATIONS:
         raise ValueError(f"foundation {name!r} is already registered")
     FOUNDATIONS[name] = config_class
+    if model_class is not None:
+        FOUNDATION_MODELS[name] = model_class
 
 
 def register_decoder(name: str, factory: Callable[..., nn.Module]) -> None:

@@ -85,11 +85,22 @@ def tokenizer(cfg: TrainConfig, model: OmniModel | None = None):
     return tok
 
 
-def chat_processor(model: OmniModel, tok, use_recorded_counts: bool = True) -> ChatProcessor:
-    """omni-data's chat processor with the media processors of the model's own encoders and decoders."""
+def chat_processor(
+    model: OmniModel, spec: OmniModelConfig, tok, use_recorded_counts: bool = True
+) -> ChatProcessor:
+    """omni-data's chat processor with the media processors of the model's own encoders and decoders;
+    for a pretrained family, its media marker tokens and per-sample (M-RoPE) positions too."""
     media = {m: model.encoders[e].processor(m) for m, e in model.modality_encoder.items()}
     targets = {m: model.decoders[d].processor(m) for m, d in model.modality_decoder.items()}
-    return ChatProcessor(tok, media=media, targets=targets, use_recorded_counts=use_recorded_counts)
+    family = spec.pretrained.family if spec.pretrained is not None else None
+    return ChatProcessor(
+        tok,
+        media=media,
+        targets=targets,
+        use_recorded_counts=use_recorded_counts,
+        markers=family.markers if family is not None else None,
+        positions=family.positions(spec.pretrained.hf_config) if family and family.positions else None,
+    )
 
 
 def preprocessing_processor(
@@ -106,8 +117,10 @@ def preprocessing_processor(
             raise ConfigError(
                 "the YAML file given as the preprocessing processor's model has no 'model' section"
             )
-    built = meta_model(OmniModelConfig.from_dict(model))
-    return chat_processor(built, AutoTokenizer.from_pretrained(tokenizer), use_recorded_counts)
+    spec = OmniModelConfig.from_dict(model)
+    return chat_processor(
+        meta_model(spec), spec, AutoTokenizer.from_pretrained(tokenizer), use_recorded_counts
+    )
 
 
 def build_loader(

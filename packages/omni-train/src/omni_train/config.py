@@ -70,7 +70,7 @@ DataSection = _section(
     (DataConfig,),
     {
         "sources": (list[dict[str, Any]], ...),  # each validated by omni_data's SourceConfig
-        "tokenizer": (str, ...),
+        "tokenizer": (str | None, None),  # default: model.pretrained
         "eval_sources": (list[dict[str, Any]], []),
         "prepare": (str | None, None),  # a command that makes the data when it is missing
     },
@@ -151,6 +151,12 @@ class TrainConfig(_Section):
             self.parallelize_config()
         except (ParallelConfigError, ValueError) as e:
             raise ValueError(f"parallel: {e}") from None
+        if self.data.tokenizer is None:
+            if self._model_spec.pretrained is None:
+                raise ValueError(
+                    "data.tokenizer is required (it defaults to model.pretrained when that is set)"
+                )
+            self.data.tokenizer = self._model_spec.pretrained.path
         self.data_config()
         if self.data.eval_sources:
             self.data_config(self.data.eval_sources, epochs=1)

@@ -167,7 +167,7 @@ class Trainer:
         self.peak = peak_flops(self.device, getattr(torch, p.param_dtype))
         tok = tokenizer(cfg, self.model)
         self.pad_id = tok.pad_token_id or 0
-        self.processor = chat_processor(self.model, tok)
+        self.processor = chat_processor(self.model, cfg.model_spec, tok)
         self.loader = self._loader()
         self.counters = Counters()
         self.checkpoints = CheckpointManager(

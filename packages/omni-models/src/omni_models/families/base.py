@@ -1,0 +1,37 @@
+"""A pretrained family: how a pretrained HF model directory becomes ordinary part specs.
+
+A family turns the directory's HF config into the `model` section a user could have written by hand
+(a foundation, encoders, decoders, each with `path` = the directory and its key layout), so plans,
+freezing, loading, FSDP and checkpoints treat a pretrained model like any composite. It also gives
+what the data side needs to tokenize as the family does: its media markers and, for M-RoPE families,
+the per-sample position function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# A part spec as in the recipe's `model` section: {"foundation": {...}, "encoders": {...}, "decoders": {...}}
+PartSpecs = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PretrainedFamily:
+    name: str
+    # (HF config, directory) -> the part specs; every part trains unless the recipe freezes it
+    expand: Callable[[Any, str], PartSpecs]
+    # modality -> (start marker, placeholder, end marker) tokens of the family's tokenizer
+    markers: Mapping[str, tuple[str, str, str]]
+    # HF config -> fn(input_ids (L,), media items) -> (3, L) positions; None for 1-D positions
+    positions: Callable[[Any], Callable[..., Any]] | None = None
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """The pretrained directory a model spec came from, and its family."""
+
+    path: str
+    family: PretrainedFamily
+    hf_config: Any = field(compare=False, repr=False)  # AutoConfig.from_pretrained(path)

@@ -1,0 +1,63 @@
+"""Qwen2-VL: the vision tower (merger inside, so the projector is the identity) and the text model.
+
+`save_pretrained` writes the language model as `model.*` + `lm_head.weight` and the tower as
+`visual.*`; the foundation's module names equal the former, the encoder maps its tower's names to the
+latter. The image processor settings come from the directory's preprocessor_config.json when present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omni_models.families.base import PartSpecs, PretrainedFamily
+from omni_models.families.mrope import MRopePositions
+
+
+def _pixels(path: str) -> dict[str, int]:
+    """min_pixels / max_pixels of the directory's image processor (HF's `size` shortest/longest edge)."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    cfg = json.loads(file.read_text())
+    size = cfg.get("size") or {}
+    lo = cfg.get("min_pixels", size.get("shortest_edge"))
+    hi = cfg.get("max_pixels", size.get("longest_edge"))
+    return {k: int(v) for k, v in (("min_pixels", lo), ("max_pixels", hi)) if v is not None}
+
+
+def expand(hf_config: Any, path: str) -> PartSpecs:
+    text = hf_config.text_config.to_dict()
+    text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # only the top level carries it
+    return {
+        "foundation": {"name": "qwen2_vl_text", "config": text, "path": path, "freeze": False},
+        "encoders": {
+            "vision": {
+                "name": "qwen2_vl_vision",
+                "modalities": ["image", "video"],
+                "config": hf_config.vision_config.to_dict(),
+                "path": path,
+                "freeze": False,
+                "projector": "identity",
+                "options": {"checkpoint_prefix": "visual.", **_pixels(path)},
+            }
+        },
+    }
+
+
+def _positions(hf_config: Any) -> MRopePositions:
+    from transformers import Qwen2VLModel
+
+    return MRopePositions(hf_config, Qwen2VLModel)
+
+
+QWEN2_VL = PretrainedFamily(
+    name="qwen2_vl",
+    expand=expand,
+    markers={
+        "image": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+        "video": ("<|vision_start|>", "<|video_pad|>", "<|vision_end|>"),
+    },
+    positions=_positions,
+)

@@ -1,0 +1,157 @@
+"""Tiny pretrained HF omni model directories (save_pretrained, as a user's download looks) and helpers
+to run HF's own class on our samples: the referee of tests/omni_models/test_pretrained_*.py."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from omni_data.collate import collate
+from omni_data.processor import ProcessedSample
+from omni_data.schema import parse_sample
+from omni_dist.packed import PackedBatch
+from omni_dist.weights import materialize_
+from omni_models.config import OmniModelConfig, build_omni_model
+from omni_models.families.mrope import TOKEN_TYPES
+from omni_models.omni import OmniModel
+from omni_models.omni_weights import init_omni_weights_, load_part_weights_
+from tests.omni_data.fixtures import CHAT_TEMPLATE, WORDS
+from tests.omni_models.omni_fixtures import mp4, png
+
+QWEN2_VL_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def _tokenizer(specials: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    rng = random.Random(0)
+    tok.train_from_iterator([" ".join(rng.choices(WORDS, k=30)) for _ in range(300)], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=specials[0],
+        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=specials[1:],
+    )
+
+
+def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0) -> Path:
+    """A random tiny Qwen2-VL written by HF's save_pretrained (weights, tokenizer, image processor)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = _tokenizer(QWEN2_VL_SPECIALS)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIALS}
+    cfg = Qwen2VLConfig(
+        text_config={
+            "vocab_size": 448,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+            "initializer_range": 0.5,  # far from uniform logits: positions and features show in the loss
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 16,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    path = root / f"qwen2_vl{'_tied' if tie else ''}"
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=32 * 32, patch_size=4, merge_size=2).save_pretrained(path)
+    return path
+
+
+def build(spec: OmniModelConfig) -> tuple[OmniModel, set[str]]:
+    """The model of `spec` in this process, pretrained parts loaded; returns it and the names loaded."""
+    with torch.device("meta"):
+        model = build_omni_model(spec)
+    materialize_(model, "cpu")
+    loaded = load_part_weights_(model, spec)
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    init_omni_weights_(model, 0, names=names - loaded)
+    return model, loaded
+
+
+def processed(proc, docs: list[tuple[dict, dict]]) -> list[ProcessedSample]:
+    out = []
+    for doc, files in docs:
+        s = parse_sample(doc, key=doc["id"], source="t", media_bytes=files.get, read_path=None)
+        out.append(proc.process(proc.measure(s)))
+    return out
+
+
+def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -> tuple[dict, dict]:
+    """A user turn with `media` (image: `size` px; video: a few frames) and text, and an answer."""
+    rng = random.Random(i)
+    content, files = [{"type": "text", "text": f"look {i} "}], {}
+    for k, m in enumerate(media):
+        name = f"{k}.{'png' if m == 'image' else 'mp4'}"
+        files[name] = png(*size, seed=i * 10 + k) if m == "image" else mp4(4, seed=i * 10 + k, w=16, h=16)
+        content += [{"type": m, "media": name}, {"type": "text", "text": " and"}]
+    answer = " ".join(rng.choice(WORDS) for _ in range(5))
+    return {
+        "id": f"s{i}",
+        "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
+    }, files
+
+
+def hf_inputs(sample: ProcessedSample) -> dict[str, torch.Tensor]:
+    """HF's keyword arguments for one sample: ids, media tensors, mm_token_type_ids, unshifted labels."""
+    ids = sample.input_ids
+    types = torch.zeros_like(ids, dtype=torch.int32)
+    out: dict[str, torch.Tensor] = {"input_ids": ids[None], "labels": sample.labels[None]}
+    by_kind: dict[str, list] = {"image": [], "video": []}
+    for m in sample.media:
+        types[m.start : m.start + m.llm_tokens] = TOKEN_TYPES[m.modality]
+        by_kind[m.modality].append(m)
+    for kind, (px, grid) in {
+        "image": ("pixel_values", "image_grid_thw"),
+        "video": ("pixel_values_videos", "video_grid_thw"),
+    }.items():
+        if by_kind[kind]:
+            out[px] = torch.cat([m.tensors["pixel_values"] for m in by_kind[kind]])
+            out[grid] = torch.cat([m.tensors["grid_thw"] for m in by_kind[kind]])
+    out["mm_token_type_ids"] = types[None]
+    return out
+
+
+def pack(samples: list[ProcessedSample], pad_to: int = 1) -> PackedBatch:
+    return collate(samples, pad_to_multiple=pad_to)

@@ -11,12 +11,14 @@ import torch
 from omni_data.collate import collate
 from omni_data.processor import ProcessedSample
 from omni_data.schema import parse_sample
+from omni_dist import ParallelMesh
 from omni_dist.packed import PackedBatch
 from omni_dist.weights import materialize_
 from omni_models.config import OmniModelConfig, build_omni_model
 from omni_models.families.mrope import TOKEN_TYPES
 from omni_models.omni import OmniModel
 from omni_models.omni_weights import init_omni_weights_, load_part_weights_
+from omni_models.parallel import parallelize_omni
 from tests.omni_data.fixtures import CHAT_TEMPLATE, WORDS
 from tests.omni_models.omni_fixtures import mp4, png
 
@@ -54,8 +56,10 @@ def _tokenizer(specials: list[str]):
     )
 
 
-def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0) -> Path:
-    """A random tiny Qwen2-VL written by HF's save_pretrained (weights, tokenizer, image processor)."""
+def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -> Path:
+    """A random tiny Qwen2-VL written by HF's save_pretrained (weights, tokenizer, image processor).
+    `init`: the text model's initializer range; large, so logits are far from uniform and positions
+    and media features show in the loss."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -70,7 +74,7 @@ def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0) -> Path:
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
-            "initializer_range": 0.5,  # far from uniform logits: positions and features show in the loss
+            "initializer_range": init,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
@@ -92,17 +96,22 @@ def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0) -> Path:
         tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
-    path = root / f"qwen2_vl{'_tied' if tie else ''}"
+    path = root / f"qwen2_vl{'_tied' if tie else ''}_{init}"
     Qwen2VLForConditionalGeneration(cfg).save_pretrained(path)
     tok.save_pretrained(path)
-    Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=32 * 32, patch_size=4, merge_size=2).save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=32 * 32, patch_size=4, merge_size=2).save_pretrained(
+        path
+    )
     return path
 
 
-def build(spec: OmniModelConfig) -> tuple[OmniModel, set[str]]:
-    """The model of `spec` in this process, pretrained parts loaded; returns it and the names loaded."""
+def build(spec: OmniModelConfig, mesh: ParallelMesh | None = None) -> tuple[OmniModel, set[str]]:
+    """The model of `spec` (parallelized on `mesh` when given), pretrained parts loaded; returns it and
+    the names loaded."""
     with torch.device("meta"):
         model = build_omni_model(spec)
+    if mesh is not None:
+        parallelize_omni(model, mesh, spec)
     materialize_(model, "cpu")
     loaded = load_part_weights_(model, spec)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

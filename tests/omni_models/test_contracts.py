@@ -53,6 +53,7 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
         "qwen2": foundation_config(),
         "qwen3": foundation_config(),
         "qwen3_moe": foundation_config(**MOE),
+        "qwen2_vl_text": foundation_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
     },
 }
 REGISTRIES: dict[str, MutableMapping[str, Any]] = {

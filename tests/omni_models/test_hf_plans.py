@@ -23,6 +23,17 @@ def test_plan_matches_family(config_cls):
     assert plan.fp32_modules == ()
 
 
+def test_text_lm_of_a_vlm_family_has_its_plan():
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+
+    from omni_models.foundations.text_lm import Qwen2VLTextForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen2VLTextForCausalLM(Qwen2VLTextConfig(**SMALL))
+    plan = plan_for(model)
+    assert [fqn for fqn, _ in plan.match_modules(model, "fsdp_units")] == ["model.layers.0", "model.layers.1"]
+
+
 def test_moe_plan_names_experts_and_their_tensors():
     from transformers import Qwen3MoeConfig
 
@@ -49,4 +60,5 @@ def test_unknown_family_is_named():
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
         "Qwen3MoeForCausalLM",
+        "Qwen2VLTextForCausalLM",
     }

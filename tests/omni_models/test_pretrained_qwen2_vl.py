@@ -59,7 +59,9 @@ def test_loss_and_every_gradient_equal_hf(dirs, tie, freeze):
     loss = model(batch).loss_sum / n
     loss.backward()
 
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(
+        path, attn_implementation="sdpa", dtype=torch.float32
+    )
     start = 0
     for s in samples:  # each sample's positions are HF's, restarting at 0 in the pack
         x = hf_inputs(s)
@@ -98,9 +100,9 @@ def test_pretrained_config_errors(dirs):
         OmniModelConfig.from_dict({"pretrained": path, "freeze": ["visoin"]})
     with pytest.raises(ModelConfigError, match="exclude each other"):
         OmniModelConfig.from_dict({"pretrained": path, "foundation": {"name": "qwen2"}})
-    with pytest.raises(ModelConfigError, match="already come from model.pretrained"):
+    with pytest.raises(ModelConfigError, match=r"already come from model\.pretrained"):
         OmniModelConfig.from_dict({"pretrained": path, "encoders": {"vision": {"name": "siglip"}}})
-    with pytest.raises(ModelConfigError, match="no config.json"):
+    with pytest.raises(ModelConfigError, match=r"no config\.json"):
         OmniModelConfig.from_dict({"pretrained": path + "/missing"})
     spec = OmniModelConfig.from_dict({"pretrained": path})
     assert spec.foundation.name == "qwen2_vl_text" and spec.encoders["vision"].projector == "identity"

@@ -1,0 +1,78 @@
+"""A pretrained Qwen2-VL trains the same under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x
+sp=2) as in one process: loss and grad norm over 3 AdamW steps on one global batch, with an image whose
+placeholders straddle the SP cut (so its M-RoPE positions and features are split between ranks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from omni_dist import ParallelDims, ParallelMesh
+from omni_dist.attention import SequenceParallel
+from omni_models.config import OmniModelConfig
+from omni_train.assembly import chat_processor
+from tests.harness import run_ranks
+from tests.omni_models.hf_families import build, pack, processed, qwen2_vl_dir, vl_sample
+from tests.omni_models.test_omni_parity import _close, _train
+
+# Four micro-batches of the global batch, by (sample index, media, image size).
+MICRO_BATCHES = [
+    [(0, ("image",), (32, 32))],  # 16 image tokens around the middle of the sequence
+    [(2, ("video",), (16, 16)), (3, ("image",), (8, 8))],
+    [(4, ("image", "video"), (16, 24)), (1, ())],
+    [(5, ()), (6, ("image",), (32, 16))],
+]
+LAYOUTS = [{"dp_shard": 4}, {"dp_shard": 2, "sp": 2}]
+
+
+def _batches(path, model, spec, indices: list[int]):
+    proc = chat_processor(model, spec, AutoTokenizer.from_pretrained(path))
+    out = []
+    for k in indices:
+        docs = [vl_sample(i, *rest) for i, *rest in MICRO_BATCHES[k]]
+        out.append(pack(processed(proc, docs), pad_to=2))
+    return out
+
+
+def _straddles(batch) -> bool:
+    """An image whose placeholder span crosses the middle of the sequence (the sp=2 cut)."""
+    mid = batch.length // 2
+    pos = batch.media["image"].positions if "image" in batch.media else torch.zeros(0)
+    return bool(((pos < mid).any() & (pos >= mid).any()).item())
+
+
+def _single(path: str) -> dict:
+    spec = OmniModelConfig.from_dict({"pretrained": path})
+    model, _ = build(spec)
+    batches = _batches(path, model, spec, list(range(len(MICRO_BATCHES))))
+    out = _train(model, batches, [p for p in model.parameters() if p.requires_grad])
+    out["straddles"] = [_straddles(b) for b in batches]
+    return out
+
+
+def _rank(path: str) -> list[dict]:
+    torch.set_num_threads(1)
+    results = []
+    spec = OmniModelConfig.from_dict({"pretrained": path})
+    for layout in LAYOUTS:
+        mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **layout), device_type="cpu")
+        model, _ = build(spec, mesh)
+        sp = SequenceParallel.from_mesh(mesh["sp"]) if mesh.dims.sp > 1 else None
+        per_rank = len(MICRO_BATCHES) // mesh.dims.dp
+        mine = list(range(mesh.dp_rank * per_rank, (mesh.dp_rank + 1) * per_rank))
+        batches = _batches(path, model, spec, mine)
+        params = [p for p in model.parameters() if p.requires_grad]
+        results.append(_train(model, batches, params, sp, mesh["loss"]))
+    return results
+
+
+def test_pretrained_qwen2_vl_parallel_layouts_match_one_process(tmp_path):
+    path = str(qwen2_vl_dir(tmp_path, init=0.1))
+    ref = _single(path)
+    assert any(ref["straddles"]), "no image straddles the SP cut: change MICRO_BATCHES"
+    assert ref["loss"][-1] < ref["loss"][0]
+    for rank_results in run_ranks(_rank, 4, path):
+        for layout, r in zip(LAYOUTS, rank_results, strict=True):
+            assert _close(r["loss"], ref["loss"]), (layout, r["loss"], ref["loss"])
+            assert _close(r["grad_norm"], ref["grad_norm"]), (layout, r["grad_norm"], ref["grad_norm"])

@@ -105,6 +105,36 @@ def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5
     return path
 
 
+def qwen2_vl_7b_config_dir(root: Path) -> Path:
+    """Qwen2-VL-7B-Instruct's config.json alone (no weights): what a dry run needs."""
+    from transformers import Qwen2VLConfig
+
+    cfg = Qwen2VLConfig(
+        text_config={
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        },
+        vision_config={"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16, "mlp_ratio": 4,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    path = root / "Qwen2-VL-7B-Instruct"
+    cfg.save_pretrained(path)
+    return path
+
+
 def build(spec: OmniModelConfig, mesh: ParallelMesh | None = None) -> tuple[OmniModel, set[str]]:
     """The model of `spec` (parallelized on `mesh` when given), pretrained parts loaded; returns it and
     the names loaded."""

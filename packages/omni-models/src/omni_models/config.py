@@ -11,6 +11,7 @@ same part specs (each with `path` = the directory); extra encoders/decoders may 
 
     pretrained: /models/Qwen2-VL-7B-Instruct
     freeze: [vision]              # parts to freeze by name (foundation, an encoder, a decoder)
+    attention: flash_attn         # the foundation's packed-attention backend (default sdpa)
 
 `config` holds the part's HF config fields (tiny ones in tests, the real ones for users); `path`
 names a directory whose safetensors fill the part (`load_part_weights_`); `plan` overrides the
@@ -106,6 +107,7 @@ class OmniModelConfig:
     decoders: Mapping[str, DecoderConfig] = field(default_factory=dict)
     pretrained: PretrainedSource | None = None  # the HF model directory the parts came from
     freeze: tuple[str, ...] = ()
+    attention: str | None = None  # with `pretrained`: the foundation's attention backend
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OmniModelConfig:
@@ -119,6 +121,10 @@ class OmniModelConfig:
                 )
             source = read_source(str(d["pretrained"]), ModelConfigError)
             d = _with_parts(source.family.expand(source.hf_config, source.path), d)
+        elif d.get("attention") is not None:
+            raise ModelConfigError(
+                "model.attention goes with model.pretrained; else set model.foundation.attention"
+            )
         if "foundation" not in d:
             raise ModelConfigError("model.foundation (or model.pretrained) is required")
         encoders = {}
@@ -143,7 +149,7 @@ class OmniModelConfig:
                 close = difflib.get_close_matches(name, parts, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ModelConfigError(f"model.freeze names {name!r}, which is no part{hint}; parts: {parts}")
-        return cls(foundation, encoders, decoders, source, freeze)
+        return cls(foundation, encoders, decoders, source, freeze, d.get("attention"))
 
     @property
     def modalities(self) -> list[str]:
@@ -152,7 +158,8 @@ class OmniModelConfig:
 
 def _with_parts(parts: Mapping[str, Any], d: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe's model section with a family's expanded parts; an added part may not reuse a name."""
-    out = {**d, "foundation": parts["foundation"]}
+    attention = {"attention": d["attention"]} if d.get("attention") is not None else {}
+    out = {**d, "foundation": {**parts["foundation"], **attention}}
     for kind in ("encoders", "decoders"):
         extra = dict(d.get(kind) or {})
         clash = sorted(set(extra) & set(parts.get(kind, {})))

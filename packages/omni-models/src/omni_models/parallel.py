@@ -33,7 +33,8 @@ def omni_plan(model: OmniModel, cfg: OmniModelConfig) -> ParallelPlan:
     }
     for name, e in cfg.encoders.items():
         parts[f"encoders.{name}"] = ParallelPlan.from_dict(e.plan) if e.plan else model.encoders[name].plan()
-        parts[f"projectors.{name}"] = ParallelPlan()
+        if any(True for _ in model.projectors[name].parameters()):  # an identity projector needs no unit
+            parts[f"projectors.{name}"] = ParallelPlan()
     for name, d in cfg.decoders.items():
         parts[f"decoders.{name}"] = ParallelPlan.from_dict(d.plan) if d.plan else model.decoders[name].plan()
     return compose_plans(model, parts)

@@ -139,6 +139,16 @@ class TrainConfig(_Section):
     logging: LoggingSection = LoggingSection()
     _model_spec: OmniModelConfig = PrivateAttr()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tokenizer_of_pretrained(cls, data: Any) -> Any:
+        """data.tokenizer defaults to the pretrained model's directory."""
+        model, section = (data.get("model"), data.get("data")) if isinstance(data, dict) else (None, None)
+        pretrained = isinstance(model, dict) and model.get("pretrained")
+        if pretrained and isinstance(section, dict) and section.get("tokenizer") is None:
+            return {**data, "data": {**section, "tokenizer": model["pretrained"]}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         try:

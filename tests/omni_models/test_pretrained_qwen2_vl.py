@@ -8,6 +8,8 @@ agree (fp32), with the vision tower trained and frozen, with untied and tied emb
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
@@ -107,3 +109,28 @@ def test_pretrained_config_errors(dirs):
     spec = OmniModelConfig.from_dict({"pretrained": path})
     assert spec.foundation.name == "qwen2_vl_text" and spec.encoders["vision"].projector == "identity"
     assert not spec.foundation.freeze and not spec.encoders["vision"].freeze
+
+
+@pytest.mark.parametrize("media", [("image",), ("video", "image")])
+def test_greedy_generation_equals_hf_generate(dirs, media):
+    path = dirs[False]
+    spec = OmniModelConfig.from_dict({"pretrained": str(path)})
+    model, _ = build(spec)
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = chat_processor(model, spec, tok)
+    doc, files = vl_sample(7, media, (24, 16))
+    doc = {**doc, "messages": doc["messages"][:1]}  # the user turn; the answer is generated
+    (sample,) = processed(proc, [(doc, files)])
+    ids = torch.cat([sample.input_ids, torch.tensor(tok("<|im_start|>assistant\n")["input_ids"])])
+    positions = proc.positions(ids, sample.media)
+    batch = pack([sample])
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ours = model.generate(ids, {}, batch.media, max_new_tokens=8, eos_id=eos, position_ids=positions)
+
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(
+        path, attn_implementation="sdpa", dtype=torch.float32
+    )
+    x = hf_inputs(dataclasses.replace(sample, input_ids=ids))  # the prompt with the generation prompt
+    x.pop("labels")
+    out = hf.generate(**x, do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
+    assert ours.tokens == out[0, ids.numel() :].tolist()

@@ -4,7 +4,9 @@ The foundation runs with plain SDPA attention (one unpacked sequence and a KV ca
 is a training layout) and is restored afterwards. Text tokens come from the LM head; when the model
 emits a decoder's start marker (or the prompt ends with one) the next `decoder.tokens` tokens come
 from that decoder's head and are fed back with `lm_embed`, the end marker follows, and the codes are
-decoded to pixels with `lm_generate`. Classifier-free guidance mixes the image logits with those of an
+decoded to pixels with `lm_generate`. A model with M-RoPE positions takes the prompt's own (3, n)
+position ids (the family's position function gives them); every generated token then sits one
+position after the largest so far, on all rows, as HF's rope deltas place it. Classifier-free guidance mixes the image logits with those of an
 unconditional sequence that holds only the start marker: uncond + scale x (cond - uncond).
 """
 
@@ -40,22 +42,32 @@ def _plain_attention(foundation):
 class _Sequence:
     """One sequence being extended: with a KV cache, or recomputed from all embeddings each step."""
 
-    def __init__(self, foundation, use_cache: bool):
+    def __init__(self, foundation, use_cache: bool, rows: int = 1):
         from transformers import DynamicCache
 
         self.foundation = foundation
         self.cache = DynamicCache(config=foundation.config) if use_cache else None
         self.embeds: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # (rows, length so far)
+        self.rows = rows
 
-    def extend(self, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (n, hidden) embeddings; returns (last logits, last hidden state)."""
+    def extend(
+        self, new: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (n, hidden) embeddings at `positions` (rows, n) (default: after the largest so far);
+        returns (last logits, last hidden state)."""
+        if positions is None:
+            start = 0 if self.positions is None else int(self.positions.max()) + 1
+            positions = torch.arange(start, start + new.shape[0], device=new.device).expand(self.rows, -1)
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
         if self.cache is not None:
-            out = self.foundation(
-                inputs_embeds=new[None], past_key_values=self.cache, use_cache=True, output_hidden_states=True
-            )
+            embeds, pos = new, positions
+            kw = {"past_key_values": self.cache, "use_cache": True}
         else:
             self.embeds = new if self.embeds is None else torch.cat([self.embeds, new])
-            out = self.foundation(inputs_embeds=self.embeds[None], use_cache=False, output_hidden_states=True)
+            embeds, pos, kw = self.embeds, self.positions, {"use_cache": False}
+        pos = pos[:, None] if self.rows > 1 else pos  # HF's (3, 1, n) for M-RoPE
+        out = self.foundation(inputs_embeds=embeds[None], position_ids=pos, output_hidden_states=True, **kw)
         return out.logits[0, -1].float(), out.hidden_states[-1][0, -1]
 
 
@@ -82,8 +94,10 @@ def generate(
     cfg_scale: float | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> Generation:
     """Continue `input_ids` (1-D, media placeholders expanded, `media` at their positions).
+    `position_ids` (rows, n): the prompt's own positions (M-RoPE: 3 rows); default 0..n-1.
 
     `markers[modality] = (start_id, placeholder_id, end_id)` for each decoder's modality (the
     tokenizer's `<|image_start|>`, `<|image|>`, `<|image_end|>`). `max_new_tokens` counts every
@@ -92,9 +106,11 @@ def generate(
     foundation = model.foundation
     device = input_ids.device
     n = int(input_ids.numel())
+    positions = position_ids if position_ids is not None else torch.arange(n, device=device)[None]
+    rows = positions.shape[0]
     prompt = PackedBatch(
         input_ids[None],
-        torch.arange(n, device=device)[None],
+        positions[:, None] if rows > 1 else positions,
         torch.full((1, n), IGNORE_INDEX, device=device),
         torch.tensor([0, n], dtype=torch.int32, device=device),
         n,
@@ -107,8 +123,8 @@ def generate(
     was_training = model.training
     model.eval()
     with _plain_attention(foundation):
-        seq = _Sequence(foundation, use_cache)
-        logits, hidden = seq.extend(model.embed(prompt))
+        seq = _Sequence(foundation, use_cache, rows)
+        logits, hidden = seq.extend(model.embed(prompt), positions.to(device))
         pending = start_of.get(int(input_ids[-1]))  # the prompt itself opens an image
         while len(result.tokens) < max_new_tokens:
             if pending is None:
@@ -124,7 +140,7 @@ def generate(
             start_id, placeholder_id, end_id = markers[modality]
             uncond = None
             if cfg_scale is not None:
-                uncond = _Sequence(foundation, use_cache)
+                uncond = _Sequence(foundation, use_cache, rows)
                 _, uncond_hidden = uncond.extend(embed_tokens(torch.tensor([start_id], device=device)))
             codes = []
             for _ in range(decoder.tokens):

@@ -9,6 +9,7 @@ agree (fp32), with the vision tower trained and frozen, with untied and tied emb
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -134,3 +135,27 @@ def test_greedy_generation_equals_hf_generate(dirs, media):
     x.pop("labels")
     out = hf.generate(**x, do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
     assert ours.tokens == out[0, ids.numel() :].tolist()
+
+
+def test_image_tensors_and_counts_equal_the_directorys_hf_image_processor(dirs):
+    """The encoder's image processor (settings read from preprocessor_config.json) gives HF's own
+    Qwen2-VL image processor's pixel values and grid, and the packer's token count, for sizes that need
+    resizing up, down and not at all."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from omni_data.schema import MediaItem
+    from tests.omni_models.omni_fixtures import png
+
+    path = dirs[False]
+    model, _ = build(OmniModelConfig.from_dict({"pretrained": str(path)}))
+    ours = model.encoders["vision"].processor("image")
+    hf = AutoImageProcessor.from_pretrained(path)
+    for w, h in [(16, 8), (50, 37), (7, 5), (100, 20), (64, 64)]:
+        data = png(w, h, seed=w * h)
+        item = MediaItem("image", "x.png", data)
+        got, want = ours.process(item), hf(images=[Image.open(io.BytesIO(data))], return_tensors="pt")
+        torch.testing.assert_close(got["grid_thw"], want["image_grid_thw"], rtol=0, atol=0)
+        torch.testing.assert_close(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-5)
+        merge = hf.merge_size**2
+        assert ours.count(item).llm_tokens == hf.get_number_of_image_patches(h, w, {}) // merge

@@ -27,7 +27,7 @@ def _model_dir(root: Path) -> Path:
     cfg = Qwen2VLConfig(
         text_config={"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                      "num_attention_heads": 8, "num_key_value_heads": 2,
-                     "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}},
+                     "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}, "bos_token_id": 0, "eos_token_id": 1},
         vision_config={"depth": 4, "embed_dim": 128, "hidden_size": 256, "num_heads": 4, "mlp_ratio": 2,
                        "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2},
         image_token_id=2001, video_token_id=2002, vision_start_token_id=2003, vision_end_token_id=2004,

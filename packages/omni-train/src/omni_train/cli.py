@@ -156,13 +156,15 @@ def launch(
 def convert(
     checkpoint: str = typer.Argument(..., help="A checkpoint directory (one step of RUN_DIR/checkpoints)."),
     out: str = typer.Argument(..., help="Output directory."),
-    to: str = typer.Option("hf", "--to", help="Output format (hf: safetensors + config per model part)."),
+    to: str = typer.Option(
+        "hf", "--to", help="hf: a pretrained model's own HF directory, else safetensors + config per part."
+    ),
     config: str = typer.Option(
         None, "--config", help="The run's config.yaml (default: RUN_DIR/config.yaml)."
     ),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Tensor dtype of the export."),
 ) -> None:
-    """Export a training checkpoint as Hugging Face safetensors, one directory per model part."""
+    """Export a training checkpoint as Hugging Face safetensors (a pretrained family: its own directory)."""
     if to != "hf":
         raise typer.BadParameter(f"--to must be 'hf', got {to!r}")
     from omni_train.convert import convert_checkpoint

@@ -24,6 +24,8 @@ class PretrainedFamily:
     expand: Callable[[Any, str], PartSpecs]
     # modality -> (start marker, placeholder, end marker) tokens of the family's tokenizer
     markers: Mapping[str, tuple[str, str, str]]
+    # our module prefix -> the checkpoint's key prefix (loading reads, export writes these keys)
+    layout: Mapping[str, str]
     # HF config -> fn(input_ids (L,), media items) -> (3, L) positions; None for 1-D positions
     positions: Callable[[Any], Callable[..., Any]] | None = None
 

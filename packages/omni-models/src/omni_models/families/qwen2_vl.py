@@ -1,8 +1,7 @@
 """Qwen2-VL: the vision tower (merger inside, so the projector is the identity) and the text model.
 
-`save_pretrained` writes the language model as `model.*` + `lm_head.weight` and the tower as
-`visual.*`; the foundation's module names equal the former, the encoder maps its tower's names to the
-latter. The image processor settings come from the directory's preprocessor_config.json when present.
+The foundation's module names equal the checkpoint's language-model keys; the encoder maps its
+tower's names to the `visual.` keys (LAYOUT, which export inverts). The image processor settings come from the directory's preprocessor_config.json when present.
 """
 
 from __future__ import annotations
@@ -13,6 +12,9 @@ from typing import Any
 
 from omni_models.families.base import PartSpecs, PretrainedFamily
 from omni_models.families.mrope import MRopePositions
+
+# save_pretrained's (legacy) keys: the language model as `model.*` + `lm_head.weight`, the tower as `visual.*`
+LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual."}
 
 
 def _pixels(path: str) -> dict[str, int]:
@@ -40,7 +42,7 @@ def expand(hf_config: Any, path: str) -> PartSpecs:
                 "path": path,
                 "freeze": False,
                 "projector": "identity",
-                "options": {"checkpoint_prefix": "visual.", **_pixels(path)},
+                "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **_pixels(path)},
             }
         },
     }
@@ -59,5 +61,6 @@ QWEN2_VL = PretrainedFamily(
         "image": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
         "video": ("<|vision_start|>", "<|video_pad|>", "<|vision_end|>"),
     },
+    layout=LAYOUT,
     positions=_positions,
 )

@@ -1,0 +1,52 @@
+"""A model built from a pretrained family, written back as the family's own HF directory.
+
+The weights go under the checkpoint keys the family's layout names (the inverse of loading), the
+source directory's config.json is kept (with the export dtype), and its tokenizer, chat template and
+processor files are copied, so the family's `...ForConditionalGeneration.from_pretrained(OUT)` and
+`AutoTokenizer` / `AutoImageProcessor.from_pretrained(OUT)` load the result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from omni_dist.hf_export import export_hf_safetensors
+from omni_models.families.base import PretrainedSource
+
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "config.json")
+
+
+def export_pretrained(
+    model: nn.Module, source: PretrainedSource, out_dir: str | Path, dtype: str = "bfloat16"
+) -> list[Path]:
+    """Collective (every rank calls it; rank 0 writes). Parts added beside the family's are an error:
+    export those with `omni_models.omni_weights.export_parts`."""
+    layout = source.family.layout
+    outside = [n for n in model.state_dict() if not n.startswith(tuple(layout))]
+    if outside:
+        raise ValueError(
+            f"{len(outside)} tensors are not part of the {source.family.name} layout, e.g. {outside[:3]}: "
+            "a model with added parts exports them with omni_models.omni_weights.export_parts"
+        )
+
+    def rename(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
+        prefix = next(p for p in layout if name.startswith(p))
+        return {layout[prefix] + name[len(prefix) :]: full}
+
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    config["dtype"] = dtype
+    files = export_hf_safetensors(
+        model, out_dir, dtype, config_json=json.dumps(config, indent=2), rename=rename
+    )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        skip = {p for pattern in _WEIGHTS for p in Path(source.path).glob(pattern)}
+        for f in Path(source.path).iterdir():
+            if f.is_file() and f not in skip:
+                shutil.copy2(f, Path(out_dir) / f.name)
+    return files

@@ -20,7 +20,7 @@ from omni_train.config import TrainConfig, load_config
 from omni_train.local import run_local
 from tests.e2e.conftest import _single, close, read_metrics
 from tests.harness import run_ranks
-from tests.omni_models.hf_families import build, hf_inputs, pack, processed, qwen2_vl_dir, vl_sample
+from tests.omni_models.hf_families import build, hf_inputs, pack, processed, qwen_vl_dir, vl_sample
 
 STEPS = 8
 MEDIA = [("image",), ("video",), (), ("image", "video"), ("image",)]
@@ -44,7 +44,7 @@ def _recipe(model_dir, data, run_dir, **parallel) -> dict:
 
 
 def test_pretrained_recipe_trains_and_layouts_agree(tmp_path):
-    model_dir = qwen2_vl_dir(tmp_path, init=0.1)
+    model_dir = qwen_vl_dir(tmp_path, init=0.1)
     data = tmp_path / "train.jsonl"
     with open(data, "w") as f:
         for i in range(48):

@@ -56,16 +56,40 @@ def _tokenizer(specials: list[str]):
     )
 
 
-def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -> Path:
-    """A random tiny Qwen2-VL written by HF's save_pretrained (weights, tokenizer, image processor).
-    `init`: the text model's initializer range; large, so logits are far from uniform and positions
-    and media features show in the loss."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+# The tiny vision towers of each family (Qwen2.5-VL: windows of 2x2 merged tokens, full attention in block 1)
+VISION = {
+    "qwen2_vl": {"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4,
+                 "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "qwen2_5_vl": {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                   "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
+                   "fullatt_block_indexes": [1], "tokens_per_second": 2},
+}  # fmt: skip
+FAMILIES = tuple(VISION)
+
+
+def hf_class(family: str) -> type:
+    """HF's own class of the family: the referee."""
+    import transformers
+
+    name = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[family]
+    return getattr(transformers, f"{name}ForConditionalGeneration")
+
+
+def qwen_vl_dir(
+    root: Path, family: str = "qwen2_vl", tie: bool = False, seed: int = 0, init: float = 0.5
+) -> Path:
+    """A random tiny Qwen2-VL / Qwen2.5-VL written by HF's save_pretrained (weights, tokenizer, image
+    processor). `init`: the text model's initializer range; large, so logits are far from uniform and
+    positions and media features show in the loss."""
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = _tokenizer(QWEN2_VL_SPECIALS)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIALS}
-    cfg = Qwen2VLConfig(
+    config_class = getattr(
+        transformers, {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig"}[family]
+    )
+    cfg = config_class(
         text_config={
             "vocab_size": 448,
             "hidden_size": 32,
@@ -79,16 +103,7 @@ def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 16,
-            "hidden_size": 32,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=VISION[family],
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -96,8 +111,8 @@ def qwen2_vl_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5
         tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
-    path = root / f"qwen2_vl{'_tied' if tie else ''}_{init}"
-    Qwen2VLForConditionalGeneration(cfg).save_pretrained(path)
+    path = root / f"{family}{'_tied' if tie else ''}_{init}"
+    hf_class(family)(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=32 * 32, patch_size=4, merge_size=2).save_pretrained(
         path
@@ -158,12 +173,13 @@ def processed(proc, docs: list[tuple[dict, dict]]) -> list[ProcessedSample]:
 
 
 def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -> tuple[dict, dict]:
-    """A user turn with `media` (image: `size` px; video: a few frames) and text, and an answer."""
+    """A user turn with `media` (image: `size` px; video: 2 s, sampled as 2 temporal patches) and text,
+    and an answer."""
     rng = random.Random(i)
     content, files = [{"type": "text", "text": f"look {i} "}], {}
     for k, m in enumerate(media):
         name = f"{k}.{'png' if m == 'image' else 'mp4'}"
-        files[name] = png(*size, seed=i * 10 + k) if m == "image" else mp4(4, seed=i * 10 + k, w=16, h=16)
+        files[name] = png(*size, seed=i * 10 + k) if m == "image" else mp4(8, seed=i * 10 + k, w=16, h=16)
         content += [{"type": m, "media": name}, {"type": "text", "text": " and"}]
     answer = " ".join(rng.choice(WORDS) for _ in range(5))
     return {
@@ -172,7 +188,7 @@ def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -
     }, files
 
 
-def hf_inputs(sample: ProcessedSample) -> dict[str, torch.Tensor]:
+def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, torch.Tensor]:
     """HF's keyword arguments for one sample: ids, media tensors, mm_token_type_ids, unshifted labels."""
     ids = sample.input_ids
     types = torch.zeros_like(ids, dtype=torch.int32)
@@ -188,6 +204,8 @@ def hf_inputs(sample: ProcessedSample) -> dict[str, torch.Tensor]:
         if by_kind[kind]:
             out[px] = torch.cat([m.tensors["pixel_values"] for m in by_kind[kind]])
             out[grid] = torch.cat([m.tensors["grid_thw"] for m in by_kind[kind]])
+    if family == "qwen2_5_vl" and by_kind["video"]:
+        out["second_per_grid_ts"] = torch.cat([m.tensors["second_per_grid_ts"] for m in by_kind["video"]])
     out["mm_token_type_ids"] = types[None]
     return out
 

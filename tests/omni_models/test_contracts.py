@@ -33,6 +33,8 @@ SIGLIP = {
     "image_size": 16,
     "patch_size": 4,
 }
+VISION_2_5 = {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16}  # fmt: skip
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}
 
 # A tiny spec per registered name: {"config": ..., "modalities": [...], "options": {...}} for encoders
@@ -41,6 +43,11 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
     "encoders": {
         "qwen2_vl_vision": {
             "config": VISION,
+            "modalities": ["image", "video"],
+            "options": {"min_pixels": 64, "max_pixels": 1024},
+        },
+        "qwen2_5_vl_vision": {
+            "config": {**VISION_2_5},
             "modalities": ["image", "video"],
             "options": {"min_pixels": 64, "max_pixels": 1024},
         },
@@ -54,6 +61,7 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
         "qwen3": foundation_config(),
         "qwen3_moe": foundation_config(**MOE),
         "qwen2_vl_text": foundation_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        "qwen2_5_vl_text": foundation_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
     },
 }
 REGISTRIES: dict[str, MutableMapping[str, Any]] = {

@@ -61,4 +61,5 @@ def test_unknown_family_is_named():
         "Qwen3ForCausalLM",
         "Qwen3MoeForCausalLM",
         "Qwen2VLTextForCausalLM",
+        "Qwen2_5_VLTextForCausalLM",
     }

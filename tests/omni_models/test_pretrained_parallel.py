@@ -1,9 +1,10 @@
-"""A pretrained Qwen2-VL trains the same under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x
+"""A pretrained Qwen2-VL / Qwen2.5-VL trains the same under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x
 sp=2) as in one process: loss and grad norm over 3 AdamW steps on one global batch, with an image whose
 placeholders straddle the SP cut (so its M-RoPE positions and features are split between ranks)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
@@ -13,7 +14,7 @@ from omni_dist.attention import SequenceParallel
 from omni_models.config import OmniModelConfig
 from omni_train.assembly import chat_processor
 from tests.harness import run_ranks
-from tests.omni_models.hf_families import build, pack, processed, qwen2_vl_dir, vl_sample
+from tests.omni_models.hf_families import FAMILIES, build, pack, processed, qwen_vl_dir, vl_sample
 from tests.omni_models.test_omni_parity import _close, _train
 
 # Four micro-batches of the global batch, by (sample index, media, image size).
@@ -67,8 +68,9 @@ def _rank(path: str) -> list[dict]:
     return results
 
 
-def test_pretrained_qwen2_vl_parallel_layouts_match_one_process(tmp_path):
-    path = str(qwen2_vl_dir(tmp_path, init=0.1))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pretrained_parallel_layouts_match_one_process(tmp_path, family):
+    path = str(qwen_vl_dir(tmp_path, family, init=0.1))
     ref = _single(path)
     assert any(ref["straddles"]), "no image straddles the SP cut: change MICRO_BATCHES"
     assert ref["loss"][-1] < ref["loss"][0]

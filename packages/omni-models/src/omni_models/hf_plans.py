@@ -34,6 +34,7 @@ HF_DECODER_PLANS: dict[str, ParallelPlan] = {
     "Qwen2ForCausalLM": decoder_plan("Qwen2DecoderLayer"),
     "Qwen3ForCausalLM": decoder_plan("Qwen3DecoderLayer"),
     "Qwen2VLTextForCausalLM": decoder_plan("Qwen2VLDecoderLayer"),
+    "Qwen2_5_VLTextForCausalLM": decoder_plan("Qwen2_5_VLDecoderLayer"),
 }
 
 

@@ -6,16 +6,18 @@ from collections.abc import Callable
 
 from torch import nn
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
-from omni_models.encoders.qwen2_vl import Qwen2VLVisionEncoder
+from omni_models.encoders.qwen2_vl import Qwen2_5_VLVisionEncoder, Qwen2VLVisionEncoder
 from omni_models.encoders.siglip import SiglipImageEncoder
 from omni_models.encoders.whisper import WhisperAudioEncoder
-from omni_models.foundations.text_lm import Qwen2VLTextForCausalLM
+from omni_models.foundations.text_lm import Qwen2_5_VLTextForCausalLM, Qwen2VLTextForCausalLM
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "qwen2_vl_vision": Qwen2VLVisionEncoder,
+    "qwen2_5_vl_vision": Qwen2_5_VLVisionEncoder,
     "siglip": SiglipImageEncoder,
     "whisper": WhisperAudioEncoder,
 }
@@ -31,11 +33,13 @@ FOUNDATIONS: dict[str, type[PretrainedConfig]] = {
     "qwen3": Qwen3Config,
     "qwen3_moe": Qwen3MoeConfig,
     "qwen2_vl_text": Qwen2VLTextConfig,
+    "qwen2_5_vl_text": Qwen2_5_VLTextConfig,
 }
 
 # Foundations whose class AutoModelForCausalLM does not build (the text LM of an HF multimodal family).
 FOUNDATION_MODELS: dict[str, type[nn.Module]] = {
     "qwen2_vl_text": Qwen2VLTextForCausalLM,
+    "qwen2_5_vl_text": Qwen2_5_VLTextForCausalLM,
 }
 
 

@@ -1,4 +1,5 @@
-"""Qwen2-VL's vision transformer as the encoder of images and videos (one tower, packed patches)."""
+"""Qwen2-VL's (and Qwen2.5-VL's) vision transformer as the encoder of images and videos (one tower,
+packed patches)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
@@ -24,6 +27,10 @@ from omni_models.flops import transformer_flops
 class Qwen2VLVisionEncoder(nn.Module):
     """Images and videos through one Qwen2-VL vision tower; output width is the merger's hidden_size."""
 
+    config_class: type = Qwen2VLVisionConfig
+    tower_class: type = Qwen2VisionTransformerPretrainedModel
+    block = "Qwen2VLVisionBlock"
+
     def __init__(
         self,
         config: Mapping[str, Any] | Qwen2VLVisionConfig,
@@ -35,19 +42,27 @@ class Qwen2VLVisionEncoder(nn.Module):
         checkpoint_prefix: str = "",
     ):
         super().__init__()
-        cfg = config if isinstance(config, Qwen2VLVisionConfig) else Qwen2VLVisionConfig(**config)
+        cfg = config if isinstance(config, self.config_class) else self.config_class(**config)
         unknown = set(modalities) - {"image", "video"}
         if unknown:
             raise ValueError(f"the Qwen2-VL vision encoder reads images and videos, not {sorted(unknown)}")
         self.modalities = tuple(modalities)
-        self.tower = Qwen2VisionTransformerPretrainedModel(cfg)
-        self.output_size = cfg.hidden_size
+        self.tower = self.tower_class(cfg)
+        self.output_size = self._output_size(cfg)
         self.geometry = PatchGeometry(
             cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size, min_pixels, max_pixels
         )
         self._video = (video_fps, video_max_frames)
         # "" for a tower saved on its own; "model.visual." to read a full Qwen2-VL checkpoint.
         self.checkpoint_prefix = checkpoint_prefix
+
+    @staticmethod
+    def _output_size(cfg: Any) -> int:
+        return cfg.hidden_size
+
+    @staticmethod
+    def _width(cfg: Any) -> int:
+        return cfg.embed_dim
 
     def checkpoint_keys(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
         return {self.checkpoint_prefix + name: tensor} if self.checkpoint_prefix else None
@@ -77,7 +92,7 @@ class Qwen2VLVisionEncoder(nn.Module):
         return {self.modalities[0]: MediaBatch.of([g.patchify(frames)], [1])}
 
     def plan(self) -> ParallelPlan:
-        return ParallelPlan(fsdp_units=("Qwen2VLVisionBlock",), recompute=("Qwen2VLVisionBlock",))
+        return ParallelPlan(fsdp_units=(self.block,), recompute=(self.block,))
 
     @cached_property
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
@@ -89,4 +104,21 @@ class Qwen2VLVisionEncoder(nn.Module):
         lengths = [
             h * w for m in media.values() for t, h, w in m.tensors["grid_thw"].tolist() for _ in range(t)
         ]
-        return transformer_flops(self._block_params, lengths, cfg.depth, cfg.embed_dim, causal=False)
+        return transformer_flops(self._block_params, lengths, cfg.depth, self._width(cfg), causal=False)
+
+
+class Qwen2_5_VLVisionEncoder(Qwen2VLVisionEncoder):
+    """Qwen2.5-VL's tower: windowed attention except in `fullatt_block_indexes`, SwiGLU blocks, RMSNorm;
+    `hidden_size` is its width and `out_hidden_size` the merger's output."""
+
+    config_class = Qwen2_5_VLVisionConfig
+    tower_class = Qwen2_5_VisionTransformerPretrainedModel
+    block = "Qwen2_5_VLVisionBlock"
+
+    @staticmethod
+    def _output_size(cfg: Any) -> int:
+        return cfg.out_hidden_size
+
+    @staticmethod
+    def _width(cfg: Any) -> int:
+        return cfg.hidden_size

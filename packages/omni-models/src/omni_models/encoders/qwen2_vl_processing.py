@@ -99,4 +99,7 @@ class Qwen2VLVideoProcessor:
 
     def process(self, item) -> dict[str, torch.Tensor]:
         times, size = self._plan(item.data)
-        return self.geometry.patchify(decode_video(item.data, times, size))
+        out = self.geometry.patchify(decode_video(item.data, times, size))
+        # seconds per temporal patch: Qwen2.5-VL spaces video positions in time by it
+        out["second_per_grid_ts"] = torch.tensor([self.geometry.temporal_patch_size / self.fps])
+        return out

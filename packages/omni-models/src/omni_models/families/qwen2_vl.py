@@ -1,12 +1,16 @@
-"""Qwen2-VL: the vision tower (merger inside, so the projector is the identity) and the text model.
+"""Qwen2-VL and Qwen2.5-VL: the vision tower (merger inside, so the projector is the identity) and the
+text model. The two differ in their classes (Qwen2.5-VL's tower attends in windows, and its M-RoPE
+spaces video frames by seconds per temporal patch) and share everything else.
 
 The foundation's module names equal the checkpoint's language-model keys; the encoder maps its
-tower's names to the `visual.` keys (LAYOUT, which export inverts). The image processor settings come from the directory's preprocessor_config.json when present.
+tower's names to the `visual.` keys (LAYOUT, which export inverts). The image processor settings come
+from the directory's preprocessor_config.json when present.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,38 +33,52 @@ def _pixels(path: str) -> dict[str, int]:
     return {k: int(v) for k, v in (("min_pixels", lo), ("max_pixels", hi)) if v is not None}
 
 
-def expand(hf_config: Any, path: str) -> PartSpecs:
-    text = hf_config.text_config.to_dict()
-    text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # only the top level carries it
-    return {
-        "foundation": {"name": "qwen2_vl_text", "config": text, "path": path, "freeze": False},
-        "encoders": {
-            "vision": {
-                "name": "qwen2_vl_vision",
-                "modalities": ["image", "video"],
-                "config": hf_config.vision_config.to_dict(),
-                "path": path,
-                "freeze": False,
-                "projector": "identity",
-                "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **_pixels(path)},
-            }
-        },
-    }
+def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
+    def expand(hf_config: Any, path: str) -> PartSpecs:
+        text = hf_config.text_config.to_dict()
+        text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # only the top level carries it
+        return {
+            "foundation": {"name": foundation, "config": text, "path": path, "freeze": False},
+            "encoders": {
+                "vision": {
+                    "name": encoder,
+                    "modalities": ["image", "video"],
+                    "config": hf_config.vision_config.to_dict(),
+                    "path": path,
+                    "freeze": False,
+                    "projector": "identity",
+                    "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **_pixels(path)},
+                }
+            },
+        }
+
+    return expand
 
 
-def _positions(hf_config: Any) -> MRopePositions:
-    from transformers import Qwen2VLModel
+def _positions(model_class: str, video_seconds: bool) -> Callable[[Any], MRopePositions]:
+    def positions(hf_config: Any) -> MRopePositions:
+        import transformers
 
-    return MRopePositions(hf_config, Qwen2VLModel)
+        return MRopePositions(hf_config, getattr(transformers, model_class), video_seconds)
+
+    return positions
 
 
+MARKERS = {
+    "image": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
+    "video": ("<|vision_start|>", "<|video_pad|>", "<|vision_end|>"),
+}
 QWEN2_VL = PretrainedFamily(
     name="qwen2_vl",
-    expand=expand,
-    markers={
-        "image": ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>"),
-        "video": ("<|vision_start|>", "<|video_pad|>", "<|vision_end|>"),
-    },
+    expand=_expander("qwen2_vl_text", "qwen2_vl_vision"),
+    markers=MARKERS,
     layout=LAYOUT,
-    positions=_positions,
+    positions=_positions("Qwen2VLModel", video_seconds=False),
+)
+QWEN2_5_VL = PretrainedFamily(
+    name="qwen2_5_vl",
+    expand=_expander("qwen2_5_vl_text", "qwen2_5_vl_vision"),
+    markers=MARKERS,
+    layout=LAYOUT,
+    positions=_positions("Qwen2_5_VLModel", video_seconds=True),
 )

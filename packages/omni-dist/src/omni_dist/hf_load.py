@@ -88,15 +88,15 @@ def load_hf_weights_(
                 if absent:  # a fused tensor cannot be half loaded: it is an error even without strict
                     raise CheckpointMismatchError(f"{names[0]} needs {absent[:4]}, which are not in {path}.")
                 for k, view in parts.items():
-                    _check_shape(k, tuple(view.shape), tuple(available[k].size), path)
+                    _check_tensor(k, view, available[k], path)
                     to_load[k] = view
             else:
                 present = [n for n in names if n in available]
                 if not present:
                     missing.extend(names)
                     continue
-                _check_shape(present[0], tuple(tensors[key].shape), tuple(available[present[0]].size), path)
                 t = tensors[key]
+                _check_tensor(present[0], t, available[present[0]], path)
                 to_load[present[0]] = t.data if isinstance(t, nn.Parameter) else t
             loaded.update(names)
         if missing and strict:
@@ -140,8 +140,15 @@ def log_unused(path: str | Path, unused: set[str]) -> None:
         )
 
 
-def _check_shape(name: str, want: tuple, have: tuple, path: Path) -> None:
+def _check_tensor(name: str, tensor: torch.Tensor, stored, path: Path) -> None:
+    """Same shape, and a float tensor for a float one (any float dtype converts; integers do not)."""
+    want, have = tuple(tensor.shape), tuple(stored.size)
     if want != have:
         raise CheckpointMismatchError(
             f"{name}: the model needs shape {want}, the checkpoint has {have} ({path})."
+        )
+    dtype = stored.properties.dtype
+    if tensor.dtype.is_floating_point != dtype.is_floating_point:
+        raise CheckpointMismatchError(
+            f"{name}: the model needs a {tensor.dtype} tensor, the checkpoint has {dtype} ({path})."
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from omni_dist.hf_export import export_hf_safetensors
-from omni_dist.hf_load import checkpoint_keys, load_hf_weights_, log_unused
+from omni_dist.hf_load import CheckpointMismatchError, checkpoint_keys, load_hf_weights_, log_unused
 from omni_dist.weights import init_weights_
 from omni_models.config import OmniModelConfig
 from omni_models.omni import OmniModel
@@ -73,7 +73,17 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
         read = used.setdefault(str(path), set())
         loaded |= {prefix + n for n in load_hf_weights_(tower, path, split_keys=keys, used=read)}
     for path, read in used.items():
-        log_unused(path, checkpoint_keys(path) - read)
+        unused = checkpoint_keys(path) - read
+        source = cfg.pretrained
+        if source is not None and path == str(source.path):
+            unexpected = sorted(k for k in unused if not k.startswith(source.family.ignore))
+            if unexpected:  # a whole pretrained model must fill exactly its parts
+                raise CheckpointMismatchError(
+                    f"{len(unexpected)} tensors of {path} belong to no part of the {source.family.name} model: "
+                    f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} (is this directory another "
+                    "variant of the family?)"
+                )
+        log_unused(path, unused)
     return loaded
 
 

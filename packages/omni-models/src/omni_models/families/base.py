@@ -28,6 +28,8 @@ class PretrainedFamily:
     layout: Mapping[str, str]
     # HF config -> fn(input_ids (L,), media items) -> (3, L) positions; None for 1-D positions
     positions: Callable[[Any], Callable[..., Any]] | None = None
+    # checkpoint key prefixes no part reads (e.g. a speech generator the family does not train)
+    ignore: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,17 +20,18 @@ from omni_models.omni import OmniModel
 from omni_models.omni_weights import init_omni_weights_, load_part_weights_
 from omni_models.parallel import parallelize_omni
 from tests.omni_data.fixtures import CHAT_TEMPLATE, WORDS
-from tests.omni_models.omni_fixtures import mp4, png
+from tests.omni_models.omni_fixtures import mp4, png, wav
 
-QWEN2_VL_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+_CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Each family's marker tokens (the names its real tokenizer uses), in HF config terms.
+MARKERS = {
+    "qwen2_vl": {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image": "<|image_pad|>",
+                 "video": "<|video_pad|>"},
+    "qwen2_5_omni_thinker": {"vision_start": "<|vision_bos|>", "vision_end": "<|vision_eos|>", "image": "<|IMAGE|>",
+                             "video": "<|VIDEO|>", "audio": "<|AUDIO|>", "audio_start": "<|audio_bos|>",
+                             "audio_end": "<|audio_eos|>"},
+}  # fmt: skip
+MARKERS["qwen2_5_vl"] = MARKERS["qwen2_vl"]
 
 
 def _tokenizer(specials: list[str]):
@@ -57,58 +58,104 @@ def _tokenizer(specials: list[str]):
 
 
 # The tiny vision towers of each family (Qwen2.5-VL: windows of 2x2 merged tokens, full attention in block 1)
+_VISION_2_5 = {
+    "depth": 2,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": 32,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 16,
+    "fullatt_block_indexes": [1],
+}
 VISION = {
-    "qwen2_vl": {"depth": 2, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 4,
-                 "spatial_merge_size": 2, "temporal_patch_size": 2},
-    "qwen2_5_vl": {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
-                   "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
-                   "fullatt_block_indexes": [1], "tokens_per_second": 2},
-}  # fmt: skip
+    "qwen2_vl": {
+        "depth": 2,
+        "embed_dim": 16,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+    "qwen2_5_vl": {**_VISION_2_5, "tokens_per_second": 2},
+    "qwen2_5_omni_thinker": _VISION_2_5,
+}
+AUDIO = {"d_model": 16, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 8,
+         "n_window": 8, "output_dim": 32, "max_source_positions": 64}  # fmt: skip
 FAMILIES = tuple(VISION)
+_NAMES = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerConfig", "Qwen2_5OmniThinkerForConditionalGeneration"),
+}
 
 
 def hf_class(family: str) -> type:
     """HF's own class of the family: the referee."""
     import transformers
 
-    name = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[family]
-    return getattr(transformers, f"{name}ForConditionalGeneration")
+    return getattr(transformers, _NAMES[family][1])
+
+
+def hf_name(family: str, ours: str) -> str:
+    """Our parameter name -> HF's in-memory name in the family's class."""
+    for prefix, theirs in (
+        ("foundation.model.", "model.language_model."),
+        ("foundation.lm_head.", "lm_head."),
+        ("encoders.vision.tower.", "model.visual."),
+        ("encoders.audio.tower.", "model.audio_tower."),
+    ):
+        if ours.startswith(prefix):
+            return theirs + ours[len(prefix) :]
+    raise AssertionError(f"no {family} counterpart for {ours}")
 
 
 def qwen_vl_dir(
     root: Path, family: str = "qwen2_vl", tie: bool = False, seed: int = 0, init: float = 0.5
 ) -> Path:
-    """A random tiny Qwen2-VL / Qwen2.5-VL written by HF's save_pretrained (weights, tokenizer, image
-    processor). `init`: the text model's initializer range; large, so logits are far from uniform and
-    positions and media features show in the loss."""
+    """A random tiny model of `family` written by HF's save_pretrained (weights, tokenizer, image
+    processor). `init`: the initializer range; large, so logits are far from uniform and positions and
+    media features show in the loss."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = _tokenizer(QWEN2_VL_SPECIALS)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIALS}
-    config_class = getattr(
-        transformers, {"qwen2_vl": "Qwen2VLConfig", "qwen2_5_vl": "Qwen2_5_VLConfig"}[family]
-    )
-    cfg = config_class(
-        text_config={
-            "vocab_size": 448,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
-            "initializer_range": init,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config=VISION[family],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=tie,
+    markers = MARKERS[family]
+    tok = _tokenizer(_CHAT + list(markers.values()))
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in markers.items()}
+    chat = {t: tok.convert_tokens_to_ids(t) for t in _CHAT}
+    text = {
+        "vocab_size": 448,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "initializer_range": init,
+        "bos_token_id": chat["<|endoftext|>"],
+        "eos_token_id": chat["<|im_end|>"],
+        "pad_token_id": chat["<|endoftext|>"],
+    }
+    tokens = {"vision_start_token_id": ids["vision_start"], "vision_end_token_id": ids["vision_end"]}
+    if family == "qwen2_5_omni_thinker":
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
+        tokens |= {
+            "image_token_index": ids["image"],
+            "video_token_index": ids["video"],
+            "audio_token_index": ids["audio"],
+            "audio_start_token_id": ids["audio_start"],
+            "audio_end_token_id": ids["audio_end"],
+        }
+        towers = {"audio_config": AUDIO, "initializer_range": init}
+    else:
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
+        tokens |= {"image_token_id": ids["image"], "video_token_id": ids["video"]}
+        towers = {}
+    cfg = getattr(transformers, _NAMES[family][0])(
+        text_config=text, vision_config=VISION[family], tie_word_embeddings=tie, **tokens, **towers
     )
     torch.manual_seed(seed)
     path = root / f"{family}{'_tied' if tie else ''}_{init}"
@@ -173,13 +220,18 @@ def processed(proc, docs: list[tuple[dict, dict]]) -> list[ProcessedSample]:
 
 
 def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -> tuple[dict, dict]:
-    """A user turn with `media` (image: `size` px; video: 2 s, sampled as 2 temporal patches) and text,
-    and an answer."""
+    """A user turn with `media` (image: `size` px; video: 2 s, sampled as 2 temporal patches; audio:
+    0.1-0.5 s) and text, and an answer."""
     rng = random.Random(i)
     content, files = [{"type": "text", "text": f"look {i} "}], {}
     for k, m in enumerate(media):
-        name = f"{k}.{'png' if m == 'image' else 'mp4'}"
-        files[name] = png(*size, seed=i * 10 + k) if m == "image" else mp4(8, seed=i * 10 + k, w=16, h=16)
+        seed = i * 10 + k
+        if m == "image":
+            name, files[f"{k}.png"] = f"{k}.png", png(*size, seed=seed)
+        elif m == "video":
+            name, files[f"{k}.mp4"] = f"{k}.mp4", mp4(8, seed=seed, w=16, h=16)
+        else:
+            name, files[f"{k}.wav"] = f"{k}.wav", wav(0.1 + 0.1 * (seed % 5), seed)
         content += [{"type": m, "media": name}, {"type": "text", "text": " and"}]
     answer = " ".join(rng.choice(WORDS) for _ in range(5))
     return {
@@ -189,13 +241,12 @@ def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -
 
 
 def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, torch.Tensor]:
-    """HF's keyword arguments for one sample: ids, media tensors, mm_token_type_ids, unshifted labels."""
+    """HF's keyword arguments for one sample of `family`: ids, media tensors, unshifted labels (and
+    what the family's own position code reads)."""
     ids = sample.input_ids
-    types = torch.zeros_like(ids, dtype=torch.int32)
     out: dict[str, torch.Tensor] = {"input_ids": ids[None], "labels": sample.labels[None]}
-    by_kind: dict[str, list] = {"image": [], "video": []}
+    by_kind: dict[str, list] = {"image": [], "video": [], "audio": []}
     for m in sample.media:
-        types[m.start : m.start + m.llm_tokens] = TOKEN_TYPES[m.modality]
         by_kind[m.modality].append(m)
     for kind, (px, grid) in {
         "image": ("pixel_values", "image_grid_thw"),
@@ -204,10 +255,62 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, to
         if by_kind[kind]:
             out[px] = torch.cat([m.tensors["pixel_values"] for m in by_kind[kind]])
             out[grid] = torch.cat([m.tensors["grid_thw"] for m in by_kind[kind]])
-    if family == "qwen2_5_vl" and by_kind["video"]:
-        out["second_per_grid_ts"] = torch.cat([m.tensors["second_per_grid_ts"] for m in by_kind["video"]])
+    seconds = [m.tensors["second_per_grid_ts"] for m in by_kind["video"]]
+    if family == "qwen2_5_omni_thinker":
+        out["attention_mask"] = torch.ones_like(ids)[None]
+        if seconds:
+            out["video_second_per_grid"] = torch.cat(seconds)
+        if by_kind["audio"]:  # HF's batch layout: (items, mel, longest), with a mask of the real frames
+            feats = [m.tensors["input_features"].T for m in by_kind["audio"]]
+            longest = max(f.shape[1] for f in feats)
+            out["input_features"] = torch.stack(
+                [torch.nn.functional.pad(f, (0, longest - f.shape[1])) for f in feats]
+            )
+            out["feature_attention_mask"] = torch.stack(
+                [(torch.arange(longest) < f.shape[1]).long() for f in feats]
+            )
+        return out
+    types = torch.zeros_like(ids, dtype=torch.int32)
+    for m in by_kind["image"] + by_kind["video"]:
+        types[m.start : m.start + m.llm_tokens] = TOKEN_TYPES[m.modality]
+    if family == "qwen2_5_vl" and seconds:
+        out["second_per_grid_ts"] = torch.cat(seconds)
     out["mm_token_type_ids"] = types[None]
     return out
+
+
+def hf_positions(hf, sample_inputs: dict[str, torch.Tensor], family: str) -> torch.Tensor:
+    """HF's own (3, 1, L) positions of one sample (its get_rope_index, as its forward calls it)."""
+    x = sample_inputs
+    if family == "qwen2_5_omni_thinker":
+        lens = x["feature_attention_mask"].sum(-1) if "feature_attention_mask" in x else None
+        args = (x.get("image_grid_thw"), x.get("video_grid_thw"), x["attention_mask"], False, lens)
+        return hf.model.get_rope_index(x["input_ids"], *args, x.get("video_second_per_grid"))[0]
+    seconds = {"second_per_grid_ts": x["second_per_grid_ts"]} if "second_per_grid_ts" in x else {}
+    grids = (x.get("image_grid_thw"), x.get("video_grid_thw"))
+    return hf.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], *grids, **seconds)[0]
+
+
+def assert_grads_equal(family: str, model: OmniModel, hf, rtol: float) -> int:
+    """Every parameter of ours has HF's weight and gradient (rel `rtol` of its norm); frozen and unused
+    ones have none on both sides. Returns the number of gradients compared."""
+    params, theirs = dict(model.named_parameters()), dict(hf.named_parameters())
+    assert {hf_name(family, k) for k in params} == set(theirs)  # one to one, tied weights counted once
+    # A key bias's exact gradient is zero (softmax ignores a shift shared by all keys): what both sides
+    # hold is rounding noise, so each tensor's error is measured against at least 1e-3 of the largest norm.
+    floor = 1e-3 * max(h.grad.norm() for h in theirs.values() if h.grad is not None)
+    checked = 0
+    for name, p in params.items():
+        h = theirs[hf_name(family, name)]
+        assert p.requires_grad == h.requires_grad, name
+        torch.testing.assert_close(p.detach(), h.detach(), rtol=0, atol=0)  # loaded, not re-initialised
+        if h.grad is None:  # frozen, or unused by HF's forward (Omni's audio_bos_eos_token)
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        err = (p.grad - h.grad).norm() / torch.maximum(h.grad.norm(), floor)
+        assert err <= rtol, f"{name}: relative gradient error {err:.2e}"
+        checked += 1
+    return checked
 
 
 def pack(samples: list[ProcessedSample], pad_to: int = 1) -> PackedBatch:

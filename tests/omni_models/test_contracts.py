@@ -35,6 +35,8 @@ SIGLIP = {
 }
 VISION_2_5 = {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
               "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16}  # fmt: skip
+OMNI_AUDIO = {"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
+              "num_mel_bins": 8, "n_window": 8, "output_dim": 32, "max_source_positions": 64}  # fmt: skip
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}
 
 # A tiny spec per registered name: {"config": ..., "modalities": [...], "options": {...}} for encoders
@@ -51,6 +53,12 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
             "modalities": ["image", "video"],
             "options": {"min_pixels": 64, "max_pixels": 1024},
         },
+        "qwen2_5_omni_vision": {
+            "config": {**VISION_2_5},
+            "modalities": ["image", "video"],
+            "options": {"min_pixels": 64, "max_pixels": 1024},
+        },
+        "qwen2_5_omni_audio": {"config": OMNI_AUDIO, "modalities": ["audio"]},
         "siglip": {"config": SIGLIP, "modalities": ["image"]},
         "whisper": {"config": WHISPER, "modalities": ["audio"]},
     },
@@ -62,6 +70,9 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
         "qwen3_moe": foundation_config(**MOE),
         "qwen2_vl_text": foundation_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         "qwen2_5_vl_text": foundation_config(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        "qwen2_5_omni_text": foundation_config(
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
+        ),
     },
 }
 REGISTRIES: dict[str, MutableMapping[str, Any]] = {

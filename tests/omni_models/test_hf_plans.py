@@ -62,4 +62,5 @@ def test_unknown_family_is_named():
         "Qwen3MoeForCausalLM",
         "Qwen2VLTextForCausalLM",
         "Qwen2_5_VLTextForCausalLM",
+        "Qwen2_5OmniThinkerTextForCausalLM",
     }

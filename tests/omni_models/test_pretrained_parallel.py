@@ -1,4 +1,4 @@
-"""A pretrained Qwen2-VL / Qwen2.5-VL trains the same under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x
+"""A pretrained Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni thinker trains the same under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x
 sp=2) as in one process: loss and grad norm over 3 AdamW steps on one global batch, with an image whose
 placeholders straddle the SP cut (so its M-RoPE positions and features are split between ranks)."""
 
@@ -27,11 +27,24 @@ MICRO_BATCHES = [
 LAYOUTS = [{"dp_shard": 4}, {"dp_shard": 2, "sp": 2}]
 
 
+def _micro_batches(audio: bool) -> list[list[tuple]]:
+    """MICRO_BATCHES, with audio in two of them for a family that hears (the last rank gets none)."""
+    if not audio:
+        return MICRO_BATCHES
+    return [
+        MICRO_BATCHES[0],
+        [*MICRO_BATCHES[1], (7, ("audio",))],
+        [(8, ("image", "audio"))],
+        MICRO_BATCHES[3],
+    ]
+
+
 def _batches(path, model, spec, indices: list[int]):
     proc = chat_processor(model, spec, AutoTokenizer.from_pretrained(path))
+    micro_batches = _micro_batches("audio" in model.modality_encoder)
     out = []
     for k in indices:
-        docs = [vl_sample(i, *rest) for i, *rest in MICRO_BATCHES[k]]
+        docs = [vl_sample(i, *rest) for i, *rest in micro_batches[k]]
         out.append(pack(processed(proc, docs), pad_to=2))
     return out
 

@@ -35,6 +35,7 @@ HF_DECODER_PLANS: dict[str, ParallelPlan] = {
     "Qwen3ForCausalLM": decoder_plan("Qwen3DecoderLayer"),
     "Qwen2VLTextForCausalLM": decoder_plan("Qwen2VLDecoderLayer"),
     "Qwen2_5_VLTextForCausalLM": decoder_plan("Qwen2_5_VLDecoderLayer"),
+    "Qwen2_5OmniThinkerTextForCausalLM": decoder_plan("Qwen2_5OmniDecoderLayer"),
 }
 
 

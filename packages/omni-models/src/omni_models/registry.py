@@ -6,18 +6,30 @@ from collections.abc import Callable
 
 from torch import nn
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniTextConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
-from omni_models.encoders.qwen2_vl import Qwen2_5_VLVisionEncoder, Qwen2VLVisionEncoder
+from omni_models.encoders.qwen2_vl import (
+    Qwen2_5_VLVisionEncoder,
+    Qwen2_5OmniVisionTower,
+    Qwen2VLVisionEncoder,
+)
+from omni_models.encoders.qwen_omni_audio import QwenOmniAudioEncoder
 from omni_models.encoders.siglip import SiglipImageEncoder
 from omni_models.encoders.whisper import WhisperAudioEncoder
-from omni_models.foundations.text_lm import Qwen2_5_VLTextForCausalLM, Qwen2VLTextForCausalLM
+from omni_models.foundations.text_lm import (
+    Qwen2_5_VLTextForCausalLM,
+    Qwen2_5OmniThinkerTextForCausalLM,
+    Qwen2VLTextForCausalLM,
+)
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "qwen2_vl_vision": Qwen2VLVisionEncoder,
     "qwen2_5_vl_vision": Qwen2_5_VLVisionEncoder,
+    "qwen2_5_omni_vision": Qwen2_5OmniVisionTower,
+    "qwen2_5_omni_audio": QwenOmniAudioEncoder,
     "siglip": SiglipImageEncoder,
     "whisper": WhisperAudioEncoder,
 }
@@ -34,12 +46,14 @@ FOUNDATIONS: dict[str, type[PretrainedConfig]] = {
     "qwen3_moe": Qwen3MoeConfig,
     "qwen2_vl_text": Qwen2VLTextConfig,
     "qwen2_5_vl_text": Qwen2_5_VLTextConfig,
+    "qwen2_5_omni_text": Qwen2_5OmniTextConfig,
 }
 
 # Foundations whose class AutoModelForCausalLM does not build (the text LM of an HF multimodal family).
 FOUNDATION_MODELS: dict[str, type[nn.Module]] = {
     "qwen2_vl_text": Qwen2VLTextForCausalLM,
     "qwen2_5_vl_text": Qwen2_5_VLTextForCausalLM,
+    "qwen2_5_omni_text": Qwen2_5OmniThinkerTextForCausalLM,
 }
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniVisionEncoderConfig
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniVisionEncoder
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -122,3 +124,11 @@ class Qwen2_5_VLVisionEncoder(Qwen2VLVisionEncoder):
     @staticmethod
     def _width(cfg: Any) -> int:
         return cfg.hidden_size
+
+
+class Qwen2_5OmniVisionTower(Qwen2_5_VLVisionEncoder):
+    """Qwen2.5-Omni's vision tower: Qwen2.5-VL's architecture under the Omni thinker's classes."""
+
+    config_class = Qwen2_5OmniVisionEncoderConfig
+    tower_class = Qwen2_5OmniVisionEncoder
+    block = "Qwen2_5OmniVisionBlock"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,8 +18,22 @@ import torch
 TOKEN_TYPES = {"image": 1, "video": 2}
 
 
+@dataclass
+class _Media:
+    """One sample's media, by what get_rope_index reads."""
+
+    types: torch.Tensor  # (L,) mm_token_type_ids
+    images: list[torch.Tensor] = field(default_factory=list)  # grid_thw (1, 3) each
+    videos: list[torch.Tensor] = field(default_factory=list)
+    seconds: list[torch.Tensor] = field(default_factory=list)  # per video: seconds per temporal patch
+    audio_frames: list[torch.Tensor] = field(default_factory=list)  # per audio: mel frames (1,)
+
+
 class MRopePositions:
-    """fn(input_ids (L,), media) -> (3, L); media items have modality, start, llm_tokens, tensors."""
+    """fn(input_ids (L,), media) -> (3, L); media items have modality, start, llm_tokens, tensors.
+
+    `model_class(hf_config)` is built on the meta device with one layer per tower; `_rope` calls its
+    `get_rope_index` with the arguments this family's version takes."""
 
     def __init__(self, hf_config: Any, model_class: type, video_seconds: bool = False):
         self.config = copy.deepcopy(hf_config)
@@ -31,31 +46,58 @@ class MRopePositions:
 
     def _index(self):
         if self._model is None:
-            cfg = self.config
-            cfg.text_config.num_hidden_layers = 1  # only config fields are read: keep the meta build small
+            cfg = self.config  # only config fields are read: keep the meta build small
+            cfg.text_config.num_hidden_layers = 1
             cfg.vision_config.depth = 1
+            if hasattr(cfg, "audio_config"):
+                cfg.audio_config.encoder_layers = 1
             with torch.device("meta"):
                 self._model = self.model_class(cfg)
         return self._model
 
     def __call__(self, input_ids: torch.Tensor, media: Sequence[Any]) -> torch.Tensor:
-        types = torch.zeros_like(input_ids, dtype=torch.int32)
-        grids: dict[int, list[torch.Tensor]] = {1: [], 2: []}
-        seconds = []
+        found = _Media(torch.zeros_like(input_ids, dtype=torch.int32))
         for m in media:
+            if m.modality == "audio":
+                found.audio_frames.append(m.tensors["feature_lens"])
+                continue
             kind = TOKEN_TYPES.get(m.modality)
             if kind is None:
-                raise ValueError(f"M-RoPE positions know images and videos, not {m.modality!r}")
-            types[m.start : m.start + m.llm_tokens] = kind
-            grids[kind].append(m.tensors["grid_thw"])
+                raise ValueError(f"M-RoPE positions know images, videos and audio, not {m.modality!r}")
+            found.types[m.start : m.start + m.llm_tokens] = kind
+            (found.images if kind == 1 else found.videos).append(m.tensors["grid_thw"])
             if kind == 2 and self.video_seconds:
-                seconds.append(m.tensors["second_per_grid_ts"])
-        extra = {"second_per_grid_ts": torch.cat(seconds)} if seconds else {}
-        positions, _ = self._index().get_rope_index(
-            input_ids[None],
-            mm_token_type_ids=types[None],
-            image_grid_thw=torch.cat(grids[1]) if grids[1] else None,
-            video_grid_thw=torch.cat(grids[2]) if grids[2] else None,
+                found.seconds.append(m.tensors["second_per_grid_ts"])
+        return self._rope(self._index(), input_ids[None], found)[:, 0]
+
+    def _rope(self, model, ids: torch.Tensor, media: _Media) -> torch.Tensor:
+        extra = {"second_per_grid_ts": torch.cat(media.seconds)} if media.seconds else {}
+        positions, _ = model.get_rope_index(
+            ids,
+            mm_token_type_ids=media.types[None],
+            image_grid_thw=_cat(media.images),
+            video_grid_thw=_cat(media.videos),
             **extra,
         )
-        return positions[:, 0]
+        return positions
+
+
+class OmniThinkerPositions(MRopePositions):
+    """Qwen2.5-Omni's thinker: positions found from the marker token ids, audio by its mel frames
+    (audio and video kept apart: `use_audio_in_video=False`)."""
+
+    def _rope(self, model, ids: torch.Tensor, media: _Media) -> torch.Tensor:
+        positions, _ = model.get_rope_index(
+            ids,
+            image_grid_thw=_cat(media.images),
+            video_grid_thw=_cat(media.videos),
+            attention_mask=torch.ones_like(ids),
+            use_audio_in_video=False,
+            audio_seqlens=_cat(media.audio_frames),
+            second_per_grids=_cat(media.seconds),
+        )
+        return positions
+
+
+def _cat(items: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.cat(items) if items else None

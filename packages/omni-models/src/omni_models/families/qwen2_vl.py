@@ -21,7 +21,7 @@ from omni_models.families.mrope import MRopePositions
 LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual."}
 
 
-def _pixels(path: str) -> dict[str, int]:
+def pixels(path: str) -> dict[str, int]:
     """min_pixels / max_pixels of the directory's image processor (HF's `size` shortest/longest edge)."""
     file = Path(path) / "preprocessor_config.json"
     if not file.is_file():
@@ -47,7 +47,7 @@ def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
                     "path": path,
                     "freeze": False,
                     "projector": "identity",
-                    "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **_pixels(path)},
+                    "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **pixels(path)},
                 }
             },
         }

@@ -3,7 +3,7 @@
 `TextCausalLM` composes the family's own `...TextModel` with an LM head: no modeling code is copied,
 so M-RoPE, attention and norms are HF's. Submodules are named `model` and `lm_head`, which are the
 keys `save_pretrained` writes for the language part of a Qwen2-VL / Qwen2.5-VL checkpoint, so the
-part loads from the whole model's directory as it is (Qwen2-VL and Qwen2.5-VL alike). Tying follows `config.tie_word_embeddings`,
+part loads from the whole model's directory as it is (Qwen2-VL, Qwen2.5-VL and the Qwen2.5-Omni thinker). Tying follows `config.tie_word_embeddings`,
 which the family builder copies from the top-level config (the text config does not carry it).
 """
 
@@ -14,6 +14,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniTextConfig
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
+    Qwen2_5OmniPreTrainedModel,
+    Qwen2_5OmniThinkerTextModel,
+)
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel, Qwen2_5_VLTextModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
@@ -66,3 +71,8 @@ class Qwen2VLTextForCausalLM(TextCausalLM, Qwen2VLPreTrainedModel):
 class Qwen2_5_VLTextForCausalLM(TextCausalLM, Qwen2_5_VLPreTrainedModel):
     config: Qwen2_5_VLTextConfig
     text_model_class = Qwen2_5_VLTextModel
+
+
+class Qwen2_5OmniThinkerTextForCausalLM(TextCausalLM, Qwen2_5OmniPreTrainedModel):
+    config: Qwen2_5OmniTextConfig
+    text_model_class = Qwen2_5OmniThinkerTextModel

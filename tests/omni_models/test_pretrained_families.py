@@ -1,10 +1,11 @@
-"""A pretrained Qwen2-VL / Qwen2.5-VL directory trains exactly as HF's `...ForConditionalGeneration`
-computes it.
+"""A pretrained Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni thinker directory trains exactly as HF's own
+`...ForConditionalGeneration` computes it.
 
-One packed micro-batch (images of different sizes, a video, an image + video sample, text only) through
-our composite (family expansion, M-RoPE positions from the data side, packed attention) vs HF's class
-run on each sample alone with the same labels: the loss and the gradient of every trainable parameter
-agree (fp32), with the vision tower trained and frozen, with untied and tied embeddings.
+One packed micro-batch (images of different sizes, videos, an image + video sample, text only; audio of
+different lengths for the Omni thinker) through our composite (family expansion, M-RoPE positions from
+the data side, packed attention) vs HF's class run on each sample alone with the same labels: the loss
+and the gradient of every trainable parameter agree (fp32), with the vision tower trained and frozen,
+with untied and tied embeddings; each sample's positions are HF's; greedy generation is HF's.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from omni_models.config import ModelConfigError, OmniModelConfig
 from omni_train.assembly import chat_processor
 from tests.omni_models.hf_families import (
     FAMILIES,
+    assert_grads_equal,
     build,
     hf_class,
     hf_inputs,
+    hf_positions,
     pack,
     processed,
     qwen_vl_dir,
@@ -30,30 +33,28 @@ from tests.omni_models.hf_families import (
 )
 
 RTOL = 1e-5
-DOCS = [
+VL_DOCS = [
     vl_sample(0, ("image",), (16, 8)),
     vl_sample(1, ("image", "video"), (8, 24)),
     vl_sample(2, ()),
     vl_sample(3, ("video",)),
     vl_sample(4, ("image",), (24, 24)),
 ]
-
-
-def hf_name(ours: str) -> str:
-    """Our parameter name -> HF's in-memory name in the family's ...ForConditionalGeneration."""
-    for prefix, theirs in (
-        ("foundation.model.", "model.language_model."),
-        ("foundation.lm_head.", "lm_head."),
-        ("encoders.vision.tower.", "model.visual."),
-    ):
-        if ours.startswith(prefix):
-            return theirs + ours[len(prefix) :]
-    raise AssertionError(f"no HF counterpart for {ours}")
+DOCS = {
+    "qwen2_vl": VL_DOCS,
+    "qwen2_5_vl": VL_DOCS,
+    "qwen2_5_omni_thinker": [
+        *VL_DOCS,
+        vl_sample(5, ("audio",)),
+        vl_sample(6, ("image", "audio", "audio")),
+        vl_sample(7, ("audio", "video")),
+    ],
+}
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen_vl")
+    root = tmp_path_factory.mktemp("families")
     return {(f, tie): qwen_vl_dir(root, f, tie=tie) for f in FAMILIES for tie in (False, True)}
 
 
@@ -65,10 +66,10 @@ def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze):
     model, loaded = build(spec)
     params = dict(model.named_parameters())
     assert set(params) <= loaded, sorted(set(params) - loaded)  # every weight is the pretrained one
-    samples = processed(chat_processor(model, spec, AutoTokenizer.from_pretrained(path)), DOCS)
+    samples = processed(chat_processor(model, spec, AutoTokenizer.from_pretrained(path)), DOCS[family])
     batch = pack(samples)
     assert batch.position_ids.shape == (3, 1, batch.length)
-    assert {m.modality for s in samples for m in s.media} == {"image", "video"}
+    assert {m.modality for s in samples for m in s.media} == set(model.modality_encoder)
     n = batch.num_label_tokens
     loss = model(batch).loss_sum / n
     loss.backward()
@@ -76,16 +77,8 @@ def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze):
     hf = hf_class(family).from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     start = 0
     for s in samples:  # each sample's positions are HF's, restarting at 0 in the pack
-        x = hf_inputs(s, family)
-        seconds = {"second_per_grid_ts": x["second_per_grid_ts"]} if "second_per_grid_ts" in x else {}
-        want, _ = hf.model.get_rope_index(
-            x["input_ids"],
-            x["mm_token_type_ids"],
-            x.get("image_grid_thw"),
-            x.get("video_grid_thw"),
-            **seconds,
-        )
         end = start + s.input_ids.numel()
+        want = hf_positions(hf, hf_inputs(s, family), family)
         torch.testing.assert_close(batch.position_ids[:, :, start:end], want, rtol=0, atol=0)
         start = end
     if "vision" in freeze:
@@ -93,24 +86,8 @@ def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze):
     ref = sum(hf(**hf_inputs(s, family), num_items_in_batch=n).loss for s in samples)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=RTOL, atol=0)
-
-    theirs = dict(hf.named_parameters())
-    assert {hf_name(k) for k in params} == set(theirs)  # one to one, tied weights counted once
-    checked = 0
-    # A key bias's exact gradient is zero (softmax ignores a shift shared by all keys): what both sides
-    # hold is rounding noise, so each tensor's error is measured against at least 1e-3 of the largest norm.
-    floor = 1e-3 * max(h.grad.norm() for h in theirs.values() if h.grad is not None)
-    for name, p in params.items():
-        h = theirs[hf_name(name)]
-        assert p.requires_grad == h.requires_grad, name
-        if not p.requires_grad:
-            assert p.grad is None and h.grad is None, name
-            continue
-        torch.testing.assert_close(p.detach(), h.detach(), rtol=0, atol=0)  # loaded, not re-initialised
-        err = (p.grad - h.grad).norm() / torch.maximum(h.grad.norm(), floor)
-        assert err <= RTOL, f"{name}: relative gradient error {err:.2e}"
-        checked += 1
-    assert checked == sum(p.requires_grad for p in theirs.values())
+    checked = assert_grads_equal(family, model, hf, RTOL)
+    assert checked >= sum(p.requires_grad for p in hf.parameters()) - 1  # Omni: audio_bos_eos_token unused
     assert ("vision" in freeze) == all(not p.requires_grad for p in model.encoders["vision"].parameters())
 
 
@@ -129,8 +106,15 @@ def test_pretrained_config_errors(dirs):
     assert not spec.foundation.freeze and not spec.encoders["vision"].freeze
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("media", [("image",), ("video", "image")])
+@pytest.mark.parametrize(
+    "family,media",
+    [
+        (f, m)
+        for f in FAMILIES
+        for m in [("image",), ("video", "image"), ("audio", "image")]
+        if "audio" not in m or "omni" in f
+    ],
+)
 def test_greedy_generation_equals_hf_generate(dirs, family, media):
     path = dirs[family, False]
     spec = OmniModelConfig.from_dict({"pretrained": str(path)})

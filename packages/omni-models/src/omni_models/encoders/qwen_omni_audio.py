@@ -1,0 +1,124 @@
+"""Qwen2.5-Omni's audio tower as the audio encoder: Whisper log-mel frames of any length in, one LLM
+token per 4 frames out (two stride-2 steps), its own projection to the LLM's width.
+
+An item is its unpadded log-mel frames, frames first (L, mel), so a micro-batch concatenates items
+along dim 0; `lm_encode` rebuilds HF's (mel, sum L) input with each item's length, as the thinker's
+`get_audio_features` does after removing padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+from omni_dist.packed import MediaBatch
+from omni_dist.plan import ParallelPlan
+from omni_models.encoders.whisper_processing import HOP, SAMPLE_RATE
+from omni_models.flops import transformer_flops
+from omni_models.media import audio_frames, decode_audio, resampled_length
+from omni_models.modality import MediaCount
+
+
+def audio_tokens(frames: int) -> int:
+    """LLM tokens of `frames` mel frames (the tower's conv stride 2, then its pooling by 2)."""
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+class OmniAudioProcessor:
+    """Waveform -> Whisper log-mel frames at 16 kHz, unpadded: {"input_features": (L, mel), "feature_lens": (1,)}."""
+
+    def __init__(self, num_mel_bins: int):
+        from transformers import WhisperFeatureExtractor
+
+        self.extractor = WhisperFeatureExtractor(
+            feature_size=num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=HOP, n_fft=400
+        )
+
+    def _frames(self, data: bytes) -> int:
+        frames = resampled_length(*audio_frames(data), SAMPLE_RATE) // HOP
+        if audio_tokens(frames) < 1:
+            raise ValueError(f"audio of {frames} mel frames is too short for one token (needs 4 x 10 ms)")
+        return frames
+
+    def count(self, item) -> MediaCount:
+        frames = self._frames(item.data)
+        return MediaCount(audio_tokens(frames), frames)
+
+    def process(self, item) -> dict[str, torch.Tensor]:
+        frames = self._frames(item.data)
+        wave = decode_audio(item.data, SAMPLE_RATE)
+        mel = self.extractor(
+            wave.numpy(), sampling_rate=SAMPLE_RATE, padding="longest", truncation=False, return_tensors="pt"
+        )["input_features"][0]
+        if mel.shape[-1] != frames:
+            raise RuntimeError(f"feature extractor gave {mel.shape[-1]} frames, the count said {frames}")
+        return {"input_features": mel.T.contiguous(), "feature_lens": torch.tensor([frames])}
+
+
+class QwenOmniAudioEncoder(nn.Module):
+    def __init__(
+        self,
+        config: Mapping[str, Any] | Qwen2_5OmniAudioEncoderConfig,
+        modalities: tuple[str, ...] = ("audio",),
+        checkpoint_prefix: str = "",
+    ):
+        super().__init__()
+        cfg = (
+            config
+            if isinstance(config, Qwen2_5OmniAudioEncoderConfig)
+            else Qwen2_5OmniAudioEncoderConfig(**config)
+        )
+        if len(modalities) != 1:
+            raise ValueError(f"the Qwen2.5-Omni audio encoder reads one audio modality, got {modalities}")
+        self.modalities = tuple(modalities)
+        self.tower = Qwen2_5OmniAudioEncoder(cfg)
+        self.output_size = cfg.output_dim
+        self.checkpoint_prefix = checkpoint_prefix  # "" for a tower saved alone; "audio_tower." in a thinker
+
+    def checkpoint_keys(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        return {self.checkpoint_prefix + name: tensor} if self.checkpoint_prefix else None
+
+    def processor(self, modality: str):
+        if modality not in self.modalities:
+            raise KeyError(modality)
+        return OmniAudioProcessor(self.tower.config.num_mel_bins)
+
+    def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
+        (name,) = [m for m in self.modalities if m in media]
+        batch = media[name]
+        feats = batch.tensors["input_features"].T.to(self.tower.conv1.weight.dtype)  # (mel, sum L)
+        lens = batch.tensors["feature_lens"].to(feats.device)
+        after_cnn, _ = self.tower._get_feat_extract_output_lengths(lens)
+        return {name: self.tower(feats, feature_lens=lens, aftercnn_lens=after_cnn).last_hidden_state}
+
+    def dummy_media(self) -> dict[str, MediaBatch]:
+        item = {
+            "input_features": torch.zeros(4, self.tower.config.num_mel_bins),
+            "feature_lens": torch.tensor([4]),
+        }
+        return {self.modalities[0]: MediaBatch.of([item], [audio_tokens(4)])}
+
+    def plan(self) -> ParallelPlan:
+        return ParallelPlan(
+            fsdp_units=("Qwen2_5OmniAudioEncoderLayer",), recompute=("Qwen2_5OmniAudioEncoderLayer",)
+        )
+
+    @cached_property
+    def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
+        return sum(p.numel() for p in self.tower.layers.parameters())
+
+    def flops(self, media: Mapping[str, MediaBatch]) -> float:
+        cfg = self.tower.config
+        # Attention runs within windows of n_window * 2 frames, halved by the first conv.
+        lengths = []
+        for m in media.values():
+            for frames in m.tensors["feature_lens"].tolist():
+                full, rest = divmod(int(frames), 2 * cfg.n_window)
+                lengths += [cfg.n_window] * full + ([(rest + 1) // 2] if rest else [])
+        return transformer_flops(self._block_params, lengths, cfg.encoder_layers, cfg.d_model, causal=False)

@@ -1,0 +1,60 @@
+"""Qwen2.5-Omni's thinker (vision + audio understanding): its vision tower and audio tower (each with
+its own projection to the LLM, so the projectors are the identity) and its text model.
+
+A thinker directory (`model_type: qwen2_5_omni_thinker`, as `Qwen2_5OmniThinkerForConditionalGeneration`
+saves it) holds `model.*` + `lm_head.weight` for the language model, `visual.*` and `audio_tower.*`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omni_models.families.base import PartSpecs, PretrainedFamily
+from omni_models.families.mrope import OmniThinkerPositions
+from omni_models.families.qwen2_vl import pixels
+
+LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual.", "encoders.audio.tower.": "audio_tower."}
+
+
+def expand(hf_config: Any, path: str) -> PartSpecs:
+    text = hf_config.text_config.to_dict()
+    text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # the thinker's, not its text config's
+    part = {"path": path, "freeze": False, "projector": "identity"}
+    return {
+        "foundation": {"name": "qwen2_5_omni_text", "config": text, "path": path, "freeze": False},
+        "encoders": {
+            "vision": {
+                "name": "qwen2_5_omni_vision",
+                "modalities": ["image", "video"],
+                "config": hf_config.vision_config.to_dict(),
+                "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **pixels(path)},
+                **part,
+            },
+            "audio": {
+                "name": "qwen2_5_omni_audio",
+                "modalities": ["audio"],
+                "config": hf_config.audio_config.to_dict(),
+                "options": {"checkpoint_prefix": LAYOUT["encoders.audio.tower."]},
+                **part,
+            },
+        },
+    }
+
+
+def _positions(hf_config: Any) -> OmniThinkerPositions:
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerModel
+
+    return OmniThinkerPositions(hf_config, Qwen2_5OmniThinkerModel, video_seconds=True)
+
+
+QWEN2_5_OMNI_THINKER = PretrainedFamily(
+    name="qwen2_5_omni_thinker",
+    expand=expand,
+    markers={
+        "image": ("<|vision_bos|>", "<|IMAGE|>", "<|vision_eos|>"),
+        "video": ("<|vision_bos|>", "<|VIDEO|>", "<|vision_eos|>"),
+        "audio": ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"),
+    },
+    layout=LAYOUT,
+    positions=_positions,
+)

@@ -32,6 +32,7 @@ MARKERS = {
                              "audio_end": "<|audio_eos|>"},
 }  # fmt: skip
 MARKERS["qwen2_5_vl"] = MARKERS["qwen2_vl"]
+MARKERS["qwen2_5_omni"] = MARKERS["qwen2_5_omni_thinker"]
 
 
 def _tokenizer(specials: list[str]):
@@ -87,10 +88,56 @@ VISION = {
 AUDIO = {"d_model": 16, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 8,
          "n_window": 8, "output_dim": 32, "max_source_positions": 64}  # fmt: skip
 FAMILIES = tuple(VISION)
+# The whole Qwen2.5-Omni (thinker + speech talker + token2wav): its tiny speech parts
+SPEECH = {
+    "talker_config": {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "embedding_size": 32,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6},
+    },
+    "token2wav_config": {
+        "dit_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "ff_mult": 1,
+            "emb_dim": 16,
+            "head_dim": 16,
+            "enc_emb_dim": 16,
+            "enc_dim": 16,
+            "enc_channels": [16, 16, 16, 16, 32],
+            "enc_kernel_sizes": [5, 3, 3, 3, 1],
+            "enc_dilations": [1, 2, 3, 4, 1],
+            "enc_attention_channels": 16,
+            "enc_res2net_scale": 2,
+            "enc_se_channels": 16,
+            "mel_dim": 8,
+            "num_embeds": 64,
+            "repeats": 2,
+            "block_size": 8,
+            "look_ahead_layers": [0],
+            "look_backward_layers": [0],
+        },
+        "bigvgan_config": {
+            "mel_dim": 8,
+            "upsample_initial_channel": 32,
+            "resblock_kernel_sizes": [3],
+            "resblock_dilation_sizes": [[1, 3, 5]],
+            "upsample_rates": [2, 2],
+            "upsample_kernel_sizes": [4, 4],
+        },
+    },
+}
 _NAMES = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
     "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerConfig", "Qwen2_5OmniThinkerForConditionalGeneration"),
+    "qwen2_5_omni": ("Qwen2_5OmniConfig", "Qwen2_5OmniForConditionalGeneration"),
 }
 
 
@@ -99,6 +146,13 @@ def hf_class(family: str) -> type:
     import transformers
 
     return getattr(transformers, _NAMES[family][1])
+
+
+def referee(family: str, path: Path):
+    """HF's model that computes what ours does: the family's class from `path` (the whole Qwen2.5-Omni:
+    its thinker), fp32, sdpa."""
+    hf = hf_class(family).from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    return hf.thinker if family == "qwen2_5_omni" else hf
 
 
 def hf_name(family: str, ours: str) -> str:
@@ -123,6 +177,7 @@ def qwen_vl_dir(
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    thinker = "qwen2_5_omni_thinker" if family == "qwen2_5_omni" else family
     markers = MARKERS[family]
     tok = _tokenizer(_CHAT + list(markers.values()))
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in markers.items()}
@@ -140,7 +195,7 @@ def qwen_vl_dir(
         "pad_token_id": chat["<|endoftext|>"],
     }
     tokens = {"vision_start_token_id": ids["vision_start"], "vision_end_token_id": ids["vision_end"]}
-    if family == "qwen2_5_omni_thinker":
+    if thinker == "qwen2_5_omni_thinker":
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
         tokens |= {
             "image_token_index": ids["image"],
@@ -154,13 +209,17 @@ def qwen_vl_dir(
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
         tokens |= {"image_token_id": ids["image"], "video_token_id": ids["video"]}
         towers = {}
-    cfg = getattr(transformers, _NAMES[family][0])(
-        text_config=text, vision_config=VISION[family], tie_word_embeddings=tie, **tokens, **towers
+    cfg = getattr(transformers, _NAMES[thinker][0])(
+        text_config=text, vision_config=VISION[thinker], tie_word_embeddings=tie, **tokens, **towers
     )
+    if family == "qwen2_5_omni":
+        cfg = transformers.Qwen2_5OmniConfig(thinker_config=cfg.to_dict(), **SPEECH)
     torch.manual_seed(seed)
     path = root / f"{family}{'_tied' if tie else ''}_{init}"
     hf_class(family)(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    if family == "qwen2_5_omni":  # the speakers file HF's from_pretrained reads beside the weights
+        torch.save({"Chelsie": {"bos_token": 0}}, path / "spk_dict.pt")
     Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=32 * 32, patch_size=4, merge_size=2).save_pretrained(
         path
     )
@@ -256,7 +315,7 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, to
             out[px] = torch.cat([m.tensors["pixel_values"] for m in by_kind[kind]])
             out[grid] = torch.cat([m.tensors["grid_thw"] for m in by_kind[kind]])
     seconds = [m.tensors["second_per_grid_ts"] for m in by_kind["video"]]
-    if family == "qwen2_5_omni_thinker":
+    if family.startswith("qwen2_5_omni"):
         out["attention_mask"] = torch.ones_like(ids)[None]
         if seconds:
             out["video_second_per_grid"] = torch.cat(seconds)
@@ -282,7 +341,7 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, to
 def hf_positions(hf, sample_inputs: dict[str, torch.Tensor], family: str) -> torch.Tensor:
     """HF's own (3, 1, L) positions of one sample (its get_rope_index, as its forward calls it)."""
     x = sample_inputs
-    if family == "qwen2_5_omni_thinker":
+    if family.startswith("qwen2_5_omni"):
         lens = x["feature_attention_mask"].sum(-1) if "feature_attention_mask" in x else None
         args = (x.get("image_grid_thw"), x.get("video_grid_thw"), x["attention_mask"], False, lens)
         return hf.model.get_rope_index(x["input_ids"], *args, x.get("video_second_per_grid"))[0]

@@ -23,12 +23,12 @@ from tests.omni_models.hf_families import (
     FAMILIES,
     assert_grads_equal,
     build,
-    hf_class,
     hf_inputs,
     hf_positions,
     pack,
     processed,
     qwen_vl_dir,
+    referee,
     vl_sample,
 )
 
@@ -50,16 +50,20 @@ DOCS = {
         vl_sample(7, ("audio", "video")),
     ],
 }
+DOCS["qwen2_5_omni"] = DOCS["qwen2_5_omni_thinker"]
+# (family, tied embeddings, frozen parts); the whole Qwen2.5-Omni once: it differs from its thinker only
+# in the directory's layout (thinker.*) and its speech parts, which are left alone
+CASES = [(f, tie, freeze) for f in FAMILIES for tie, freeze in [(False, ()), (True, ("vision",))]]
+CASES.append(("qwen2_5_omni", False, ("audio",)))
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {(f, tie): qwen_vl_dir(root, f, tie=tie) for f in FAMILIES for tie in (False, True)}
+    return {(f, tie): qwen_vl_dir(root, f, tie=tie) for f, tie, _ in CASES}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tie,freeze", [(False, ()), (True, ("vision",))])
+@pytest.mark.parametrize("family,tie,freeze", CASES)
 def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze):
     path = dirs[family, tie]
     spec = OmniModelConfig.from_dict({"pretrained": str(path), "freeze": list(freeze)})
@@ -74,21 +78,22 @@ def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze):
     loss = model(batch).loss_sum / n
     loss.backward()
 
-    hf = hf_class(family).from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    hf = referee(family, path)
     start = 0
     for s in samples:  # each sample's positions are HF's, restarting at 0 in the pack
         end = start + s.input_ids.numel()
         want = hf_positions(hf, hf_inputs(s, family), family)
         torch.testing.assert_close(batch.position_ids[:, :, start:end], want, rtol=0, atol=0)
         start = end
-    if "vision" in freeze:
-        hf.model.visual.requires_grad_(False)
+    for part in freeze:
+        getattr(hf.model, {"vision": "visual", "audio": "audio_tower"}[part]).requires_grad_(False)
     ref = sum(hf(**hf_inputs(s, family), num_items_in_batch=n).loss for s in samples)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=RTOL, atol=0)
     checked = assert_grads_equal(family, model, hf, RTOL)
     assert checked >= sum(p.requires_grad for p in hf.parameters()) - 1  # Omni: audio_bos_eos_token unused
-    assert ("vision" in freeze) == all(not p.requires_grad for p in model.encoders["vision"].parameters())
+    for name, encoder in model.encoders.items():
+        assert (name in freeze) == all(not p.requires_grad for p in encoder.parameters())
 
 
 def test_pretrained_config_errors(dirs):
@@ -130,7 +135,7 @@ def test_greedy_generation_equals_hf_generate(dirs, family, media):
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ours = model.generate(ids, {}, batch.media, max_new_tokens=8, eos_id=eos, position_ids=positions)
 
-    hf = hf_class(family).from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
+    hf = referee(family, path)
     x = hf_inputs(dataclasses.replace(sample, input_ids=ids), family)  # the prompt with the generation prompt
     x.pop("labels")
     out = hf.generate(**x, do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
@@ -159,3 +164,32 @@ def test_image_tensors_and_counts_equal_the_directorys_hf_image_processor(dirs):
         torch.testing.assert_close(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-5)
         merge = hf.merge_size**2
         assert ours.count(item).llm_tokens == hf.get_number_of_image_patches(h, w, {}) // merge
+
+
+def test_the_whole_omni_exports_its_trained_thinker_and_its_speech_parts_unchanged(dirs, tmp_path):
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from omni_models.families.export import export_pretrained
+    from tests.omni_models.hf_families import hf_name
+
+    path = dirs["qwen2_5_omni", False]
+    spec = OmniModelConfig.from_dict({"pretrained": str(path)})
+    model, _ = build(spec)
+    with torch.no_grad():  # stands for training
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    export_pretrained(model, spec.pretrained, tmp_path / "out", dtype="float32")
+    source = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    exported = Qwen2_5OmniForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    thinker = dict(exported.thinker.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(thinker[hf_name("qwen2_5_omni", name)], p, rtol=0, atol=0)
+    speech = [n for n, _ in exported.named_parameters() if n.startswith(("talker.", "token2wav."))]
+    assert speech
+    theirs = dict(source.named_parameters())
+    for name, p in exported.named_parameters():
+        if name.startswith(("talker.", "token2wav.")):
+            torch.testing.assert_close(p, theirs[name], rtol=0, atol=0)
+    again, _ = build(OmniModelConfig.from_dict({"pretrained": str(tmp_path / "out")}))
+    for (name, a), b in zip(again.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

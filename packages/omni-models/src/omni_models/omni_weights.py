@@ -53,13 +53,18 @@ def init_omni_weights_(model: OmniModel, seed: int, names: Iterable[str] | None 
 
 
 def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
-    """Fill every part that names a `path` from its safetensors; returns the qualified names filled."""
+    """Fill every part that names a `path` from its safetensors; returns the qualified names filled.
+
+    Parts of a pretrained model read its directory through the family's layout (our module prefix ->
+    the checkpoint's key prefix); a tensor there that no part reads is an error, unless the family
+    ignores it (e.g. a speech generator it does not train)."""
     towers = _towers(model)
     paths = (
         {"foundation": cfg.foundation.path}
         | {f"encoders.{n}": e.path for n, e in cfg.encoders.items()}
         | {f"decoders.{n}": d.path for n, d in cfg.decoders.items()}
     )
+    source = cfg.pretrained
     loaded: set[str] = set()
     used: dict[str, set[str]] = {}  # per directory (a pretrained model fills several parts from one)
     for part, path in paths.items():
@@ -70,12 +75,13 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
         # A part whose checkpoints use another layout (a full Janus or Qwen2-VL model's keys) maps
         # its tower's names to the checkpoint's.
         keys = getattr(model.get_submodule(part), "checkpoint_keys", None)
+        if source is not None and str(path) == source.path and source.family.layout.get(prefix):
+            keys = _under(source.family.layout[prefix])
         read = used.setdefault(str(path), set())
         loaded |= {prefix + n for n in load_hf_weights_(tower, path, split_keys=keys, used=read)}
     for path, read in used.items():
         unused = checkpoint_keys(path) - read
-        source = cfg.pretrained
-        if source is not None and path == str(source.path):
+        if source is not None and path == source.path:
             unexpected = sorted(k for k in unused if not k.startswith(source.family.ignore))
             if unexpected:  # a whole pretrained model must fill exactly its parts
                 raise CheckpointMismatchError(
@@ -83,8 +89,18 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
                     f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} (is this directory another "
                     "variant of the family?)"
                 )
+            unused -= {k for k in unused if k.startswith(source.family.ignore)}
         log_unused(path, unused)
     return loaded
+
+
+def _under(prefix: str):
+    """split_keys reading each tensor under `prefix` + its name."""
+
+    def keys(name: str, tensor):
+        return {prefix + name: tensor}
+
+    return keys
 
 
 def export_parts(model: OmniModel, out_dir: str | Path, dtype: str = "bfloat16") -> dict[str, list[Path]]:

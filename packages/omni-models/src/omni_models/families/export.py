@@ -3,7 +3,8 @@
 The weights go under the checkpoint keys the family's layout names (the inverse of loading), the
 source directory's config.json is kept (with the export dtype), and its tokenizer, chat template and
 processor files are copied, so the family's `...ForConditionalGeneration.from_pretrained(OUT)` and
-`AutoTokenizer` / `AutoImageProcessor.from_pretrained(OUT)` load the result.
+`AutoTokenizer` / `AutoImageProcessor.from_pretrained(OUT)` load the result. Tensors the family ignores
+(not trained, e.g. Qwen2.5-Omni's speech generator) are copied from the source as they are.
 """
 
 from __future__ import annotations
@@ -49,4 +50,28 @@ def export_pretrained(
         for f in Path(source.path).iterdir():
             if f.is_file() and f not in skip:
                 shutil.copy2(f, Path(out_dir) / f.name)
+        if source.family.ignore:
+            files += _copy_through(Path(source.path), Path(out_dir), source.family.ignore)
     return files
+
+
+def _copy_through(source: Path, out: Path, prefixes: tuple[str, ...]) -> list[Path]:
+    """The source's tensors under `prefixes`, one output file per source file, added to the index."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index_file = out / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    written = []
+    for i, f in enumerate(sorted(source.glob("*.safetensors"))):
+        with safe_open(str(f), "pt") as reader:
+            tensors = {k: reader.get_tensor(k) for k in reader.keys() if k.startswith(prefixes)}  # noqa: SIM118
+        if not tensors:
+            continue
+        dest = out / f"unchanged-{i + 1:05d}.safetensors"
+        save_file(tensors, str(dest), metadata={"format": "pt"})
+        index["weight_map"].update(dict.fromkeys(tensors, dest.name))
+        index["metadata"]["total_size"] += sum(t.numel() * t.element_size() for t in tensors.values())
+        written.append(dest)
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
+    return written

@@ -2,7 +2,10 @@
 its own projection to the LLM, so the projectors are the identity) and its text model.
 
 A thinker directory (`model_type: qwen2_5_omni_thinker`, as `Qwen2_5OmniThinkerForConditionalGeneration`
-saves it) holds `model.*` + `lm_head.weight` for the language model, `visual.*` and `audio_tower.*`.
+saves it) holds `model.*` + `lm_head.weight` for the language model, `visual.*` and `audio_tower.*`; the
+whole model's directory (`qwen2_5_omni`, e.g. Qwen2.5-Omni-7B) holds the same under `thinker.`, beside
+the talker and token2wav (speech output), which are not trained here: loading leaves them alone and
+export copies them through unchanged, so the exported directory still speaks.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from omni_models.families.mrope import OmniThinkerPositions
 from omni_models.families.qwen2_vl import pixels
 
 LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual.", "encoders.audio.tower.": "audio_tower."}
+SPEECH = ("talker.", "token2wav.")
 
 
 def expand(hf_config: Any, path: str) -> PartSpecs:
@@ -27,14 +31,13 @@ def expand(hf_config: Any, path: str) -> PartSpecs:
                 "name": "qwen2_5_omni_vision",
                 "modalities": ["image", "video"],
                 "config": hf_config.vision_config.to_dict(),
-                "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **pixels(path)},
+                "options": pixels(path),
                 **part,
             },
             "audio": {
                 "name": "qwen2_5_omni_audio",
                 "modalities": ["audio"],
                 "config": hf_config.audio_config.to_dict(),
-                "options": {"checkpoint_prefix": LAYOUT["encoders.audio.tower."]},
                 **part,
             },
         },
@@ -47,14 +50,19 @@ def _positions(hf_config: Any) -> OmniThinkerPositions:
     return OmniThinkerPositions(hf_config, Qwen2_5OmniThinkerModel, video_seconds=True)
 
 
+MARKERS = {
+    "image": ("<|vision_bos|>", "<|IMAGE|>", "<|vision_eos|>"),
+    "video": ("<|vision_bos|>", "<|VIDEO|>", "<|vision_eos|>"),
+    "audio": ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"),
+}
 QWEN2_5_OMNI_THINKER = PretrainedFamily(
-    name="qwen2_5_omni_thinker",
-    expand=expand,
-    markers={
-        "image": ("<|vision_bos|>", "<|IMAGE|>", "<|vision_eos|>"),
-        "video": ("<|vision_bos|>", "<|VIDEO|>", "<|vision_eos|>"),
-        "audio": ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"),
-    },
-    layout=LAYOUT,
-    positions=_positions,
+    name="qwen2_5_omni_thinker", expand=expand, markers=MARKERS, layout=LAYOUT, positions=_positions
+)
+QWEN2_5_OMNI = PretrainedFamily(
+    name="qwen2_5_omni",
+    expand=lambda hf_config, path: expand(hf_config.thinker_config, path),
+    markers=MARKERS,
+    layout={ours: "thinker." + theirs for ours, theirs in LAYOUT.items()},
+    positions=lambda hf_config: _positions(hf_config.thinker_config),
+    ignore=SPEECH,
 )

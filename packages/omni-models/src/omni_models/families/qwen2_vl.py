@@ -2,8 +2,8 @@
 text model. The two differ in their classes (Qwen2.5-VL's tower attends in windows, and its M-RoPE
 spaces video frames by seconds per temporal patch) and share everything else.
 
-The foundation's module names equal the checkpoint's language-model keys; the encoder maps its
-tower's names to the `visual.` keys (LAYOUT, which export inverts). The image processor settings come
+The foundation's module names equal the checkpoint's language-model keys; the tower's are read under
+`visual.` (LAYOUT: loading reads and export writes these keys). The image processor settings come
 from the directory's preprocessor_config.json when present.
 """
 
@@ -47,7 +47,7 @@ def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
                     "path": path,
                     "freeze": False,
                     "projector": "identity",
-                    "options": {"checkpoint_prefix": LAYOUT["encoders.vision.tower."], **pixels(path)},
+                    "options": pixels(path),
                 }
             },
         }

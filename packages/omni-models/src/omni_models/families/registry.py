@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from omni_models.families.base import PretrainedFamily, PretrainedSource
-from omni_models.families.qwen2_5_omni import QWEN2_5_OMNI_THINKER
+from omni_models.families.qwen2_5_omni import QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER
 from omni_models.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 
 FAMILIES: dict[str, PretrainedFamily] = {  # by HF model_type
     "qwen2_vl": QWEN2_VL,
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen2_5_omni_thinker": QWEN2_5_OMNI_THINKER,
+    "qwen2_5_omni": QWEN2_5_OMNI,
 }
 
 

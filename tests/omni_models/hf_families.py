@@ -256,6 +256,27 @@ def qwen2_vl_7b_config_dir(root: Path) -> Path:
     return path
 
 
+def qwen2_5_omni_7b_config_dir(root: Path) -> Path:
+    """Qwen2.5-Omni-7B's config.json alone (the thinker's real dims; speech parts at HF's defaults)."""
+    from transformers import Qwen2_5OmniConfig
+
+    thinker = {
+        "text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+                        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                        "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}},
+        "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                          "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                          "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+        "audio_config": {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20,
+                         "encoder_ffn_dim": 5120, "num_mel_bins": 128, "n_window": 100, "output_dim": 3584,
+                         "max_source_positions": 1500},
+        "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    }  # fmt: skip
+    path = root / "Qwen2.5-Omni-7B"
+    Qwen2_5OmniConfig(thinker_config=thinker).save_pretrained(path)
+    return path
+
+
 def build(spec: OmniModelConfig, mesh: ParallelMesh | None = None) -> tuple[OmniModel, set[str]]:
     """The model of `spec` (parallelized on `mesh` when given), pretrained parts loaded; returns it and
     the names loaded."""

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from omni_train.cli import app
 from omni_train.config import ConfigError, check_layout, load_config
-from tests.omni_models.hf_families import qwen2_vl_7b_config_dir
+from tests.omni_models.hf_families import qwen2_5_omni_7b_config_dir, qwen2_vl_7b_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "apps/quickstart/recipe.yaml")
@@ -73,18 +73,24 @@ def test_layout_errors_before_any_process_starts():
 
 
 @pytest.mark.parametrize(
-    "recipe", ["qwen2vl_7b_fsdp_sp.yaml", "qwen3_moe_30b_omni.yaml", "quickstart/recipe.yaml"]
+    "recipe",
+    ["qwen2vl_7b_fsdp_sp.yaml", "qwen2_5_omni_7b.yaml", "qwen3_moe_30b_omni.yaml", "quickstart/recipe.yaml"],
 )
 def test_recipes_validate_with_dry_run(recipe, tmp_path):
     args = ["run", str(ROOT / "apps" / recipe), "--dry-run"]
-    if recipe.startswith("qwen2vl"):  # the pretrained directory, config.json only
-        args += ["--set", f"model.pretrained={qwen2_vl_7b_config_dir(tmp_path)}"]
+    config_only = {"qwen2vl": qwen2_vl_7b_config_dir, "qwen2_5_omni": qwen2_5_omni_7b_config_dir}
+    for prefix, make in config_only.items():  # the pretrained directory, config.json only
+        if recipe.startswith(prefix):
+            args += ["--set", f"model.pretrained={make(tmp_path)}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "# layout" in result.output and "GiB per rank" in result.output and "foundation:" in result.output
     if recipe.startswith("qwen2vl"):  # Qwen2-VL-7B's 8.29B: language model + vision tower (frozen)
         assert "foundation: 7.616B params (trainable)" in result.output
         assert "encoders.vision: 0.676B params (frozen)" in result.output
+    if recipe.startswith("qwen2_5_omni"):  # the thinker of Qwen2.5-Omni-7B; the speech parts are not built
+        assert "foundation: 7.616B params (trainable)" in result.output
+        assert "encoders.vision: 0.6" in result.output and "encoders.audio: 0.6" in result.output
     if "moe" in recipe:
         assert "foundation: 30.5" in result.output and "expert-parallel tensors: 96" in result.output
 

@@ -50,6 +50,8 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         *[(f"projectors.{n}", m) for n, m in model.projectors.items()],
     ]:
         params = sum(p.numel() for p in module.parameters())
+        if params == 0:  # an identity projector (the tower's own merger projects)
+            continue
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         per_rank = (params * 4 + trainable * (4 + 8)) / shard / 2**30  # fp32 master + grads + 2 moments
         total_gb += per_rank

@@ -33,6 +33,11 @@ MARKERS = {
 }  # fmt: skip
 MARKERS["qwen2_5_vl"] = MARKERS["qwen2_vl"]
 MARKERS["qwen2_5_omni"] = MARKERS["qwen2_5_omni_thinker"]
+MARKERS["janus"] = {
+    "image_start": "<begin_of_image>",
+    "image": "<image_placeholder>",
+    "image_end": "<end_of_image>",
+}
 
 
 def _tokenizer(specials: list[str]):
@@ -138,6 +143,7 @@ _NAMES = {
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
     "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerConfig", "Qwen2_5OmniThinkerForConditionalGeneration"),
     "qwen2_5_omni": ("Qwen2_5OmniConfig", "Qwen2_5OmniForConditionalGeneration"),
+    "janus": ("JanusConfig", "JanusForConditionalGeneration"),
 }
 
 
@@ -157,6 +163,10 @@ def referee(family: str, path: Path):
 
 def hf_name(family: str, ours: str) -> str:
     """Our parameter name -> HF's in-memory name in the family's class."""
+    if family == "janus":  # its in-memory names are its checkpoint keys
+        from omni_models.families.janus import JANUS
+
+        return JANUS.checkpoint_key(ours)
     for prefix, theirs in (
         ("foundation.model.", "model.language_model."),
         ("foundation.lm_head.", "lm_head."),
@@ -168,6 +178,35 @@ def hf_name(family: str, ours: str) -> str:
     raise AssertionError(f"no {family} counterpart for {ours}")
 
 
+def janus_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -> Path:
+    """A random tiny Janus (16 px understanding images -> 16 tokens; 8 px generated images <-> 16 codes of
+    a 64-entry codebook) written by HF's save_pretrained, with its tokenizer and image processor."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    tok = _tokenizer(_CHAT + list(MARKERS["janus"].values()))
+    chat = {t: tok.convert_tokens_to_ids(t) for t in _CHAT}
+    cfg = JanusConfig(
+        text_config={"model_type": "llama", "vocab_size": 448, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "initializer_range": init, "bos_token_id": chat["<|endoftext|>"],
+                     "eos_token_id": chat["<|im_end|>"], "pad_token_id": chat["<|endoftext|>"]},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 16, "patch_size": 4, "projection_dim": 32, "depth": 2},
+        vq_config={"base_channels": 32, "channel_multiplier": [1, 2], "num_res_blocks": 1, "latent_channels": 32,
+                   "embed_dim": 8, "num_embeddings": 64, "projection_dim": 32, "image_token_embed_dim": 32},
+        image_token_id=tok.convert_tokens_to_ids(MARKERS["janus"]["image"]),
+        tie_word_embeddings=tie,
+        initializer_range=init,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    path = root / f"janus{'_tied' if tie else ''}_{init}"
+    JanusForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    JanusImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(path)
+    return path
+
+
 def qwen_vl_dir(
     root: Path, family: str = "qwen2_vl", tie: bool = False, seed: int = 0, init: float = 0.5
 ) -> Path:
@@ -177,6 +216,8 @@ def qwen_vl_dir(
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if family == "janus":
+        return janus_dir(root, tie, seed, init)
     thinker = "qwen2_5_omni_thinker" if family == "qwen2_5_omni" else family
     markers = MARKERS[family]
     tok = _tokenizer(_CHAT + list(markers.values()))
@@ -320,6 +361,16 @@ def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -
     }, files
 
 
+def draw_sample(i: int) -> tuple[dict, dict]:
+    """'draw i' answered with an image the model generates (a VQ decoder's target)."""
+    image = {"type": "image", "media": "g.png", "generate": True}
+    doc = {
+        "id": f"d{i}",
+        "messages": [{"role": "user", "content": f"draw {i}"}, {"role": "assistant", "content": [image]}],
+    }
+    return doc, {"g.png": png(12, 12, seed=1000 + i)}
+
+
 def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, torch.Tensor]:
     """HF's keyword arguments for one sample of `family`: ids, media tensors, unshifted labels (and
     what the family's own position code reads)."""
@@ -327,14 +378,18 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, to
     out: dict[str, torch.Tensor] = {"input_ids": ids[None], "labels": sample.labels[None]}
     by_kind: dict[str, list] = {"image": [], "video": [], "audio": []}
     for m in sample.media:
-        by_kind[m.modality].append(m)
+        if not m.generate:  # generation targets: see janus_reference_loss
+            by_kind[m.modality].append(m)
     for kind, (px, grid) in {
         "image": ("pixel_values", "image_grid_thw"),
         "video": ("pixel_values_videos", "video_grid_thw"),
     }.items():
         if by_kind[kind]:
             out[px] = torch.cat([m.tensors["pixel_values"] for m in by_kind[kind]])
-            out[grid] = torch.cat([m.tensors["grid_thw"] for m in by_kind[kind]])
+            if family != "janus":
+                out[grid] = torch.cat([m.tensors["grid_thw"] for m in by_kind[kind]])
+    if family == "janus":
+        return out
     seconds = [m.tensors["second_per_grid_ts"] for m in by_kind["video"]]
     if family.startswith("qwen2_5_omni"):
         out["attention_mask"] = torch.ones_like(ids)[None]
@@ -357,6 +412,40 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, to
         out["second_per_grid_ts"] = torch.cat(seconds)
     out["mm_token_type_ids"] = types[None]
     return out
+
+
+def janus_reference_loss(hf, sample: ProcessedSample, n: int) -> torch.Tensor:
+    """HF Janus has no loss for generated images: this is the training loss built from HF's own modules,
+    as Janus trains it: the image's VQ codes embedded by `prepare_embeddings_for_image_generation` at its
+    placeholders, the language model, text cross entropy from `lm_head` and image-token cross entropy
+    from `generation_head` (each code predicted from the hidden state before it), summed over `n`."""
+    import torch.nn.functional as F
+
+    ids = sample.input_ids
+    embeds = hf.get_input_embeddings()(ids[None])
+    inputs = [m for m in sample.media if not m.generate]
+    if inputs:
+        feats = hf.model.get_image_features(
+            torch.cat([m.tensors["pixel_values"] for m in inputs])
+        ).pooler_output
+        mask = (ids == hf.config.image_token_id)[None, :, None].expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, feats.reshape(-1, embeds.shape[-1]))
+    targets = []
+    for m in sample.media:
+        if m.generate:
+            with torch.no_grad():
+                codes = hf.model.vqmodel.encode(m.tensors["pixel_values"]).image_tokens.flatten()
+            at = torch.arange(m.start, m.start + m.llm_tokens)
+            embeds = embeds.index_put(
+                (torch.zeros_like(at), at), hf.prepare_embeddings_for_image_generation(codes)
+            )
+            targets.append((at, codes))
+    hidden = hf.model.language_model(inputs_embeds=embeds).last_hidden_state[0]
+    text = F.cross_entropy(hf.lm_head(hidden[:-1]), sample.labels[1:], ignore_index=-100, reduction="sum")
+    image = sum(
+        F.cross_entropy(hf.model.generation_head(hidden[at - 1]), c, reduction="sum") for at, c in targets
+    )
+    return (text + image) / n
 
 
 def hf_positions(hf, sample_inputs: dict[str, torch.Tensor], family: str) -> torch.Tensor:

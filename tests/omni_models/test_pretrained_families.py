@@ -23,8 +23,11 @@ from tests.omni_models.hf_families import (
     FAMILIES,
     assert_grads_equal,
     build,
+    draw_sample,
     hf_inputs,
     hf_positions,
+    janus_dir,
+    janus_reference_loss,
     pack,
     processed,
     qwen_vl_dir,
@@ -193,3 +196,45 @@ def test_the_whole_omni_exports_its_trained_thinker_and_its_speech_parts_unchang
     again, _ = build(OmniModelConfig.from_dict({"pretrained": str(tmp_path / "out")}))
     for (name, a), b in zip(again.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+JANUS_DOCS = [
+    vl_sample(0, ("image",), (16, 8)),
+    draw_sample(1),
+    vl_sample(2, ()),
+    vl_sample(3, ("image", "image"), (24, 24)),
+    draw_sample(2),
+]
+
+
+@pytest.mark.parametrize("tie,freeze", [(False, ()), (True, ("vision",))])
+def test_janus_understanding_and_generation_equal_hf(tmp_path, tie, freeze):
+    """Understanding samples vs HF's JanusForConditionalGeneration; generated images vs the training
+    loss built from HF's own Janus modules (HF ships none for generation)."""
+    from omni_models.omni import loss_tokens
+
+    path = janus_dir(tmp_path, tie=tie)
+    spec = OmniModelConfig.from_dict({"pretrained": str(path), "freeze": list(freeze)})
+    model, loaded = build(spec)
+    assert {n for n, _ in model.named_parameters()} <= loaded
+    samples = processed(chat_processor(model, spec, AutoTokenizer.from_pretrained(path)), JANUS_DOCS)
+    batch = pack(samples)
+    assert set(batch.media) == {"image"} and set(batch.targets) == {"image"}
+    n = loss_tokens(batch)
+    loss = model(batch).loss_sum / n
+    loss.backward()
+
+    hf = referee("janus", path)
+    hf.model.vqmodel.requires_grad_(False)  # the VQ-VAE only tokenizes targets: it never trains
+    if "vision" in freeze:
+        hf.model.vision_model.requires_grad_(False)
+        hf.model.aligner.requires_grad_(False)
+    ref = sum(
+        janus_reference_loss(hf, s, n)
+        if any(m.generate for m in s.media)
+        else hf(**hf_inputs(s, "janus"), num_items_in_batch=n).loss
+        for s in samples
+    )
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=RTOL, atol=0)
+    assert assert_grads_equal("janus", model, hf, RTOL) == sum(p.requires_grad for p in hf.parameters())

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from omni_dist.hf_export import export_hf_safetensors
 from omni_dist.hf_load import CheckpointMismatchError, checkpoint_keys, load_hf_weights_, log_unused
@@ -27,14 +28,14 @@ def _towers(model: OmniModel) -> dict[str, nn.Module]:
 
 
 def init_function(model: OmniModel) -> Callable[[nn.Module], None]:
-    """Each module initialised by its own part: HF `_init_weights` for HF parts, reset_parameters else."""
+    """Each module initialised by its own part: the `_init_weights` of the innermost HF model holding it
+    (a tower, a vision model inside an encoder), `reset_parameters` for the rest (projectors, heads)."""
     owner: dict[int, Callable[[nn.Module], None]] = {}
-    for _, root in sorted(model.named_children()):
-        for part in root.children() if isinstance(root, nn.ModuleDict) else [root]:
-            hf = getattr(part, "tower", part)
-            fn = getattr(hf, "_init_weights", None)
+    for part in model.modules():  # pre-order: an inner HF model overrides the outer one for its modules
+        fn = getattr(part, "_init_weights", None)
+        if fn is not None and isinstance(part, PreTrainedModel):
             for m in part.modules():
-                owner[id(m)] = fn if fn is not None and any(m is x for x in hf.modules()) else _reset
+                owner[id(m)] = fn
 
     def init(module: nn.Module) -> None:
         owner.get(id(module), _reset)(module)
@@ -75,8 +76,8 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
         # A part whose checkpoints use another layout (a full Janus or Qwen2-VL model's keys) maps
         # its tower's names to the checkpoint's.
         keys = getattr(model.get_submodule(part), "checkpoint_keys", None)
-        if source is not None and str(path) == source.path and source.family.layout.get(prefix):
-            keys = _under(source.family.layout[prefix])
+        if source is not None and str(path) == source.path:
+            keys = _family_keys(source.family, prefix)
         read = used.setdefault(str(path), set())
         loaded |= {prefix + n for n in load_hf_weights_(tower, path, split_keys=keys, used=read)}
     for path, read in used.items():
@@ -94,11 +95,12 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
     return loaded
 
 
-def _under(prefix: str):
-    """split_keys reading each tensor under `prefix` + its name."""
+def _family_keys(family, prefix: str):
+    """split_keys reading each tensor of the part at `prefix` under the family layout's key."""
 
     def keys(name: str, tensor):
-        return {prefix + name: tensor}
+        key = family.checkpoint_key(prefix + name)
+        return None if key is None or key == name else {key: tensor}
 
     return keys
 

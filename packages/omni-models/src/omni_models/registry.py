@@ -11,6 +11,7 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTe
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
 
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
+from omni_models.encoders.janus_vision import JanusVisionEncoder
 from omni_models.encoders.qwen2_vl import (
     Qwen2_5_VLVisionEncoder,
     Qwen2_5OmniVisionTower,
@@ -30,6 +31,7 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "qwen2_5_vl_vision": Qwen2_5_VLVisionEncoder,
     "qwen2_5_omni_vision": Qwen2_5OmniVisionTower,
     "qwen2_5_omni_audio": QwenOmniAudioEncoder,
+    "janus_vision": JanusVisionEncoder,
     "siglip": SiglipImageEncoder,
     "whisper": WhisperAudioEncoder,
 }

@@ -24,12 +24,18 @@ class PretrainedFamily:
     expand: Callable[[Any, str], PartSpecs]
     # modality -> (start marker, placeholder, end marker) tokens of the family's tokenizer
     markers: Mapping[str, tuple[str, str, str]]
-    # our module prefix -> the checkpoint's key prefix (loading reads, export writes these keys)
+    # our module prefix -> the checkpoint's key prefix (loading reads, export writes these keys); the
+    # longest matching prefix wins
     layout: Mapping[str, str]
     # HF config -> fn(input_ids (L,), media items) -> (3, L) positions; None for 1-D positions
     positions: Callable[[Any], Callable[..., Any]] | None = None
     # checkpoint key prefixes no part reads (e.g. a speech generator the family does not train)
     ignore: tuple[str, ...] = ()
+
+    def checkpoint_key(self, name: str) -> str | None:
+        """The checkpoint key of our qualified tensor name (the longest layout prefix it starts with)."""
+        match = max((p for p in self.layout if name.startswith(p)), key=len, default=None)
+        return None if match is None else self.layout[match] + name[len(match) :]
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,7 @@ def export_pretrained(
 ) -> list[Path]:
     """Collective (every rank calls it; rank 0 writes). Parts added beside the family's are an error:
     export those with `omni_models.omni_weights.export_parts`."""
-    layout = source.family.layout
-    outside = [n for n in model.state_dict() if not n.startswith(tuple(layout))]
+    outside = [n for n in model.state_dict() if source.family.checkpoint_key(n) is None]
     if outside:
         raise ValueError(
             f"{len(outside)} tensors are not part of the {source.family.name} layout, e.g. {outside[:3]}: "
@@ -37,8 +36,7 @@ def export_pretrained(
         )
 
     def rename(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
-        prefix = next(p for p in layout if name.startswith(p))
-        return {layout[prefix] + name[len(prefix) :]: full}
+        return {source.family.checkpoint_key(name): full}
 
     config = json.loads((Path(source.path) / "config.json").read_text())
     config["dtype"] = dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from omni_models.families.base import PretrainedFamily, PretrainedSource
+from omni_models.families.janus import JANUS
 from omni_models.families.qwen2_5_omni import QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER
 from omni_models.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
 
@@ -13,6 +14,7 @@ FAMILIES: dict[str, PretrainedFamily] = {  # by HF model_type
     "qwen2_5_vl": QWEN2_5_VL,
     "qwen2_5_omni_thinker": QWEN2_5_OMNI_THINKER,
     "qwen2_5_omni": QWEN2_5_OMNI,
+    "janus": JANUS,
 }
 
 

@@ -192,7 +192,7 @@ def janus_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -
                      "initializer_range": init, "bos_token_id": chat["<|endoftext|>"],
                      "eos_token_id": chat["<|im_end|>"], "pad_token_id": chat["<|endoftext|>"]},
         vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 16, "patch_size": 4, "projection_dim": 32, "depth": 2},
+                       "image_size": 16, "patch_size": 4, "projection_dim": 32, "depth": 2, "num_image_tokens": 16},
         vq_config={"base_channels": 32, "channel_multiplier": [1, 2], "num_res_blocks": 1, "latent_channels": 32,
                    "embed_dim": 8, "num_embeddings": 64, "projection_dim": 32, "image_token_embed_dim": 32},
         image_token_id=tok.convert_tokens_to_ids(MARKERS["janus"]["image"]),

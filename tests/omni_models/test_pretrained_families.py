@@ -10,6 +10,7 @@ with untied and tied embeddings; each sample's positions are HF's; greedy genera
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 
@@ -114,17 +115,13 @@ def test_pretrained_config_errors(dirs):
     assert not spec.foundation.freeze and not spec.encoders["vision"].freeze
 
 
-@pytest.mark.parametrize(
-    "family,media",
-    [
-        (f, m)
-        for f in FAMILIES
-        for m in [("image",), ("video", "image"), ("audio", "image")]
-        if "audio" not in m or "omni" in f
-    ],
-)
-def test_greedy_generation_equals_hf_generate(dirs, family, media):
-    path = dirs[family, False]
+GENERATE = [(f, m) for f in FAMILIES for m in [("image",), ("video", "image")]]
+GENERATE += [("qwen2_5_omni_thinker", ("audio", "image")), ("janus", ("image",))]
+
+
+@pytest.mark.parametrize("family,media", GENERATE)
+def test_greedy_generation_equals_hf_generate(dirs, tmp_path, family, media):
+    path = janus_dir(tmp_path) if family == "janus" else dirs[family, False]
     spec = OmniModelConfig.from_dict({"pretrained": str(path)})
     model, _ = build(spec)
     tok = AutoTokenizer.from_pretrained(path)
@@ -133,7 +130,7 @@ def test_greedy_generation_equals_hf_generate(dirs, family, media):
     doc = {**doc, "messages": doc["messages"][:1]}  # the user turn; the answer is generated
     (sample,) = processed(proc, [(doc, files)])
     ids = torch.cat([sample.input_ids, torch.tensor(tok("<|im_start|>assistant\n")["input_ids"])])
-    positions = proc.positions(ids, sample.media)
+    positions = proc.positions(ids, sample.media) if proc.positions is not None else None  # Janus: 1-D
     batch = pack([sample])
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     ours = model.generate(ids, {}, batch.media, max_new_tokens=8, eos_id=eos, position_ids=positions)
@@ -238,3 +235,38 @@ def test_janus_understanding_and_generation_equal_hf(tmp_path, tie, freeze):
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=RTOL, atol=0)
     assert assert_grads_equal("janus", model, hf, RTOL) == sum(p.requires_grad for p in hf.parameters())
+
+
+def test_janus_image_generation_with_guidance_equals_hf(tmp_path):
+    """Greedy image tokens with classifier-free guidance == HF's generate(generation_mode="image"), whose
+    unconditional prompt pads every token but BOS and the image start."""
+    path = janus_dir(tmp_path)
+    spec = OmniModelConfig.from_dict({"pretrained": str(path)})
+    model, _ = build(spec)
+    tok = AutoTokenizer.from_pretrained(path)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "draw 3"}], tokenize=False, add_generation_prompt=True
+    )
+    boi, placeholder, eoi = (tok.convert_tokens_to_ids(t) for t in spec.pretrained.family.markers["image"])
+    ids = torch.tensor([*tok(text, add_special_tokens=False)["input_ids"], boi])
+    bos, pad = model.foundation.config.bos_token_id, tok.pad_token_id
+    uncond = torch.where((ids == bos) | (ids == boi), ids, torch.full_like(ids, pad))
+    decoder = model.decoders["image_gen"]
+    ours = model.generate(
+        ids,
+        {"image": (boi, placeholder, eoi)},
+        max_new_tokens=decoder.tokens,
+        cfg_scale=3.0,
+        uncond_ids=uncond,
+    )
+    hf = referee("janus", path)
+    config = copy.deepcopy(hf.generation_config)
+    config.update(do_sample=False, guidance_scale=3.0, bos_token_id=bos, pad_token_id=pad)
+    config.generation_kwargs = {"boi_token_id": boi}
+    out = hf.generate(
+        ids[None],
+        attention_mask=torch.ones_like(ids[None]),
+        generation_mode="image",
+        generation_config=config,
+    )
+    assert ours.codes[0].tolist() == out[0].tolist()

@@ -7,7 +7,8 @@ from that decoder's head and are fed back with `lm_embed`, the end marker follow
 decoded to pixels with `lm_generate`. A model with M-RoPE positions takes the prompt's own (3, n)
 position ids (the family's position function gives them); every generated token then sits one
 position after the largest so far, on all rows, as HF's rope deltas place it. Classifier-free guidance mixes the image logits with those of an
-unconditional sequence that holds only the start marker: uncond + scale x (cond - uncond).
+unconditional sequence, uncond + scale x (cond - uncond): by default it holds only the start marker;
+`uncond_ids` gives another (Janus's: the prompt with every token but BOS and the start marker padded).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     position_ids: torch.Tensor | None = None,
+    uncond_ids: torch.Tensor | None = None,
 ) -> Generation:
     """Continue `input_ids` (1-D, media placeholders expanded, `media` at their positions).
     `position_ids` (rows, n): the prompt's own positions (M-RoPE: 3 rows); default 0..n-1.
@@ -141,7 +143,8 @@ def generate(
             uncond = None
             if cfg_scale is not None:
                 uncond = _Sequence(foundation, use_cache, rows)
-                _, uncond_hidden = uncond.extend(embed_tokens(torch.tensor([start_id], device=device)))
+                free = uncond_ids if uncond_ids is not None else torch.tensor([start_id])
+                _, uncond_hidden = uncond.extend(embed_tokens(free.to(device)))
             codes = []
             for _ in range(decoder.tokens):
                 scores = decoder.lm_head(hidden).float()

@@ -1,6 +1,7 @@
-"""A pretrained Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni thinker trains the same under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x
-sp=2) as in one process: loss and grad norm over 3 AdamW steps on one global batch, with an image whose
-placeholders straddle the SP cut (so its M-RoPE positions and features are split between ranks)."""
+"""A pretrained model of every family (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni thinker, Janus) trains the same
+under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x sp=2) as in one process: loss and grad norm
+over 3 AdamW steps on one global batch, with an image whose placeholders straddle the SP cut (so its
+positions and features are split between ranks); Janus also generates images on some ranks."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from omni_dist.attention import SequenceParallel
 from omni_models.config import OmniModelConfig
 from omni_train.assembly import chat_processor
 from tests.harness import run_ranks
-from tests.omni_models.hf_families import FAMILIES, build, pack, processed, qwen_vl_dir, vl_sample
+from tests.omni_models.hf_families import (
+    FAMILIES,
+    build,
+    draw_sample,
+    pack,
+    processed,
+    qwen_vl_dir,
+    vl_sample,
+)
 from tests.omni_models.test_omni_parity import _close, _train
 
 # Four micro-batches of the global batch, by (sample index, media, image size).
@@ -27,9 +36,21 @@ MICRO_BATCHES = [
 LAYOUTS = [{"dp_shard": 4}, {"dp_shard": 2, "sp": 2}]
 
 
-def _micro_batches(audio: bool) -> list[list[tuple]]:
-    """MICRO_BATCHES, with audio in two of them for a family that hears (the last rank gets none)."""
-    if not audio:
+# Janus: fixed-size images in, generated images ("draw") on two of the four streams.
+JANUS_MICRO_BATCHES = [
+    [(0, ("image",), (32, 32))],
+    ["draw", (3, ())],
+    [(4, ("image",), (16, 8)), "draw"],
+    [(5, ()), (6, ("image", "image"), (8, 8))],
+]
+
+
+def _micro_batches(model) -> list[list]:
+    """The family's micro-batches: with audio in two of them for a family that hears (the last rank
+    gets none)."""
+    if model.modality_decoder:
+        return JANUS_MICRO_BATCHES
+    if "audio" not in model.modality_encoder:
         return MICRO_BATCHES
     return [
         MICRO_BATCHES[0],
@@ -41,10 +62,10 @@ def _micro_batches(audio: bool) -> list[list[tuple]]:
 
 def _batches(path, model, spec, indices: list[int]):
     proc = chat_processor(model, spec, AutoTokenizer.from_pretrained(path))
-    micro_batches = _micro_batches("audio" in model.modality_encoder)
+    micro_batches = _micro_batches(model)
     out = []
     for k in indices:
-        docs = [vl_sample(i, *rest) for i, *rest in micro_batches[k]]
+        docs = [draw_sample(k) if x == "draw" else vl_sample(*x) for x in micro_batches[k]]
         out.append(pack(processed(proc, docs), pad_to=2))
     return out
 
@@ -59,7 +80,7 @@ def _straddles(batch) -> bool:
 def _single(path: str) -> dict:
     spec = OmniModelConfig.from_dict({"pretrained": path})
     model, _ = build(spec)
-    batches = _batches(path, model, spec, list(range(len(MICRO_BATCHES))))
+    batches = _batches(path, model, spec, list(range(4)))
     out = _train(model, batches, [p for p in model.parameters() if p.requires_grad])
     out["straddles"] = [_straddles(b) for b in batches]
     return out
@@ -81,7 +102,7 @@ def _rank(path: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "janus"])
 def test_pretrained_parallel_layouts_match_one_process(tmp_path, family):
     path = str(qwen_vl_dir(tmp_path, family, init=0.1))
     ref = _single(path)

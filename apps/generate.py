@@ -18,7 +18,7 @@ import torch
 def main() -> None:
     from PIL import Image
 
-    from omni_data.processor import modality_tokens
+    from omni_train.assembly import chat_processor
     from omni_train.inference import load_trained
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,10 +34,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    model, tok, _ = load_trained(args.run_dir, args.step)
-    markers = {
-        m: tuple(tok.convert_tokens_to_ids(t) for t in modality_tokens(m)) for m in model.modality_decoder
-    }
+    model, tok, cfg = load_trained(args.run_dir, args.step)
+    processor = chat_processor(model, cfg.model_spec, tok)  # the model's own marker tokens
+    markers = {m: processor.marker_ids(m) for m in model.modality_decoder}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)

@@ -185,6 +185,10 @@ class ChatProcessor:
             self._names[modality] = tuple(names)
             self._ids[modality] = tuple(vocab[n] for n in names)
 
+    def marker_ids(self, modality: str) -> tuple[int, int, int]:
+        """Token ids of the modality's (start marker, placeholder, end marker)."""
+        return self._ids[modality]
+
     def _render(self, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=generation_prompt

@@ -30,10 +30,12 @@ class _Media:
 
 
 class MRopePositions:
-    """fn(input_ids (L,), media) -> (3, L); media items have modality, start, llm_tokens, tensors.
+    """fn(input_ids (L,), media) -> (3, L); media items have modality, generate, start, llm_tokens, tensors.
 
     `model_class(hf_config)` is built on the meta device with one layer per tower; `_rope` calls its
     `get_rope_index` with the arguments this family's version takes."""
+
+    audio = False  # the family's own audio (its tower's mel frames) is placed by get_rope_index
 
     def __init__(self, hf_config: Any, model_class: type, video_seconds: bool = False):
         self.config = copy.deepcopy(hf_config)
@@ -58,12 +60,13 @@ class MRopePositions:
     def __call__(self, input_ids: torch.Tensor, media: Sequence[Any]) -> torch.Tensor:
         found = _Media(torch.zeros_like(input_ids, dtype=torch.int32))
         for m in media:
-            if m.modality == "audio":
-                found.audio_frames.append(m.tensors["feature_lens"])
-                continue
-            kind = TOKEN_TYPES.get(m.modality)
+            kind = None if m.generate else TOKEN_TYPES.get(m.modality)
             if kind is None:
-                raise ValueError(f"M-RoPE positions know images, videos and audio, not {m.modality!r}")
+                if m.modality == "audio" and self.audio:
+                    found.audio_frames.append(m.tensors["feature_lens"])
+                # A modality the family does not read (a part added by config, e.g. generated images):
+                # its tokens get text positions, as HF's get_rope_index gives any token not its media.
+                continue
             found.types[m.start : m.start + m.llm_tokens] = kind
             (found.images if kind == 1 else found.videos).append(m.tensors["grid_thw"])
             if kind == 2 and self.video_seconds:
@@ -85,6 +88,8 @@ class MRopePositions:
 class OmniThinkerPositions(MRopePositions):
     """Qwen2.5-Omni's thinker: positions found from the marker token ids, audio by its mel frames
     (audio and video kept apart: `use_audio_in_video=False`)."""
+
+    audio = True
 
     def _rope(self, model, ids: torch.Tensor, media: _Media) -> torch.Tensor:
         positions, _ = model.get_rope_index(

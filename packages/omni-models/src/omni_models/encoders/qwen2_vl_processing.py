@@ -1,20 +1,23 @@
 """Qwen2-VL style processors: variable-resolution images and videos as packed patches.
 
-An image is resized so each side is a multiple of patch_size x merge_size (keeping its aspect and
-its pixel count within [min_pixels, max_pixels]), normalised, and cut into patches laid out as the
-Qwen2-VL vision tower expects (so its pretrained weights apply): (t*h*w, C * temporal_patch * p * p),
-merge groups contiguous. An image is one temporal patch (its frame repeated); a video is frames
-sampled at `fps`, two per temporal patch. Each item becomes t*h*w / merge^2 LLM tokens.
+Images go through transformers' own Qwen2-VL image processor (its PIL backend, which needs no
+torchvision); the packer's count comes from the same processor (`get_number_of_image_patches`, from the
+image header alone). Videos are frames sampled at `fps` (two per temporal patch), resized and patched
+the same way here, since transformers' video processors need torchvision: each frame is resized so its
+sides are multiples of patch_size x merge_size (aspect kept, pixel count within [min_pixels, max_pixels]),
+normalised, and cut into patches laid out as the vision tower expects: (t*h*w, C * temporal_patch * p * p),
+merge groups contiguous. Each item becomes t*h*w / merge^2 LLM tokens.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
 import torch
 
-from omni_models.media import decode_image, decode_video, image_size, sample_times, video_info
+from omni_models.media import decode_video, image_size, sample_times, video_info
 from omni_models.modality import MediaCount
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -72,16 +75,39 @@ class PatchGeometry:
 
 
 class Qwen2VLImageProcessor:
+    """An image through transformers' `Qwen2VLImageProcessorPil` with this geometry:
+    {"pixel_values": (t*h*w patches, C * tp * p * p), "grid_thw": (1, 3)}."""
+
     def __init__(self, geometry: PatchGeometry):
-        self.geometry = geometry
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        g = geometry
+        self.merge = g.merge_size
+        self.hf = Qwen2VLImageProcessorPil(
+            min_pixels=g.min_pixels,
+            max_pixels=g.max_pixels,
+            patch_size=g.patch_size,
+            temporal_patch_size=g.temporal_patch_size,
+            merge_size=g.merge_size,
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
 
     def count(self, item) -> MediaCount:
-        w, h = self.geometry.resize(*image_size(item.data))
-        return self.geometry.count(self.geometry.temporal_patch_size, w, h)
+        w, h = image_size(item.data)
+        patches = self.hf.get_number_of_image_patches(h, w, {})
+        return MediaCount(patches // self.merge**2, patches)
 
     def process(self, item) -> dict[str, torch.Tensor]:
-        size = self.geometry.resize(*image_size(item.data))
-        return self.geometry.patchify(decode_image(item.data, size).unsqueeze(0))
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(item.data)) as im:
+                image = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"not a decodable image: {e}") from None
+        out = self.hf(images=[image], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "grid_thw": out["image_grid_thw"]}
 
 
 class Qwen2VLVideoProcessor:

@@ -1,7 +1,7 @@
-"""A pretrained Qwen2-VL (small random weights, save_pretrained directory) trained through our composite
-vs HF's Qwen2VLForConditionalGeneration in a plain loop, on the same samples, same run.
+"""A pretrained Qwen2.5-VL or Qwen2-VL (small random weights, save_pretrained directory) trained through
+our composite vs HF's own `...ForConditionalGeneration` in a plain loop, on the same samples, same run.
 
-    uv run python bench/pretrained.py [--steps 8] [--samples 8]
+    uv run python bench/pretrained.py [--family qwen2_5_vl|qwen2_vl] [--steps 8] [--samples 8]
 
 Ours: `model.pretrained` expanded into parts, the samples packed into one micro-batch (packed attention,
 M-RoPE positions from the data side). HF: the usual plain loop, the samples right-padded into one batch
@@ -20,21 +20,30 @@ from pathlib import Path
 
 import torch
 
+VISION = {
+    "qwen2_vl": {"depth": 4, "embed_dim": 128, "hidden_size": 256, "num_heads": 4, "mlp_ratio": 2,
+                 "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "qwen2_5_vl": {"depth": 4, "hidden_size": 128, "intermediate_size": 256, "num_heads": 4, "out_hidden_size": 256,
+                   "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32,
+                   "fullatt_block_indexes": [3]},
+}  # fmt: skip
+CLASSES = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}
 
-def _model_dir(root: Path) -> Path:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    cfg = Qwen2VLConfig(
+def _model_dir(root: Path, family: str):
+    import transformers
+
+    cfg = getattr(transformers, f"{CLASSES[family]}Config")(
         text_config={"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                      "num_attention_heads": 8, "num_key_value_heads": 2,
                      "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}, "bos_token_id": 0, "eos_token_id": 1},
-        vision_config={"depth": 4, "embed_dim": 128, "hidden_size": 256, "num_heads": 4, "mlp_ratio": 2,
-                       "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        vision_config=VISION[family],
         image_token_id=2001, video_token_id=2002, vision_start_token_id=2003, vision_end_token_id=2004,
     )  # fmt: skip
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(cfg).save_pretrained(root)
-    return root
+    hf_class = getattr(transformers, f"{CLASSES[family]}ForConditionalGeneration")
+    hf_class(cfg).save_pretrained(root)
+    return root, hf_class
 
 
 def _samples(n: int, cfg, positions):
@@ -69,18 +78,17 @@ def _time(step, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=sorted(CLASSES), default="qwen2_5_vl")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     args = ap.parse_args()
-    from transformers import Qwen2VLForConditionalGeneration
-
     from omni_data.collate import collate
     from omni_dist.weights import materialize_
     from omni_models.config import OmniModelConfig, build_omni_model
     from omni_models.omni_weights import init_omni_weights_, load_part_weights_
 
     torch.set_num_threads(2)
-    path = _model_dir(Path(tempfile.mkdtemp()))
+    path, hf_class = _model_dir(Path(tempfile.mkdtemp()), args.family)
     spec = OmniModelConfig.from_dict({"pretrained": str(path)})
     samples = _samples(
         args.samples, spec.pretrained.hf_config, spec.pretrained.family.positions(spec.pretrained.hf_config)
@@ -99,9 +107,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
 
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(
-        path, attn_implementation="sdpa", dtype=torch.float32
-    )
+    hf = hf_class.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     length = max(s.input_ids.numel() for s in samples)
     pad = lambda x, v: torch.nn.functional.pad(x, (0, length - x.numel()), value=v)  # noqa: E731
     types = []
@@ -128,7 +134,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "bench": "pretrained Qwen2-VL step: ours (packed) vs HF plain loop (padded)",
+                "bench": f"pretrained {args.family} step: ours (packed) vs HF plain loop (padded)",
                 "device": "cpu (2 threads), fp32, sdpa",
                 "samples": args.samples,
                 "tokens": batch.num_tokens,

@@ -43,18 +43,23 @@ WORDS = [
 
 @functools.lru_cache(maxsize=1)
 def tokenizer():
+    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+    for m in ("image", "audio", "video"):
+        specials += list(modality_tokens(m))
+    return train_tokenizer(tuple(specials))
+
+
+def train_tokenizer(specials: tuple[str, ...]):
+    """A byte-level BPE tokenizer trained in about a second, with `specials` (the first is the pad)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
-    for m in ("image", "audio", "video"):
-        specials += list(modality_tokens(m))
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=specials,
+        special_tokens=list(specials),
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -62,9 +67,9 @@ def tokenizer():
     tok.train_from_iterator([" ".join(rng.choices(WORDS, k=30)) for _ in range(300)], trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        pad_token="<|pad|>",
+        pad_token=specials[0],
         chat_template=CHAT_TEMPLATE,
-        additional_special_tokens=specials[1:],
+        additional_special_tokens=list(specials[1:]),
     )
 
 

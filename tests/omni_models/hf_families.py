@@ -19,7 +19,7 @@ from omni_models.families.mrope import TOKEN_TYPES
 from omni_models.omni import OmniModel
 from omni_models.omni_weights import init_omni_weights_, load_part_weights_
 from omni_models.parallel import parallelize_omni
-from tests.omni_data.fixtures import CHAT_TEMPLATE, WORDS
+from tests.omni_data.fixtures import WORDS, train_tokenizer
 from tests.omni_models.omni_fixtures import mp4, png, wav
 
 _CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -38,29 +38,6 @@ MARKERS["janus"] = {
     "image": "<image_placeholder>",
     "image_end": "<end_of_image>",
 }
-
-
-def _tokenizer(specials: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    rng = random.Random(0)
-    tok.train_from_iterator([" ".join(rng.choices(WORDS, k=30)) for _ in range(300)], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=specials[0],
-        chat_template=CHAT_TEMPLATE,
-        additional_special_tokens=specials[1:],
-    )
 
 
 # The tiny vision towers of each family (Qwen2.5-VL: windows of 2x2 merged tokens, full attention in block 1)
@@ -184,7 +161,7 @@ def janus_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -
     from transformers import JanusConfig, JanusForConditionalGeneration
     from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
 
-    tok = _tokenizer(_CHAT + list(MARKERS["janus"].values()))
+    tok = train_tokenizer((*_CHAT, *MARKERS["janus"].values()))
     chat = {t: tok.convert_tokens_to_ids(t) for t in _CHAT}
     cfg = JanusConfig(
         text_config={"model_type": "llama", "vocab_size": 448, "hidden_size": 32, "intermediate_size": 64,
@@ -220,7 +197,7 @@ def qwen_vl_dir(
         return janus_dir(root, tie, seed, init)
     thinker = "qwen2_5_omni_thinker" if family == "qwen2_5_omni" else family
     markers = MARKERS[family]
-    tok = _tokenizer(_CHAT + list(markers.values()))
+    tok = train_tokenizer((*_CHAT, *markers.values()))
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in markers.items()}
     chat = {t: tok.convert_tokens_to_ids(t) for t in _CHAT}
     text = {

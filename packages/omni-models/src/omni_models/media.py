@@ -19,19 +19,26 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise ValueError(f"not a readable image: {e}") from None
 
 
-def decode_image(data: bytes, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """RGB image as float (3, H, W) in [0, 1], resized (bicubic) to `size` = (width, height) if given."""
+def open_image(data: bytes):
+    """The image as an RGB PIL image; bytes that do not decode are a ValueError (the data side's decode error)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != size:
-                im = im.resize(size, Image.Resampling.BICUBIC)
-            w, h = im.size
-            pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"not a decodable image: {e}") from None
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB image as float (3, H, W) in [0, 1], resized (bicubic) to `size` = (width, height) if given."""
+    from PIL import Image
+
+    im = open_image(data)
+    if size is not None and im.size != size:
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    w, h = im.size
+    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     return pixels.view(h, w, 3).permute(2, 0, 1).float() / 255.0
 
 

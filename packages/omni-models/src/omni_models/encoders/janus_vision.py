@@ -5,7 +5,6 @@ of `last_hidden_state` through the aligner, as HF's `JanusModel.get_image_featur
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
@@ -18,7 +17,7 @@ from transformers.models.janus.modeling_janus import JanusVisionAlignerMLP, Janu
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
-from omni_models.media import image_size
+from omni_models.media import image_size, open_image
 from omni_models.modality import MediaCount
 
 
@@ -34,13 +33,7 @@ class JanusImageProcessor:
         return MediaCount(self.tokens, self.tokens)
 
     def process(self, item) -> dict[str, torch.Tensor]:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(item.data)) as im:
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"not a decodable image: {e}") from None
+        image = open_image(item.data)
         return {"pixel_values": self.hf(images=[image], return_tensors="pt")["pixel_values"]}
 
 

@@ -11,13 +11,12 @@ merge groups contiguous. Each item becomes t*h*w / merge^2 LLM tokens.
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 
 import torch
 
-from omni_models.media import decode_video, image_size, sample_times, video_info
+from omni_models.media import decode_video, image_size, open_image, sample_times, video_info
 from omni_models.modality import MediaCount
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -99,13 +98,7 @@ class Qwen2VLImageProcessor:
         return MediaCount(patches // self.merge**2, patches)
 
     def process(self, item) -> dict[str, torch.Tensor]:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(item.data)) as im:
-                image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"not a decodable image: {e}") from None
+        image = open_image(item.data)
         out = self.hf(images=[image], return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "grid_thw": out["image_grid_thw"]}
 

@@ -19,9 +19,8 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAu
 
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
-from omni_models.encoders.whisper_processing import HOP, SAMPLE_RATE
+from omni_models.encoders.whisper_processing import LogMel, mel_frames
 from omni_models.flops import transformer_flops
-from omni_models.media import audio_frames, decode_audio, resampled_length
 from omni_models.modality import MediaCount
 
 
@@ -34,14 +33,10 @@ class OmniAudioProcessor:
     """Waveform -> Whisper log-mel frames at 16 kHz, unpadded: {"input_features": (L, mel), "feature_lens": (1,)}."""
 
     def __init__(self, num_mel_bins: int):
-        from transformers import WhisperFeatureExtractor
-
-        self.extractor = WhisperFeatureExtractor(
-            feature_size=num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=HOP, n_fft=400
-        )
+        self.mel = LogMel(num_mel_bins)
 
     def _frames(self, data: bytes) -> int:
-        frames = resampled_length(*audio_frames(data), SAMPLE_RATE) // HOP
+        frames = mel_frames(data)
         if audio_tokens(frames) < 1:
             raise ValueError(f"audio of {frames} mel frames is too short for one token (needs 4 x 10 ms)")
         return frames
@@ -52,12 +47,7 @@ class OmniAudioProcessor:
 
     def process(self, item) -> dict[str, torch.Tensor]:
         frames = self._frames(item.data)
-        wave = decode_audio(item.data, SAMPLE_RATE)
-        mel = self.extractor(
-            wave.numpy(), sampling_rate=SAMPLE_RATE, padding="longest", truncation=False, return_tensors="pt"
-        )["input_features"][0]
-        if mel.shape[-1] != frames:
-            raise RuntimeError(f"feature extractor gave {mel.shape[-1]} frames, the count said {frames}")
+        mel = self.mel(item.data, frames)
         return {"input_features": mel.T.contiguous(), "feature_lens": torch.tensor([frames])}
 
 

@@ -23,18 +23,39 @@ def window_frames(frames: int, window: int) -> list[int]:
     return [min(window, frames - s) for s in range(0, frames, window)]
 
 
-class WhisperAudioProcessor:
-    def __init__(self, num_mel_bins: int, max_source_positions: int, pool: int):
+def mel_frames(data: bytes) -> int:
+    """10 ms log-mel frames of an audio file at 16 kHz, from its header."""
+    return resampled_length(*audio_frames(data), SAMPLE_RATE) // HOP
+
+
+class LogMel:
+    """Whisper log-mel features of a whole item (transformers' WhisperFeatureExtractor), unpadded: (mel, frames)."""
+
+    def __init__(self, num_mel_bins: int):
         from transformers import WhisperFeatureExtractor
 
-        self.window = 2 * max_source_positions
-        self.pool = pool
         self.extractor = WhisperFeatureExtractor(
             feature_size=num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=HOP, n_fft=400
         )
 
+    def __call__(self, data: bytes, frames: int) -> torch.Tensor:
+        wave = decode_audio(data, SAMPLE_RATE)
+        mel = self.extractor(
+            wave.numpy(), sampling_rate=SAMPLE_RATE, padding="longest", truncation=False, return_tensors="pt"
+        )["input_features"][0]
+        if mel.shape[-1] != frames:
+            raise RuntimeError(f"feature extractor gave {mel.shape[-1]} frames, the count said {frames}")
+        return mel
+
+
+class WhisperAudioProcessor:
+    def __init__(self, num_mel_bins: int, max_source_positions: int, pool: int):
+        self.window = 2 * max_source_positions
+        self.pool = pool
+        self.mel = LogMel(num_mel_bins)
+
     def _frames(self, data: bytes) -> int:
-        frames = resampled_length(*audio_frames(data), SAMPLE_RATE) // HOP
+        frames = mel_frames(data)
         if frames < 1:
             raise ValueError("audio shorter than one mel frame (10 ms)")
         return frames
@@ -47,12 +68,7 @@ class WhisperAudioProcessor:
 
     def process(self, item) -> dict[str, torch.Tensor]:
         frames = self._frames(item.data)
-        wave = decode_audio(item.data, SAMPLE_RATE)
-        mel = self.extractor(
-            wave.numpy(), sampling_rate=SAMPLE_RATE, padding="longest", truncation=False, return_tensors="pt"
-        )["input_features"][0]
-        if mel.shape[-1] != frames:
-            raise RuntimeError(f"feature extractor gave {mel.shape[-1]} frames, the count said {frames}")
+        mel = self.mel(item.data, frames)
         n = len(window_frames(frames, self.window))
         padded = mel.new_full((mel.shape[0], n * self.window), float(mel.min()))
         padded[:, :frames] = mel

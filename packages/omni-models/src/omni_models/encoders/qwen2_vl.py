@@ -55,7 +55,8 @@ class Qwen2VLVisionEncoder(nn.Module):
             cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size, min_pixels, max_pixels
         )
         self._video = (video_fps, video_max_frames)
-        # "" for a tower saved on its own; "model.visual." to read a full Qwen2-VL checkpoint.
+        # "" for a tower saved on its own; "visual." to read a whole Qwen2-VL checkpoint (a pretrained
+        # family reads through its layout instead).
         self.checkpoint_prefix = checkpoint_prefix
 
     @staticmethod

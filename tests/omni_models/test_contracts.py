@@ -23,6 +23,8 @@ from omni_models.contracts import ContractError, check_contract, contract_proble
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
 from omni_models.modality import Decoder, Encoder, Foundation, MediaCount, MediaProcessor
 from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS, register_decoder, register_encoder
+from tests.omni_models.hf_families import AUDIO as FAMILY_AUDIO
+from tests.omni_models.hf_families import VISION as FAMILY_VISION
 from tests.omni_models.omni_fixtures import VISION, VQ, WHISPER, foundation_config
 
 SIGLIP = {
@@ -33,32 +35,26 @@ SIGLIP = {
     "image_size": 16,
     "patch_size": 4,
 }
-VISION_2_5 = {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
-              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16}  # fmt: skip
-OMNI_AUDIO = {"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 32,
-              "num_mel_bins": 8, "n_window": 8, "output_dim": 32, "max_source_positions": 64}  # fmt: skip
+
+
+def _qwen_vision(config: dict) -> dict:
+    return {
+        "config": config,
+        "modalities": ["image", "video"],
+        "options": {"min_pixels": 64, "max_pixels": 1024},
+    }
+
+
 MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}
 
 # A tiny spec per registered name: {"config": ..., "modalities": [...], "options": {...}} for encoders
 # and decoders, the HF config fields for foundations.
 TINY: dict[str, dict[str, dict[str, Any]]] = {
     "encoders": {
-        "qwen2_vl_vision": {
-            "config": VISION,
-            "modalities": ["image", "video"],
-            "options": {"min_pixels": 64, "max_pixels": 1024},
-        },
-        "qwen2_5_vl_vision": {
-            "config": {**VISION_2_5},
-            "modalities": ["image", "video"],
-            "options": {"min_pixels": 64, "max_pixels": 1024},
-        },
-        "qwen2_5_omni_vision": {
-            "config": {**VISION_2_5},
-            "modalities": ["image", "video"],
-            "options": {"min_pixels": 64, "max_pixels": 1024},
-        },
-        "qwen2_5_omni_audio": {"config": OMNI_AUDIO, "modalities": ["audio"]},
+        "qwen2_vl_vision": _qwen_vision(VISION),
+        "qwen2_5_vl_vision": _qwen_vision(FAMILY_VISION["qwen2_5_vl"]),
+        "qwen2_5_omni_vision": _qwen_vision(FAMILY_VISION["qwen2_5_omni_thinker"]),
+        "qwen2_5_omni_audio": {"config": FAMILY_AUDIO, "modalities": ["audio"]},
         "janus_vision": {
             "config": {
                 "hidden_size": 16,

@@ -185,11 +185,18 @@ def janus_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -
 
 
 def qwen_vl_dir(
-    root: Path, family: str = "qwen2_vl", tie: bool = False, seed: int = 0, init: float = 0.5
+    root: Path,
+    family: str = "qwen2_vl",
+    tie: bool = False,
+    seed: int = 0,
+    init: float = 0.5,
+    text_dims: dict | None = None,
+    vision: dict | None = None,
+    max_pixels: int = 32 * 32,
 ) -> Path:
     """A random tiny model of `family` written by HF's save_pretrained (weights, tokenizer, image
     processor). `init`: the initializer range; large, so logits are far from uniform and positions and
-    media features show in the loss."""
+    media features show in the loss. `text_dims`, `vision` and `max_pixels` size it otherwise (benches)."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -211,7 +218,9 @@ def qwen_vl_dir(
         "bos_token_id": chat["<|endoftext|>"],
         "eos_token_id": chat["<|im_end|>"],
         "pad_token_id": chat["<|endoftext|>"],
+        **(text_dims or {}),
     }
+    vision = vision or VISION[thinker]
     tokens = {"vision_start_token_id": ids["vision_start"], "vision_end_token_id": ids["vision_end"]}
     if thinker == "qwen2_5_omni_thinker":
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
@@ -224,11 +233,11 @@ def qwen_vl_dir(
         }
         towers = {"audio_config": AUDIO, "initializer_range": init}
     else:
-        text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}
+        text.setdefault("rope_scaling", {"type": "mrope", "mrope_section": [1, 1, 2]})
         tokens |= {"image_token_id": ids["image"], "video_token_id": ids["video"]}
         towers = {}
     cfg = getattr(transformers, _NAMES[thinker][0])(
-        text_config=text, vision_config=VISION[thinker], tie_word_embeddings=tie, **tokens, **towers
+        text_config=text, vision_config=vision, tie_word_embeddings=tie, **tokens, **towers
     )
     if family == "qwen2_5_omni":
         cfg = transformers.Qwen2_5OmniConfig(thinker_config=cfg.to_dict(), **SPEECH)
@@ -238,9 +247,10 @@ def qwen_vl_dir(
     tok.save_pretrained(path)
     if family == "qwen2_5_omni":  # the speakers file HF's from_pretrained reads beside the weights
         torch.save({"Chelsie": {"bos_token": 0}}, path / "spk_dict.pt")
-    Qwen2VLImageProcessorPil(min_pixels=64, max_pixels=32 * 32, patch_size=4, merge_size=2).save_pretrained(
-        path
-    )
+    patch = vision["patch_size"]
+    Qwen2VLImageProcessorPil(
+        min_pixels=(2 * patch) ** 2, max_pixels=max_pixels, patch_size=patch, merge_size=2
+    ).save_pretrained(path)
     return path
 
 

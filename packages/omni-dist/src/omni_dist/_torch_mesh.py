@@ -1,7 +1,7 @@
 """The one place that uses private DeviceMesh APIs (`_unflatten`, `_flatten`).
 
 torch has no public way yet to view one mesh under several factorisations; torchtitan and others use
-these two methods for the same purpose. Checked on torch 2.13.0 (CPU, gloo). If a torch release renames
+these two methods for the same purpose. Checked on torch 2.13.0 (CPU, gloo) and 2.11.0 (CUDA, nccl). If a torch release renames
 them, only this file changes.
 """
 
@@ -20,6 +20,8 @@ def _method(mesh: DeviceMesh, name: str):
 
 def unflatten(mesh: DeviceMesh, dim: int | str, sizes: tuple[int, ...], names: tuple[str, ...]) -> DeviceMesh:
     """Split dimension `dim` of `mesh` into named dimensions of `sizes` (same root mesh, new groups)."""
+    if isinstance(dim, str):  # torch 2.11 rejects every dimension given by name (an inverted check)
+        dim = (mesh.mesh_dim_names or ()).index(dim)
     return _method(mesh, "_unflatten")(dim, sizes, names)
 
 

@@ -1,0 +1,374 @@
+"""Our trainer's step vs a plain FSDP2 + HF loop on the same GPU, in the same run.
+
+    python bench/gpu_step.py [--workload text omni] [--tokens 8192] [--steps 10] [--small]
+
+Workloads (random weights, bf16 compute, fp32 master weights and reduction, AdamW, no recompute):
+- text: a ~1.3B dense Qwen2-like foundation (hidden 2048, 16 layers, GQA 16/2, vocab 151,936).
+- omni: a Qwen2-VL-2B-sized model (text 1536 x 28 layers; vision tower 1280 x 32 blocks) with 448x448
+  images (256 LLM tokens each), written by HF's save_pretrained and trained through `model.pretrained`.
+Ours: `omni-train run RECIPE --nproc 1` on generated JSONL documents of 300-3000 tokens packed into
+`--tokens`-token micro-batches, attention per document (flash_attn > varlen > sdpa, whichever runs);
+metrics.jsonl gives tokens/s, MFU and peak memory (medians after 3 warm-up steps).
+Plain: HF's own class with fully_shard on every decoder layer / vision block and the root, one
+`--tokens`-long sequence per step (SDPA causal over the whole sequence; omni: the same number of images
+in it), timed with CUDA synchronisation. One step of it runs under torch's FlopCounterMode; the FLOPs
+our MFU formula (omni_models.flops) gives for that step are printed beside it. The counter counts
+attention as full (non-causal) products and does not count CPU SDPA at all; torch < 2.13 cannot count
+grouped-query SDPA (then the counted FLOPs are null).
+--small: tiny dims in fp32 on CPU, to check the script (no numbers worth reading).
+Prints one JSON object per workload with ours/plain ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = {
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 5504,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+OMNI_TEXT = {
+    "vocab_size": 151936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "initializer_range": 0.02,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+OMNI_VISION = {
+    "depth": 32,
+    "embed_dim": 1280,
+    "hidden_size": 1536,
+    "num_heads": 16,
+    "mlp_ratio": 4,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+SMALL_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1024,
+}
+SMALL_VISION = {
+    "depth": 2,
+    "embed_dim": 32,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "mlp_ratio": 2,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+IMAGE_PX = 448  # 32 x 32 patches of 14 px -> 256 tokens after the 2x2 merge
+WARMUP = 3
+
+
+def _dims(workload: str, small: bool) -> dict:
+    if workload == "text":
+        return {**TEXT, **SMALL_TEXT} if small else TEXT
+    text = {**OMNI_TEXT, **SMALL_TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    return {"text": text if small else OMNI_TEXT, "vision": SMALL_VISION if small else OMNI_VISION}
+
+
+# -- data and model directories --------------------------------------------------------------
+def _documents(n: int, with_image: bool, seed: int = 0) -> list[dict]:
+    from tests.omni_data.fixtures import WORDS
+
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = " ".join(rng.choices(WORDS, k=rng.randint(300, 3000)))
+        user = [{"type": "text", "text": words[: len(words) // 2]}]
+        if with_image:
+            user.append({"type": "image", "path": f"img{i % 8}.png"})
+        docs.append(
+            {
+                "id": f"d{i}",
+                "messages": [
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": words[len(words) // 2 :]},
+                ],
+            }
+        )
+    return docs
+
+
+def _write_data(root: Path, workload: str) -> Path:
+    from tests.omni_models.omni_fixtures import png
+
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(8):
+        (root / f"img{k}.png").write_bytes(png(IMAGE_PX, IMAGE_PX, seed=k))
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in _documents(400, workload == "omni")))
+    return path
+
+
+def _tokenizer_dir(root: Path) -> Path:
+    from tests.omni_data.fixtures import train_tokenizer
+
+    path = root / "tokenizer"
+    train_tokenizer(("<|endoftext|>", "<|im_start|>", "<|im_end|>")).save_pretrained(path)
+    return path
+
+
+def _omni_dir(root: Path, small: bool, device: torch.device) -> Path:
+    from tests.omni_models.hf_families import qwen_vl_dir
+
+    dims = _dims("omni", small)
+    with device:  # building 2B random weights is quicker on the GPU; save_pretrained writes them out
+        return qwen_vl_dir(
+            root, "qwen2_vl", init=0.02, text_dims=dims["text"], vision=dims["vision"], max_pixels=IMAGE_PX**2
+        )
+
+
+# -- ours: the CLI on a recipe -------------------------------------------------------------------
+def _backend(device: torch.device) -> str:
+    from omni_dist.attention import backend_status
+
+    status = backend_status(device.type)
+    return next(n for n in ("flash_attn", "varlen", "sdpa") if status[n] == "ok")
+
+
+def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, device: torch.device) -> dict:
+    import yaml
+
+    backend = _backend(device)
+    if workload == "text":
+        config = {**_dims("text", args.small), "dtype": "float32"}
+        model = {
+            "foundation": {"name": "qwen2", "config": config, "attention": backend},
+        }
+        tokenizer = str(_tokenizer_dir(work))
+    else:
+        model, tokenizer = {"pretrained": str(model_dir), "attention": backend}, str(model_dir)
+    run_dir = work / f"ours_{workload}"
+    recipe = {
+        "model": model,
+        "data": {
+            "tokenizer": tokenizer,
+            "sources": [{"kind": "jsonl", "paths": str(data)}],
+            "max_tokens": args.tokens,
+            "num_workers": 1,
+            "shuffle_buffer": 16,
+        },
+        "parallel": {"param_dtype": "float32" if args.small else "bfloat16"},
+        "train": {"steps": WARMUP + args.steps, "lr": 1e-5, "warmup_steps": 1, "eval_every": 0},
+        "checkpoint": {"interval": 0, "resume": "none"},
+        "logging": {"run_dir": str(run_dir), "console": "none", "tensorboard": False},
+    }
+    path = work / f"{workload}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "omni_train.cli", "run", str(path), "--nproc", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(
+            f"omni-train run failed ({workload}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        )
+    shutil.rmtree(run_dir / "checkpoints")  # the final save (tens of GB at these sizes) is not timed
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "tokens_per_s" in r and r["step"] > WARMUP]
+    med = lambda key: statistics.median(r[key] for r in timed) if timed[0].get(key) is not None else None  # noqa: E731
+    return {
+        "attention": backend,
+        "tokens_per_step": med("tokens"),
+        "tokens_per_s": med("tokens_per_s_per_device"),
+        "mfu": med("mfu"),
+        "peak_mem_gb": max(r["mem_gb"] for r in timed),
+    }
+
+
+# -- plain: HF class + fully_shard, one long sequence ---------------------------------------------
+def _plain_inputs(workload: str, model, tokens: int, device: torch.device, model_dir: Path | None) -> dict:
+    g = torch.Generator().manual_seed(0)
+    if workload == "text":
+        ids = torch.randint(32, 400, (1, tokens), generator=g)
+        return {"input_ids": ids.to(device), "labels": ids.to(device)}
+    from transformers import AutoImageProcessor
+
+    from tests.omni_models.omni_fixtures import png
+
+    cfg = model.config
+    images = max(1, tokens // 1400)  # about the image share of the packed documents (1 per ~1400 tokens)
+    proc = AutoImageProcessor.from_pretrained(model_dir)
+    import io
+
+    from PIL import Image
+
+    pixels = proc(images=[Image.open(io.BytesIO(png(IMAGE_PX, IMAGE_PX, seed=k))) for k in range(images)])
+    grid = torch.as_tensor(pixels["image_grid_thw"])
+    per_image = int(grid[0].prod()) // 4
+    text = (tokens - images * (per_image + 2)) // images
+    pieces = []
+    for _ in range(images):
+        pieces += [torch.randint(32, 400, (text,), generator=g), torch.tensor([cfg.vision_start_token_id])]
+        pieces += [torch.full((per_image,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id])]
+    ids = torch.cat(pieces)
+    ids = torch.cat([ids, torch.randint(32, 400, (tokens - ids.numel(),), generator=g)])[None]
+    return {
+        "input_ids": ids.to(device),
+        "labels": ids.masked_fill(ids == cfg.image_token_id, -100).to(device),
+        "mm_token_type_ids": (ids == cfg.image_token_id).int().to(device),
+        "pixel_values": torch.as_tensor(pixels["pixel_values"]).to(device),
+        "image_grid_thw": grid.to(device),
+    }
+
+
+def _plain(workload: str, args, model_dir: Path | None) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
+
+    from omni_models.flops import transformer_flops
+
+    device = torch.device("cpu") if args.small else torch.device("cuda", 0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo" if args.small else "nccl", device_id=None if args.small else device)
+    if workload == "text":
+        model = Qwen2ForCausalLM(Qwen2Config(**_dims("text", args.small), attn_implementation="sdpa"))
+        lm, blocks = model.model, list(model.model.layers)
+    else:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            model_dir, attn_implementation="sdpa", dtype=torch.float32
+        )
+        lm, blocks = (
+            model.model.language_model,
+            [*model.model.visual.blocks, *model.model.language_model.layers],
+        )
+    model.to(device)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.float32 if args.small else torch.bfloat16, reduce_dtype=torch.float32
+    )
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=device.type == "cuda")
+    inputs = _plain_inputs(workload, model, args.tokens, device, model_dir)
+
+    def step():
+        model(**inputs).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            model(**inputs).loss.backward()
+        counted = counter.get_total_flops()
+        by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    except AssertionError as e:  # torch < 2.13: its SDPA formula rejects grouped-query shapes
+        counted, by_op = None, {"error": str(e)}
+    opt.zero_grad(set_to_none=True)
+    for _ in range(WARMUP):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    cfg = lm.config
+    width = cfg.num_attention_heads * (
+        getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    )
+    block_params = sum(p.numel() for p in lm.layers.parameters())
+    formula = transformer_flops(block_params, [args.tokens], cfg.num_hidden_layers, width, causal=True)
+    formula += 6.0 * cfg.vocab_size * cfg.hidden_size * args.tokens  # the LM head
+    seconds = statistics.median(times)
+    out = {
+        "tokens_per_s": args.tokens / seconds,
+        "step_s": seconds,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "foundation_flops_formula": formula,
+        "flops_counted": counted,
+        "counted_over_formula": counted / formula if counted else None,
+        "flops_counted_by_op": by_op,
+    }
+    if device.type == "cuda" and counted:
+        from omni_train.hardware import peak_flops
+
+        out["mfu_counted"] = counted / seconds / peak_flops(device, torch.bfloat16)
+    dist.destroy_process_group()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", nargs="+", choices=["text", "omni"], default=["text", "omni"])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--plain", choices=["text", "omni"], help=argparse.SUPPRESS)  # the plain loop's process
+    ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=29517, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.plain:
+        print(json.dumps(_plain(args.plain, args, args.model_dir)))
+        return
+    device = torch.device("cpu" if args.small else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU, or pass --small to check the script on CPU")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    work = Path(tempfile.mkdtemp(prefix="omni-gpu-step-"))
+    for workload in args.workload:
+        result = {
+            "bench": f"gpu_step {workload}: omni-train run vs plain FSDP2 + HF loop",
+            "device": name,
+            "tokens_per_micro_batch": args.tokens,
+        }
+        try:
+            _compare(workload, args, work, device, result)
+        except RuntimeError as e:  # report it and go on with the next workload
+            result["error"] = str(e)
+        print(json.dumps(result), flush=True)
+
+
+def _compare(workload: str, args, work: Path, device: torch.device, result: dict) -> None:
+    model_dir = _omni_dir(work, args.small, device) if workload == "omni" else None
+    data = _write_data(work / f"data_{workload}", workload)
+    result["ours"] = ours = _ours(workload, args, work, data, model_dir, device)
+    cmd = [sys.executable, __file__, "--plain", workload, "--tokens", str(args.tokens)]
+    cmd += ["--steps", str(args.steps), *(["--small"] if args.small else [])]
+    cmd += ["--model-dir", str(model_dir)] if model_dir else []
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"plain loop failed ({workload}):\n{done.stderr[-6000:]}")
+    result["plain"] = plain = json.loads(done.stdout.strip().splitlines()[-1])
+    result["ours_over_plain_tokens_per_s"] = ours["tokens_per_s"] / plain["tokens_per_s"]
+
+
+if __name__ == "__main__":
+    main()

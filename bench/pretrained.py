@@ -48,16 +48,20 @@ def _model_dir(root: Path, family: str):
 
 def _samples(n: int, cfg, positions):
     """ProcessedSamples: text, one image (64x64 px -> 64 tokens), an answer with labels."""
-    from omni_data.processor import ProcessedMedia, ProcessedSample
-    from omni_models.encoders.qwen2_vl_processing import PatchGeometry
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessor
 
-    geometry = PatchGeometry(4, 2, 2, 64 * 64, 64 * 64)
+    from omni_data.processor import ProcessedMedia, ProcessedSample
+
+    processor = Qwen2VLImageProcessor(min_pixels=64 * 64, max_pixels=64 * 64, patch_size=4, merge_size=2)
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(n):
         prompt = torch.randint(0, 2000, (int(torch.randint(40, 200, (1,), generator=g)),), generator=g)
         answer = torch.randint(0, 2000, (30,), generator=g)
-        image = geometry.patchify(torch.rand(1, 3, 64, 64, generator=g))
+        pixels = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        hf = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
+        image = {"pixel_values": hf["pixel_values"], "grid_thw": hf["image_grid_thw"]}
         tokens = int(image["grid_thw"].prod()) // 4
         ids = torch.cat([prompt, torch.tensor([2003] + [2001] * tokens + [2004]), answer])
         labels = torch.full_like(ids, -100)

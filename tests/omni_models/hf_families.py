@@ -38,6 +38,49 @@ MARKERS["janus"] = {
     "image": "<image_placeholder>",
     "image_end": "<end_of_image>",
 }
+# The named special tokens each family's processor reads from its tokenizer (tokenizer.image_token, ...)
+_NAMED = {
+    "qwen2_5_omni_thinker": {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+                             "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                             "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
+    "janus": {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"},
+}  # fmt: skip
+
+
+def chat_template(family: str) -> str:
+    """A ChatML template on string or structured content that renders a media part as the family's processor
+    expects it: start marker, placeholder, end marker (Janus: the placeholder; its processor adds the markers)."""
+    m = MARKERS[family]
+    if family == "janus":
+        media = {"image": m["image"]}
+    else:
+        media = {k: m["vision_start"] + m[k] + m["vision_end"] for k in ("image", "video")}
+        if "audio" in m:
+            media["audio"] = m["audio_start"] + m["audio"] + m["audio_end"]
+    parts = "".join(f"{{% elif content['type'] == '{k}' %}}{v}" for k, v in media.items())
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for content in message['content'] %}{% if content['type'] == 'text' %}{{ content['text'] }}"
+        f"{parts}{{% endif %}}{{% endfor %}}{{% endif %}}<|im_end|>\n{{% endfor %}}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def _save_processor(path: Path, family: str, tok, **parts) -> None:
+    """The family's whole HF processor (tokenizer with its named tokens and chat template, media processors)
+    saved into `path` as save_pretrained writes it (processor_config.json, chat_template.jinja, tokenizer)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(path)
+    named = _NAMED.get("qwen2_5_omni_thinker" if family == "qwen2_5_omni" else family)
+    tok = AutoTokenizer.from_pretrained(path, **({"extra_special_tokens": named} if named else {}))
+    cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "janus": "JanusProcessor"}
+    name = cls.get(family, "Qwen2_5OmniProcessor")
+    getattr(transformers, name)(tokenizer=tok, chat_template=chat_template(family), **parts).save_pretrained(
+        path
+    )
 
 
 # The tiny vision towers of each family (Qwen2.5-VL: windows of 2x2 merged tokens, full attention in block 1)
@@ -158,8 +201,7 @@ def hf_name(family: str, ours: str) -> str:
 def janus_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -> Path:
     """A random tiny Janus (16 px understanding images -> 16 tokens; 8 px generated images <-> 16 codes of
     a 64-entry codebook) written by HF's save_pretrained, with its tokenizer and image processor."""
-    from transformers import JanusConfig, JanusForConditionalGeneration
-    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessor
 
     tok = train_tokenizer((*_CHAT, *MARKERS["janus"].values()))
     chat = {t: tok.convert_tokens_to_ids(t) for t in _CHAT}
@@ -179,8 +221,8 @@ def janus_dir(root: Path, tie: bool = False, seed: int = 0, init: float = 0.5) -
     torch.manual_seed(seed)
     path = root / f"janus{'_tied' if tie else ''}_{init}"
     JanusForConditionalGeneration(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    JanusImageProcessorPil(size={"height": 16, "width": 16}).save_pretrained(path)
+    image = JanusImageProcessor(size={"height": 16, "width": 16})
+    _save_processor(path, "janus", tok, image_processor=image, num_image_tokens=16)
     return path
 
 
@@ -194,11 +236,11 @@ def qwen_vl_dir(
     vision: dict | None = None,
     max_pixels: int = 32 * 32,
 ) -> Path:
-    """A random tiny model of `family` written by HF's save_pretrained (weights, tokenizer, image
-    processor). `init`: the initializer range; large, so logits are far from uniform and positions and
-    media features show in the loss. `text_dims`, `vision` and `max_pixels` size it otherwise (benches)."""
+    """A random tiny model of `family` written by HF's save_pretrained (weights, and the family's whole
+    processor: tokenizer, chat template, image and video processors, audio feature extractor). `init`: the
+    initializer range; large, so logits are far from uniform and positions and media features show in the
+    loss. `text_dims`, `vision` and `max_pixels` size it otherwise (benches)."""
     import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if family == "janus":
         return janus_dir(root, tie, seed, init)
@@ -244,13 +286,22 @@ def qwen_vl_dir(
     torch.manual_seed(seed)
     path = root / f"{family}{'_tied' if tie else ''}_{init}"
     hf_class(family)(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
     if family == "qwen2_5_omni":  # the speakers file HF's from_pretrained reads beside the weights
         torch.save({"Chelsie": {"bos_token": 0}}, path / "spk_dict.pt")
     patch = vision["patch_size"]
-    Qwen2VLImageProcessorPil(
-        min_pixels=(2 * patch) ** 2, max_pixels=max_pixels, patch_size=patch, merge_size=2
-    ).save_pretrained(path)
+    geometry = {
+        "min_pixels": (2 * patch) ** 2,
+        "max_pixels": max_pixels,
+        "patch_size": patch,
+        "merge_size": 2,
+    }
+    parts = {
+        "image_processor": transformers.Qwen2VLImageProcessor(**geometry),
+        "video_processor": transformers.Qwen2VLVideoProcessor(**geometry),
+    }
+    if thinker == "qwen2_5_omni_thinker":
+        parts["feature_extractor"] = transformers.WhisperFeatureExtractor(feature_size=AUDIO["num_mel_bins"])
+    _save_processor(path, family, tok, **parts)
     return path
 
 

@@ -25,6 +25,7 @@ VISION = {
     "spatial_merge_size": 2,
     "in_channels": 3,
 }
+VISION_OPTIONS = {"min_pixels": 8 * 8, "max_pixels": 32 * 32, "video_fps": 4.0, "video_max_frames": 4}
 WHISPER = {
     "d_model": 16,
     "encoder_layers": 2,
@@ -79,12 +80,7 @@ def omni_config(freeze_encoders: bool = False, decoder: bool = False, **kw) -> O
                     "name": "qwen2_vl_vision",
                     "modalities": ["image", "video"],
                     "config": VISION,
-                    "options": {
-                        "min_pixels": 8 * 8,
-                        "max_pixels": 32 * 32,
-                        "video_fps": 4.0,
-                        "video_max_frames": 4,
-                    },
+                    "options": VISION_OPTIONS,
                     "freeze": freeze_encoders,
                 },
                 "audio": {

@@ -9,10 +9,9 @@ from omni_data.processor import ChatProcessor
 from omni_data.schema import MediaItem, SampleError, parse_sample
 from omni_dist.packed import MediaBatch, PackedBatch
 from omni_models.config import OmniModelConfig, build_omni_model
-from omni_models.encoders.qwen2_vl_processing import PatchGeometry
 from omni_models.media import decode_audio
 from tests.omni_data.fixtures import png, tokenizer
-from tests.omni_models.omni_fixtures import VISION, foundation_config, mp4, omni_config, wav
+from tests.omni_models.omni_fixtures import VISION, VISION_OPTIONS, foundation_config, mp4, omni_config, wav
 
 
 def _encoders():
@@ -22,7 +21,7 @@ def _encoders():
 def test_image_video_audio_counts_match_the_processed_tensors():
     enc = _encoders()
     vision, audio = enc["vision"], enc["audio"]
-    g = vision.geometry
+    g = vision.tower.config
     cases = [
         (vision.processor("image"), MediaItem("image", "a.png", png(40, 24, 0))),
         (vision.processor("video"), MediaItem("video", "v.mp4", mp4(7, 1, w=24, h=16))),
@@ -33,7 +32,7 @@ def test_image_video_audio_counts_match_the_processed_tensors():
         out = proc.process(item)
         rows = out["pixel_values"].shape[0]
         assert rows == count.encoder_units == int(out["grid_thw"].prod())
-        assert count.llm_tokens == rows // g.merge_size**2
+        assert count.llm_tokens == rows // g.spatial_merge_size**2
         assert out["pixel_values"].shape[1] == 3 * g.temporal_patch_size * g.patch_size**2
         feats = vision.lm_encode({item.modality: MediaBatch.of([out], [count.llm_tokens])})
         assert feats[item.modality].shape == (count.llm_tokens, vision.output_size)
@@ -48,13 +47,16 @@ def test_image_video_audio_counts_match_the_processed_tensors():
     assert decode_audio(wav(0.5, 0, 22050), 16000).shape == (8000,)
 
 
-def test_resize_keeps_pixels_in_bounds_and_multiples_of_the_merge_factor():
-    g = PatchGeometry(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 64)
-    for w, h in [(10, 10), (1000, 700), (28, 2000 // 14), (333, 77)]:
-        rw, rh = g.resize(w, h)
-        assert rw % 28 == 0 and rh % 28 == 0 and 56 * 56 <= rw * rh <= 28 * 28 * 64
+def test_image_sizes_follow_the_processors_bounds():
+    vision = _encoders()["vision"]
+    proc = vision.processor("image")
+    lo, hi = VISION_OPTIONS["min_pixels"], VISION_OPTIONS["max_pixels"]
+    unit = (vision.tower.config.patch_size * vision.tower.config.spatial_merge_size) ** 2
+    for w, h in [(10, 10), (1000, 700), (28, 150), (333, 77)]:
+        count = proc.count(MediaItem("image", "a.png", png(w, h, 0)))
+        assert lo <= count.llm_tokens * unit <= hi, (w, h, count)
     with pytest.raises(ValueError, match="aspect ratio"):
-        g.resize(10, 5000)
+        proc.count(MediaItem("image", "a.png", png(5, 1500, 0)))
 
 
 def test_corrupt_media_is_a_decode_error_for_the_data_side():

@@ -51,13 +51,15 @@ def test_added_parts_leave_the_pretrained_model_exact_and_train(tmp_path):
     assert pretrained <= loaded and not any(n.startswith(("encoders.audio", "decoders.")) for n in loaded)
     proc = chat_processor(model, spec, AutoTokenizer.from_pretrained(path))
 
-    # Without audio or image targets: HF's loss and every gradient of the pretrained parts, zero elsewhere.
+    # Without audio or image targets: HF's loss and every gradient of the pretrained parts, zero elsewhere
+    # (in float64, so that the comparison measures the computation, not fp32 rounding).
     samples = processed(proc, [vl_sample(0, ("image",)), vl_sample(1, ("video",)), vl_sample(2, ())])
     batch = pack(samples)
     n = batch.num_label_tokens
+    model.double()
     loss = model(batch).loss_sum / n
     loss.backward()
-    hf = referee("qwen2_vl", path)
+    hf = referee("qwen2_vl", path).double()
     ref = sum(hf(**hf_inputs(s), num_items_in_batch=n).loss for s in samples)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)

@@ -17,6 +17,7 @@ from transformers.models.janus.modeling_janus import JanusVisionAlignerMLP, Janu
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
+from omni_models.hf_processor import pretrained_part
 from omni_models.media import image_size, open_image
 from omni_models.modality import MediaCount
 
@@ -25,8 +26,8 @@ class JanusImageProcessor:
     """An image -> HF's Janus image processor output (resized, padded to a square, normalised):
     {"pixel_values": (1, 3, S, S)}; always `tokens` LLM tokens."""
 
-    def __init__(self, hf_processor: Any, tokens: int):
-        self.hf, self.tokens = hf_processor, tokens
+    def __init__(self, hf_processor: Any, tokens: int, kwargs: dict[str, Any] | None = None):
+        self.hf, self.tokens, self.kwargs = hf_processor, tokens, dict(kwargs or {})
 
     def count(self, item) -> MediaCount:
         image_size(item.data)  # bytes that do not parse are a decode error now, not at process time
@@ -34,7 +35,7 @@ class JanusImageProcessor:
 
     def process(self, item) -> dict[str, torch.Tensor]:
         image = open_image(item.data)
-        return {"pixel_values": self.hf(images=[image], return_tensors="pt")["pixel_values"]}
+        return {"pixel_values": self.hf(images=[image], **self.kwargs, return_tensors="pt")["pixel_values"]}
 
 
 class JanusVisionEncoder(nn.Module):
@@ -42,7 +43,7 @@ class JanusVisionEncoder(nn.Module):
         self,
         config: Mapping[str, Any] | JanusVisionConfig,
         modalities: tuple[str, ...] = ("image",),
-        image_processor: str | None = None,
+        processor_dir: str | None = None,
     ):
         super().__init__()
         cfg = config if isinstance(config, JanusVisionConfig) else JanusVisionConfig(**config)
@@ -53,19 +54,19 @@ class JanusVisionEncoder(nn.Module):
         self.aligner = JanusVisionAlignerMLP(cfg)
         self.output_size = cfg.projection_dim
         self.tokens = (cfg.image_size // cfg.patch_size) ** 2
-        self._processor_dir = image_processor  # a directory with the model's preprocessor_config.json
+        self._processor_dir = processor_dir  # a directory with the model's preprocessor_config.json
 
     def processor(self, modality: str) -> JanusImageProcessor:
         if modality != "image":
             raise KeyError(modality)
-        from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+        from transformers import JanusImageProcessor as HFJanusImageProcessor
 
         if self._processor_dir is not None:
-            hf = JanusImageProcessorPil.from_pretrained(self._processor_dir)
+            hf, kwargs = pretrained_part(self._processor_dir, "image")
         else:
             size = self.vision_model.config.image_size
-            hf = JanusImageProcessorPil(size={"height": size, "width": size})
-        return JanusImageProcessor(hf, self.tokens)
+            hf, kwargs = HFJanusImageProcessor(size={"height": size, "width": size}), {}
+        return JanusImageProcessor(hf, self.tokens, kwargs)
 
     def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
         pixels = media["image"].tensors["pixel_values"].to(self.aligner.fc1.weight.dtype)

@@ -18,12 +18,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
-from omni_models.encoders.qwen2_vl_processing import (
-    PatchGeometry,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
-)
+from omni_models.encoders.qwen2_vl_processing import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 from omni_models.flops import transformer_flops
+from omni_models.hf_processor import pretrained_part
 
 
 class Qwen2VLVisionEncoder(nn.Module):
@@ -32,6 +29,7 @@ class Qwen2VLVisionEncoder(nn.Module):
     config_class: type = Qwen2VLVisionConfig
     tower_class: type = Qwen2VisionTransformerPretrainedModel
     block = "Qwen2VLVisionBlock"
+    video_rate_requested = False  # video seconds per temporal patch at the asked fps, not the sampled one
 
     def __init__(
         self,
@@ -42,6 +40,7 @@ class Qwen2VLVisionEncoder(nn.Module):
         video_fps: float = 2.0,
         video_max_frames: int = 32,
         checkpoint_prefix: str = "",
+        processor_dir: str | None = None,
     ):
         super().__init__()
         cfg = config if isinstance(config, self.config_class) else self.config_class(**config)
@@ -51,10 +50,11 @@ class Qwen2VLVisionEncoder(nn.Module):
         self.modalities = tuple(modalities)
         self.tower = self.tower_class(cfg)
         self.output_size = self._output_size(cfg)
-        self.geometry = PatchGeometry(
-            cfg.patch_size, cfg.temporal_patch_size, cfg.spatial_merge_size, min_pixels, max_pixels
-        )
+        self._pixels = {"min_pixels": min_pixels, "max_pixels": max_pixels}
         self._video = (video_fps, video_max_frames)
+        # A pretrained model's directory: its own image and video processors (the pixel options and
+        # the processors' defaults are used only without it).
+        self._processor_dir = processor_dir
         # "" for a tower saved on its own; "visual." to read a whole Qwen2-VL checkpoint (a pretrained
         # family reads through its layout instead).
         self.checkpoint_prefix = checkpoint_prefix
@@ -71,11 +71,28 @@ class Qwen2VLVisionEncoder(nn.Module):
         return {self.checkpoint_prefix + name: tensor} if self.checkpoint_prefix else None
 
     def processor(self, modality: str):
+        import transformers
+
+        if modality not in ("image", "video"):
+            raise KeyError(modality)
+        if self._processor_dir is not None:
+            hf, kwargs = pretrained_part(self._processor_dir, modality)
+        else:
+            cfg = self.tower.config
+            hf, kwargs = (
+                getattr(transformers, f"Qwen2VL{'Image' if modality == 'image' else 'Video'}Processor")(
+                    **self._pixels,
+                    patch_size=cfg.patch_size,
+                    temporal_patch_size=cfg.temporal_patch_size,
+                    merge_size=cfg.spatial_merge_size,
+                ),
+                {},
+            )
         if modality == "image":
-            return Qwen2VLImageProcessor(self.geometry)
-        if modality == "video":
-            return Qwen2VLVideoProcessor(self.geometry, *self._video)
-        raise KeyError(modality)
+            return Qwen2VLImageProcessor(hf, kwargs)
+        return Qwen2VLVideoProcessor(
+            hf, *self._video, requested_rate=self.video_rate_requested, kwargs=kwargs
+        )
 
     def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
         names = [m for m in self.modalities if m in media]
@@ -90,9 +107,10 @@ class Qwen2VLVisionEncoder(nn.Module):
         return {m: part.clone() for m, part in zip(names, merged.split(counts), strict=True)}
 
     def dummy_media(self) -> dict[str, MediaBatch]:
-        g = self.geometry
-        frames = torch.zeros(1, 3, g.factor, g.factor)
-        return {self.modalities[0]: MediaBatch.of([g.patchify(frames)], [1])}
+        cfg = self.tower.config  # one merge group of black patches: a single LLM token
+        m, rows = cfg.spatial_merge_size, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+        tensors = {"pixel_values": torch.zeros(m * m, rows), "grid_thw": torch.tensor([[1, m, m]])}
+        return {self.modalities[0]: MediaBatch.of([tensors], [1])}
 
     def plan(self) -> ParallelPlan:
         return ParallelPlan(fsdp_units=(self.block,), recompute=(self.block,))
@@ -133,3 +151,4 @@ class Qwen2_5OmniVisionTower(Qwen2_5_VLVisionEncoder):
     config_class = Qwen2_5OmniVisionEncoderConfig
     tower_class = Qwen2_5OmniVisionEncoder
     block = "Qwen2_5OmniVisionBlock"
+    video_rate_requested = True  # as Qwen2_5OmniProcessor computes video_second_per_grid

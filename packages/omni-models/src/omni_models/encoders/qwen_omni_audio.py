@@ -8,6 +8,7 @@ along dim 0; `lm_encode` rebuilds HF's (mel, sum L) input with each item's lengt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
@@ -19,8 +20,9 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAu
 
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
-from omni_models.encoders.whisper_processing import LogMel, mel_frames
 from omni_models.flops import transformer_flops
+from omni_models.hf_processor import pretrained_part
+from omni_models.media import audio_frames, decode_audio, resampled_length
 from omni_models.modality import MediaCount
 
 
@@ -30,13 +32,17 @@ def audio_tokens(frames: int) -> int:
 
 
 class OmniAudioProcessor:
-    """Waveform -> Whisper log-mel frames at 16 kHz, unpadded: {"input_features": (L, mel), "feature_lens": (1,)}."""
+    """Waveform -> log-mel frames as Qwen2.5-Omni's processor makes them: its Whisper feature extractor on
+    the waveform at its rate, zero-padded to the extractor's window (longer audio is cut there, as HF
+    cuts it), kept up to the attention mask's length: {"input_features": (L, mel), "feature_lens": (1,)}."""
 
-    def __init__(self, num_mel_bins: int):
-        self.mel = LogMel(num_mel_bins)
+    def __init__(self, extractor: Any, kwargs: dict[str, Any] | None = None):
+        self.fe = extractor
+        self.kwargs = {k: v for k, v in (kwargs or {}).items() if k not in ("padding", "sampling_rate")}
 
     def _frames(self, data: bytes) -> int:
-        frames = mel_frames(data)
+        samples = resampled_length(*audio_frames(data), self.fe.sampling_rate)
+        frames = min(math.ceil(samples / self.fe.hop_length), self.fe.nb_max_frames)
         if audio_tokens(frames) < 1:
             raise ValueError(f"audio of {frames} mel frames is too short for one token (needs 4 x 10 ms)")
         return frames
@@ -47,8 +53,22 @@ class OmniAudioProcessor:
 
     def process(self, item) -> dict[str, torch.Tensor]:
         frames = self._frames(item.data)
-        mel = self.mel(item.data, frames)
-        return {"input_features": mel.T.contiguous(), "feature_lens": torch.tensor([frames])}
+        wave = decode_audio(item.data, self.fe.sampling_rate)
+        out = self.fe(
+            [wave.numpy()],
+            **{**self.kwargs, "return_attention_mask": True},
+            sampling_rate=self.fe.sampling_rate,
+            padding="max_length",  # as Qwen2.5-Omni's processor forces it
+            return_tensors="pt",
+        )
+        if int(out["attention_mask"].sum()) != frames:
+            raise RuntimeError(
+                f"the feature extractor kept {int(out['attention_mask'].sum())} frames, the count said {frames}"
+            )
+        return {
+            "input_features": out["input_features"][0, :, :frames].T.contiguous(),
+            "feature_lens": torch.tensor([frames]),
+        }
 
 
 class QwenOmniAudioEncoder(nn.Module):
@@ -57,6 +77,7 @@ class QwenOmniAudioEncoder(nn.Module):
         config: Mapping[str, Any] | Qwen2_5OmniAudioEncoderConfig,
         modalities: tuple[str, ...] = ("audio",),
         checkpoint_prefix: str = "",
+        processor_dir: str | None = None,
     ):
         super().__init__()
         cfg = (
@@ -70,6 +91,7 @@ class QwenOmniAudioEncoder(nn.Module):
         self.tower = Qwen2_5OmniAudioEncoder(cfg)
         self.output_size = cfg.output_dim
         self.checkpoint_prefix = checkpoint_prefix  # "" for a tower saved alone; "audio_tower." in a thinker
+        self._processor_dir = processor_dir  # a pretrained model's directory: its own feature extractor
 
     def checkpoint_keys(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
         return {self.checkpoint_prefix + name: tensor} if self.checkpoint_prefix else None
@@ -77,7 +99,11 @@ class QwenOmniAudioEncoder(nn.Module):
     def processor(self, modality: str):
         if modality not in self.modalities:
             raise KeyError(modality)
-        return OmniAudioProcessor(self.tower.config.num_mel_bins)
+        from transformers import WhisperFeatureExtractor
+
+        if self._processor_dir is not None:
+            return OmniAudioProcessor(*pretrained_part(self._processor_dir, "audio"))
+        return OmniAudioProcessor(WhisperFeatureExtractor(feature_size=self.tower.config.num_mel_bins))
 
     def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
         (name,) = [m for m in self.modalities if m in media]

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # A part spec as in the recipe's `model` section: {"foundation": {...}, "encoders": {...}, "decoders": {...}}
 PartSpecs = dict[str, Any]
+
+
+def processor_dir(path: str) -> str | None:
+    """`path` when it holds the model's processor files (a config-only directory does not: the parts
+    then build processors from their options)."""
+    files = ("processor_config.json", "preprocessor_config.json")  # as transformers 5 / 4 save them
+    return path if any((Path(path) / f).is_file() for f in files) else None
 
 
 @dataclass(frozen=True)

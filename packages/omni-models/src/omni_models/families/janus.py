@@ -8,10 +8,9 @@ aligner and head (the `janus_vq` decoder) for images out. Positions are 1-D.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from omni_models.families.base import PartSpecs, PretrainedFamily
+from omni_models.families.base import PartSpecs, PretrainedFamily, processor_dir
 
 LAYOUT = {
     "foundation.model.": "model.language_model.",
@@ -28,7 +27,6 @@ LAYOUT = {
 def expand(hf_config: Any, path: str) -> PartSpecs:
     text = hf_config.text_config.to_dict()
     text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # JanusConfig's, as HF ties by it
-    processor = path if (Path(path) / "preprocessor_config.json").is_file() else None
     return {
         "foundation": {"name": "llama", "config": text, "path": path, "freeze": False},
         "encoders": {
@@ -36,7 +34,7 @@ def expand(hf_config: Any, path: str) -> PartSpecs:
                 "name": "janus_vision",
                 "modalities": ["image"],
                 "config": hf_config.vision_config.to_dict(),
-                "options": {"image_processor": processor},
+                "options": {"processor_dir": processor_dir(path)},
                 "path": path,
                 "freeze": False,
                 "projector": "identity",

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from omni_models.families.base import PartSpecs, PretrainedFamily
+from omni_models.families.base import PartSpecs, PretrainedFamily, processor_dir
 from omni_models.families.mrope import OmniThinkerPositions
-from omni_models.families.qwen2_vl import pixels
 
 LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual.", "encoders.audio.tower.": "audio_tower."}
 SPEECH = ("talker.", "token2wav.")
@@ -31,13 +30,14 @@ def expand(hf_config: Any, path: str) -> PartSpecs:
                 "name": "qwen2_5_omni_vision",
                 "modalities": ["image", "video"],
                 "config": hf_config.vision_config.to_dict(),
-                "options": pixels(path),
+                "options": {"processor_dir": processor_dir(path)},
                 **part,
             },
             "audio": {
                 "name": "qwen2_5_omni_audio",
                 "modalities": ["audio"],
                 "config": hf_config.audio_config.to_dict(),
+                "options": {"processor_dir": processor_dir(path)},
                 **part,
             },
         },

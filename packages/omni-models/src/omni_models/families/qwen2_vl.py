@@ -3,34 +3,20 @@ text model. The two differ in their classes (Qwen2.5-VL's tower attends in windo
 spaces video frames by seconds per temporal patch) and share everything else.
 
 The foundation's module names equal the checkpoint's language-model keys; the tower's are read under
-`visual.` (LAYOUT: loading reads and export writes these keys). The image processor settings come
-from the directory's preprocessor_config.json when present.
+`visual.` (LAYOUT: loading reads and export writes these keys). Images and videos go through the
+directory's own image and video processors.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from omni_models.families.base import PartSpecs, PretrainedFamily
+from omni_models.families.base import PartSpecs, PretrainedFamily, processor_dir
 from omni_models.families.mrope import MRopePositions
 
 # save_pretrained's (legacy) keys: the language model as `model.*` + `lm_head.weight`, the tower as `visual.*`
 LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual."}
-
-
-def pixels(path: str) -> dict[str, int]:
-    """min_pixels / max_pixels of the directory's image processor (HF's `size` shortest/longest edge)."""
-    file = Path(path) / "preprocessor_config.json"
-    if not file.is_file():
-        return {}
-    cfg = json.loads(file.read_text())
-    size = cfg.get("size") or {}
-    lo = cfg.get("min_pixels", size.get("shortest_edge"))
-    hi = cfg.get("max_pixels", size.get("longest_edge"))
-    return {k: int(v) for k, v in (("min_pixels", lo), ("max_pixels", hi)) if v is not None}
 
 
 def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
@@ -47,7 +33,7 @@ def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
                     "path": path,
                     "freeze": False,
                     "projector": "identity",
-                    "options": pixels(path),
+                    "options": {"processor_dir": processor_dir(path)},
                 }
             },
         }

@@ -1,0 +1,27 @@
+"""A pretrained directory's own HF processor and the settings its call applies to each part.
+
+A family's processor class can put its own defaults over its parts' saved settings at call time
+(Qwen2.5-Omni resizes videos to its own pixel bounds, whatever its video processor was saved with); the
+data path calls the parts directly, so it takes those settings from transformers' own merge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+KWARGS = {"image": "images_kwargs", "video": "videos_kwargs", "audio": "audio_kwargs"}
+PARTS = {"image": "image_processor", "video": "video_processor", "audio": "feature_extractor"}
+
+
+def pretrained_part(path: str, modality: str) -> tuple[Any, dict[str, Any]]:
+    """(the part of the directory's processor for `modality`, the keyword arguments its call passes it)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    part = getattr(processor, PARTS[modality], None)
+    if part is None:
+        raise ValueError(f"the processor in {path} ({type(processor).__name__}) has no {PARTS[modality]}")
+    # transformers' own merge of class defaults, saved part settings and tokenizer settings (private,
+    # but it is exactly what the processor's __call__ uses)
+    merged = processor._merge_kwargs(processor.valid_processor_kwargs, processor.tokenizer.init_kwargs)
+    return part, {k: v for k, v in merged[KWARGS[modality]].items() if k != "return_tensors"}

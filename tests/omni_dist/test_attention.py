@@ -68,6 +68,28 @@ def test_sdpa_packed_equals_each_sample_alone(heads, kv_heads, causal):
         start += n
 
 
+@pytest.mark.parametrize(
+    ("lengths", "kv_heads", "causal"), [([5, 9, 5, 0, 9, 5], 2, True), ([7, 3, 7], 4, False)]
+)
+def test_per_document_sdpa_equals_the_block_diagonal_mask(lengths, kv_heads, causal):
+    """Documents batched by length (equal ones together, an empty one skipped) == one SDPA over the
+    whole sequence with the block-diagonal mask: outputs and gradients."""
+    q, k, v = (x.requires_grad_() for x in _qkv(sum(lengths), 4, kv_heads))
+    cu = _cu(lengths)
+    out = sdpa_varlen(q, k, v, cu, max(lengths), None, causal)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    rep = 4 // kv_heads
+    ref = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1), v.repeat_interleave(rep, 1).transpose(0, 1),
+        attn_mask=block_causal_mask(cu, sum(lengths), causal),
+    ).transpose(0, 1)  # fmt: skip
+    want = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_backend_resolution_on_cpu():
     name, fn = resolve_backend("auto", "cpu")
     assert name == "sdpa" and fn is sdpa_varlen

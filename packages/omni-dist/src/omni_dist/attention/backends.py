@@ -4,7 +4,7 @@ Every backend takes q (T, Hq, D), k and v (T, Hkv, D) for one packed sequence of
 are delimited by `cu_seqlens` (int, [0, ..., T]), and returns (T, Hq, D). Hq must be a multiple of Hkv
 (grouped-query attention). Tokens attend only within their own sample (causally when `causal`).
 
-    sdpa        F.scaled_dot_product_attention with a block-diagonal mask: any device, the reference
+    sdpa        F.scaled_dot_product_attention per document (equal lengths batched): any device, the reference
     varlen      torch.nn.attention.varlen.varlen_attn (CUDA, torch builds that ship it)
     flash_attn  flash_attn.flash_attn_varlen_func (CUDA, with the flash-attn package)
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -45,17 +46,36 @@ def sdpa_varlen(
     scale: float | None = None,
     causal: bool = True,
 ) -> torch.Tensor:
-    del max_seqlen  # the mask carries the sample boundaries
-    total, hq, _ = q.shape
-    groups = hq // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    mask = block_causal_mask(cu_seqlens, total, causal)
+    """Each document attends within itself: documents of equal length run as one SDPA batch with
+    `is_causal`, so the work is sum(l_i^2), not the T x T of a block-diagonal mask (which
+    `block_causal_mask` still gives for reference)."""
+    del max_seqlen  # the boundaries say it
+    bounds = cu_seqlens.tolist()
+    if len(bounds) == 2:  # one document: no gather
+        return _sdpa(q[None], k[None], v[None], scale, causal)[0]
+    by_length: dict[int, list[int]] = {}
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            by_length.setdefault(end - start, []).append(start)
+    out = torch.empty_like(q)
+    for length, starts in by_length.items():
+        rows = (
+            torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+        ).flatten()
+        docs = [x[rows].unflatten(0, (len(starts), length)) for x in (q, k, v)]
+        out[rows] = _sdpa(*docs, scale, causal).flatten(0, 1)
+    return out
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool
+) -> torch.Tensor:
+    """(B, L, H, D) documents -> (B, L, Hq, D); grouped-query heads shared by SDPA itself."""
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, scale=scale,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=causal, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
     )  # fmt: skip
-    return out.squeeze(0).transpose(0, 1)
+    return out.transpose(1, 2)
 
 
 def torch_varlen(

@@ -203,3 +203,18 @@ def test_moe_foundation_with_expert_parallel_matches_one_process(quickstart_data
             got = metrics[name][step]
             for key in ("loss", "grad_norm", "loss_moe_aux"):
                 assert close(got[key], ref[key]), (name, step, key, got[key], ref[key])
+
+
+def test_gradients_reduced_once_per_step_through_the_trainer(quickstart_data, tmp_path):
+    """`parallel.grad_sync: step` with 2 micro-batches per step trains as reducing after each one."""
+    data, _ = quickstart_data
+    common = ["train.steps=3", "train.eval_every=0", "data.micro_batches_per_step=2", "parallel.dp_shard=2"]
+    metrics = {}
+    for mode in ("micro_batch", "step"):
+        cfg = load_config(RECIPE, overrides(data, tmp_path / mode, [*common, f"parallel.grad_sync={mode}"]))
+        run_local(cfg, 2)
+        metrics[mode] = read_metrics(tmp_path / mode)
+    assert sorted(metrics["step"]) == [1, 2, 3]
+    for step, ref in metrics["micro_batch"].items():
+        got = metrics["step"][step]
+        assert close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"]), (step, got, ref)

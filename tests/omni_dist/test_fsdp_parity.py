@@ -10,8 +10,14 @@ from torch.distributed.tensor import DTensor
 from omni_dist.parallelize import ParallelizeConfig
 from tests.harness import run_ranks
 from tests.omni_dist.tiny import (
+    GLOBAL_BATCH,
+    STEPS,
     assert_matches,
     build_parallel,
+    global_batch,
+    loss_sum,
+    make_optimizer,
+    optimizer_step,
     plain_model,
     tiny_qwen2_config,
     train_parallel,
@@ -95,3 +101,54 @@ def test_meta_init_equals_single_process_init_exactly(world, dims, tied):
         # Each rank holds about 1/(shard degree) of the parameters.
         shard = world // dims.get("dp_replicate", 1)
         assert got["local_numel"] <= total / shard + 64 * 32
+
+
+def _accumulate(layouts: dict[str, dict]) -> dict:
+    """Each rank's rows of the global batch as micro-batches of one sequence: gradients reduced after
+    every micro-batch (`micro_batch`) or once per step (`step`); the reduce-scatters of each step counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from omni_dist.loss import global_token_count
+    from omni_dist.parallelize import set_gradient_sync
+
+    config = tiny_qwen2_config()
+    ids, labels = global_batch(config.vocab_size)
+    out = {}
+    for name, (dims, grad_sync) in layouts.items():
+        model, mesh, _ = build_parallel(config, dims, ParallelizeConfig(grad_sync=grad_sync))
+        opt = make_optimizer(model)
+        per = GLOBAL_BATCH // mesh.dims.dp
+        rows = range(mesh.dp_rank * per, (mesh.dp_rank + 1) * per)
+        losses, norms, collectives = [], [], []
+        for _ in range(STEPS):
+            local = sum(int((labels[r, 1:] != -100).sum()) for r in rows)
+            tokens = global_token_count(local, mesh["loss"])
+            reported = torch.zeros(())
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for i, r in enumerate(rows):
+                    if grad_sync == "step":
+                        set_gradient_sync(model, i == len(rows) - 1)
+                    total, _ = loss_sum(model, ids[r : r + 1], labels[r : r + 1])
+                    loss = total / tokens.to(total.dtype)
+                    loss.backward()
+                    reported += loss.detach()
+            collectives.append(sum(e.count for e in prof.key_averages() if "reduce_scatter" in e.key))
+            norms.append(optimizer_step(model, opt))
+            dist.all_reduce(reported, group=mesh["loss"].get_group())
+            losses.append(reported.item())
+        out[name] = {"loss": losses, "grad_norm": norms, "reduce_scatters": collectives}
+    return out
+
+
+def test_gradients_reduced_once_per_step_train_the_same_model(reference):
+    """4 micro-batches per rank: one reduce-scatter per FSDP unit per step instead of four, same model."""
+    layouts = {
+        "fsdp/micro_batch": ({"dp_shard": 2}, "micro_batch"),
+        "fsdp/step": ({"dp_shard": 2}, "step"),
+        "hsdp/step": ({"dp_replicate": 2, "dp_shard": 1}, "step"),
+    }
+    got = run_ranks(_accumulate, 2, layouts)[0]
+    for label, result in got.items():
+        assert_matches(reference, result, label)
+    each, once = got["fsdp/micro_batch"]["reduce_scatters"], got["fsdp/step"]["reduce_scatters"]
+    assert once[0] > 0 and each == [4 * once[0]] * STEPS and once == [once[0]] * STEPS, (each, once)

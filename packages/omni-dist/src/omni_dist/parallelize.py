@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 
 Recompute = Literal["none", "full", "selective"]
 RECOMPUTE_MODES: tuple[str, ...] = get_args(Recompute)
+# When gradients are reduced under gradient accumulation: after every micro-batch (sharded gradient
+# memory, one reduce-scatter per micro-batch) or once per optimizer step (each rank keeps the unsharded
+# fp32 gradients of its FSDP units between micro-batches: no collective until the last one).
+GradSync = Literal["micro_batch", "step"]
+GRAD_SYNC_MODES: tuple[str, ...] = get_args(GradSync)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class ParallelizeConfig:
     offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
     ep_async: int = 1  # >1: EP dispatch in chunks overlapping expert compute
     expert_compute: ExpertCompute = "auto"  # local experts under EP (omni_dist.expert_compute)
+    grad_sync: GradSync = "micro_batch"  # see GradSync; the training loop applies it (set_gradient_sync)
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -64,6 +70,8 @@ class ParallelizeConfig:
         if self.ep_async < 1:
             raise ValueError(f"ep_async must be >= 1 (1: no chunking), got {self.ep_async}.")
         check_expert_compute(self.expert_compute)
+        if self.grad_sync not in GRAD_SYNC_MODES:
+            raise ValueError(f"grad_sync={self.grad_sync!r} is not one of {', '.join(GRAD_SYNC_MODES)}.")
 
 
 @dataclass
@@ -184,6 +192,14 @@ def parallelize(
             len(report.recomputed), len(report.offloaded), config.offload_params,
         )  # fmt: skip
     return report
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduces the gradients of every FSDP unit in `model` (reduce-scatter, and
+    HSDP's all-reduce). Off, each rank accumulates its unsharded gradients until a backward with it on."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(enabled, recurse=False)
 
 
 def _inside(fqn: str, outer: str) -> bool:

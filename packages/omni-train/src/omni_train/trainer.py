@@ -28,6 +28,7 @@ from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RN
 from omni_dist.gather import all_gather_json
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
+from omni_dist.parallelize import set_gradient_sync
 from omni_models.omni import loss_tokens
 from omni_train.assembly import (
     build_loader,
@@ -106,6 +107,7 @@ def forward_backward(
     sp: SequenceParallel | None,
     device: torch.device,
     backward: bool = True,
+    sync_once: bool = False,
 ) -> tuple[torch.Tensor, float, float, dict[str, float]]:
     """One step's micro-batches: token-weighted loss over all of them and all ranks.
 
@@ -114,6 +116,7 @@ def forward_backward(
     the micro-batches; dividing every micro-batch by the global token count makes k micro-batches equal
     one holding the same samples. A MoE foundation's load-balancing loss is HF's per sequence: each
     micro-batch's, averaged over the step's micro-batches (fillers excluded), times its coefficient.
+    `sync_once`: FSDP reduces the gradients after the last micro-batch only (`grad_sync: step`).
     """
     real = sum(not b.is_padding for b in micro_batches)
     counts = global_token_count(torch.tensor([local_label_tokens(micro_batches, sp), real]), mesh["loss"])
@@ -124,7 +127,9 @@ def forward_backward(
     part_sums: dict[str, torch.Tensor] = {}  # name -> summed loss; part_counts: name -> its token count
     part_counts: dict[str, float] = {}
     flops = 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        if backward and sync_once:
+            set_gradient_sync(model, i == len(micro_batches) - 1)
         batch = batch.to(device)
         out = model(batch, sequence_parallel=sp)
         loss = out.loss_sum / tokens.clamp(min=1).to(out.loss_sum.dtype)
@@ -186,7 +191,10 @@ class Trainer:
         return build_loader(self.cfg, self.processor, self.mesh, self.device, self.pad_id, sources, epochs)
 
     def _forward_backward(self, step: Step, backward: bool = True) -> tuple[torch.Tensor, float, float, dict]:
-        return forward_backward(self.model, step.micro_batches, self.mesh, self.sp, self.device, backward)
+        sync_once = self.cfg.parallel.grad_sync == "step"
+        return forward_backward(
+            self.model, step.micro_batches, self.mesh, self.sp, self.device, backward, sync_once
+        )
 
     def train(self) -> Counters:
         cfg = self.cfg

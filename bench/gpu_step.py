@@ -13,8 +13,8 @@ Plain: HF's own class with fully_shard on every decoder layer / vision block and
 `--tokens`-long sequence per step (SDPA causal over the whole sequence; omni: the same number of images
 in it), timed with CUDA synchronisation. One step of it runs under torch's FlopCounterMode; the FLOPs
 our MFU formula (omni_models.flops) gives for that step are printed beside it. The counter counts
-attention as full (non-causal) products and does not count CPU SDPA at all; torch < 2.13 cannot count
-grouped-query SDPA (then the counted FLOPs are null).
+attention as full (non-causal) products (on CPU through the math SDPA, as it has no formula for the CPU
+kernel); torch < 2.13 cannot count grouped-query SDPA (then the counted FLOPs are null).
 --small: small dims in fp32 on CPU (text: hidden 256 x 4 layers, vocab 4096; use --tokens 1024): the
 script's check, and the CPU comparison at those dims.
 Prints one JSON object per workload with ours/plain ratios.
@@ -23,6 +23,7 @@ Prints one JSON object per workload with ours/plain ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -244,6 +245,7 @@ def _plain_inputs(workload: str, model, tokens: int, device: torch.device, model
 def _plain(workload: str, args, model_dir: Path | None) -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
 
@@ -280,8 +282,10 @@ def _plain(workload: str, args, model_dir: Path | None) -> dict:
         opt.zero_grad(set_to_none=True)
 
     counter = FlopCounterMode(display=False)
+    # CPU: the math SDPA, whose matmuls the counter sees (it has no formula for the CPU flash kernel)
+    math = sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()
     try:
-        with counter:
+        with counter, math:
             model(**inputs).loss.backward()
         counted = counter.get_total_flops()
         by_op = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}

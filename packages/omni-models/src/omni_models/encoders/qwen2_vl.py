@@ -71,27 +71,29 @@ class Qwen2VLVisionEncoder(nn.Module):
         return {self.checkpoint_prefix + name: tensor} if self.checkpoint_prefix else None
 
     def processor(self, modality: str):
-        import transformers
-
         if modality not in ("image", "video"):
             raise KeyError(modality)
         if self._processor_dir is not None:
             hf, kwargs = pretrained_part(self._processor_dir, modality)
         else:
-            cfg = self.tower.config
-            hf, kwargs = (
-                getattr(transformers, f"Qwen2VL{'Image' if modality == 'image' else 'Video'}Processor")(
-                    **self._pixels,
-                    patch_size=cfg.patch_size,
-                    temporal_patch_size=cfg.temporal_patch_size,
-                    merge_size=cfg.spatial_merge_size,
-                ),
-                {},
-            )
+            hf, kwargs = self._hf_processor(modality), {}
         if modality == "image":
             return Qwen2VLImageProcessor(hf, kwargs)
         return Qwen2VLVideoProcessor(
             hf, *self._video, requested_rate=self.video_rate_requested, kwargs=kwargs
+        )
+
+    def _hf_processor(self, modality: str):
+        """transformers' Qwen2-VL image or video processor with this tower's geometry and the pixel options."""
+        import transformers
+
+        cfg = self.tower.config
+        kind = "Image" if modality == "image" else "Video"
+        return getattr(transformers, f"Qwen2VL{kind}Processor")(
+            **self._pixels,
+            patch_size=cfg.patch_size,
+            temporal_patch_size=cfg.temporal_patch_size,
+            merge_size=cfg.spatial_merge_size,
         )
 
     def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
@@ -107,7 +109,7 @@ class Qwen2VLVisionEncoder(nn.Module):
         return {m: part.clone() for m, part in zip(names, merged.split(counts), strict=True)}
 
     def dummy_media(self) -> dict[str, MediaBatch]:
-        cfg = self.tower.config  # one merge group of black patches: a single LLM token
+        cfg = self.tower.config  # one merge group of zero patches: a single LLM token
         m, rows = cfg.spatial_merge_size, cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
         tensors = {"pixel_values": torch.zeros(m * m, rows), "grid_thw": torch.tensor([[1, m, m]])}
         return {self.modalities[0]: MediaBatch.of([tensors], [1])}

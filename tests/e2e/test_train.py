@@ -46,6 +46,7 @@ def test_metrics_and_parity_across_layouts(runs):
     assert (run_dir / "config.yaml").exists() and any((run_dir / "tensorboard").iterdir())
     evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x]
     assert [e["step"] for e in evals] == [6, 12] and evals[1]["eval/loss"] < evals[0]["eval/loss"] * 1.5
+    assert {"eval/loss_text", "eval/loss_image_gen"} <= set(evals[1])  # by part, over the whole eval shard
 
 
 def test_kill_and_resume_continues_with_identical_losses(runs):

@@ -95,9 +95,8 @@ def run(
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun every rank runs this command; rank 0 reports
     summary = results[0]
-    losses = summary["losses"]
-    if losses:
-        typer.echo(f"trained to step {summary['step']}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if summary["losses"]:
+        _echo_learned(cfg, summary)
     else:
         typer.echo(f"already at step {summary['step']} (train.steps): nothing to train")
     typer.echo(f"run dir: {cfg.run_dir}  (metrics.jsonl, config.yaml, checkpoints/, tensorboard/)")
@@ -142,9 +141,7 @@ def launch(
         raise typer.Exit(130) from None
     summary = results[0]
     if summary["losses"]:
-        typer.echo(
-            f"trained to step {summary['step']}: loss {summary['losses'][0]:.4f} -> {summary['losses'][-1]:.4f}"
-        )
+        _echo_learned(cfg, summary)
     typer.echo(
         f"run dir: {cfg.run_dir}  (metrics.jsonl, config.yaml, checkpoints/, tensorboard/, launch.json)"
     )
@@ -171,6 +168,14 @@ def convert(
 
     parts = convert_checkpoint(checkpoint, out, config, dtype)
     typer.echo(f"wrote {', '.join(parts)} under {out}")
+
+
+def _echo_learned(cfg, summary: dict) -> None:
+    from omni_train.metrics import closing_summary
+
+    typer.echo(f"trained to step {summary['step']}")
+    for line in closing_summary(cfg.run_dir):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -96,7 +96,7 @@ class TrainSection(_Section):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # 0: no evaluation
-    eval_steps: int = Field(4, ge=1)
+    eval_steps: int = Field(4, ge=0)  # eval steps per evaluation; 0: the whole eval set
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite losses before the run stops
 
 

@@ -74,3 +74,46 @@ class Metrics:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def closing_summary(run_dir: Path, window: int = 10) -> list[str]:
+    """What a run learned, from RUN_DIR/metrics.jsonl (all of its steps, across restarts): each part's
+    mean loss over the first and the last `window` logged steps, and the last evaluation by part."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    steps: dict[int, dict[str, Any]] = {}
+    evals = []
+    for r in records:
+        if "loss" in r:
+            steps[r["step"]] = r  # a resumed run's records replace those of the steps it redid
+        elif "eval/loss" in r:
+            evals.append(r)
+    if not steps:
+        return []
+    ordered = [steps[s] for s in sorted(steps)]
+    first, last = ordered[:window], ordered[-window:]
+    span = lambda rs: f"{rs[0]['step']}-{rs[-1]['step']}"  # noqa: E731
+    lines = [f"mean loss by part, steps {span(first)} -> {span(last)}:"]
+    keys = ["loss", *sorted(k for k in ordered[-1] if k.startswith("loss_"))]
+    for key in keys:
+        a, b = _mean(first, key), _mean(last, key)
+        name = "all parts" if key == "loss" else key.removeprefix("loss_")
+        lines.append(f"  {name:<12} {_fmt(a)} -> {_fmt(b)}")
+    if evals:
+        e = evals[-1]
+        parts = ", ".join(
+            f"{k.removeprefix('eval/loss_')} {_fmt(v)}" for k, v in e.items() if k.startswith("eval/loss_")
+        )
+        lines.append(
+            f"eval at step {e['step']}: loss {_fmt(e['eval/loss'])}" + (f" ({parts})" if parts else "")
+        )
+    return lines
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if isinstance(r.get(key), int | float)]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -108,11 +108,11 @@ def forward_backward(
     device: torch.device,
     backward: bool = True,
     sync_once: bool = False,
-) -> tuple[torch.Tensor, float, float, dict[str, float]]:
+) -> tuple[torch.Tensor, float, float, dict[str, tuple[float | None, float]]]:
     """One step's micro-batches: token-weighted loss over all of them and all ranks.
 
-    Returns (the step's global mean loss, global loss tokens, this rank's FLOPs, the global mean loss
-    of each part: "text", every decoder and, for MoE foundations, "moe_aux"). Gradients accumulate over
+    Returns (the step's global mean loss, global loss tokens, this rank's FLOPs, per part ("text", every
+    decoder and, for MoE foundations, "moe_aux") its global mean loss and its global token count). Gradients accumulate over
     the micro-batches; dividing every micro-batch by the global token count makes k micro-batches equal
     one holding the same samples. A MoE foundation's load-balancing loss is HF's per sequence: each
     micro-batch's, averaged over the step's micro-batches (fillers excluded), times its coefficient.
@@ -151,7 +151,10 @@ def forward_backward(
     dist.all_reduce(packed, group=mesh["loss"].get_group())
     sums, counts = packed[1 : 1 + len(names)], packed[1 + len(names) :]
     # A part with no tokens in this step (e.g. no generation target) has no loss, not a zero loss.
-    parts = {n: float(sums[i] / counts[i]) if counts[i] > 0 else None for i, n in enumerate(names)}
+    parts = {
+        n: (float(sums[i] / counts[i]) if counts[i] > 0 else None, float(counts[i]))
+        for i, n in enumerate(names)
+    }
     return packed[0], float(tokens), flops, parts
 
 
@@ -247,7 +250,7 @@ class Trainer:
                     and self.counters.step % cfg.train.eval_every == 0
                     and cfg.data.eval_sources
                 ):
-                    metrics.log({"step": self.counters.step, "eval/loss": self.evaluate()})
+                    metrics.log({"step": self.counters.step, **self.evaluate()})
                 interval = cfg.checkpoint.interval
                 if interval and self.counters.step % interval == 0 and self.counters.step < cfg.train.steps:
                     self.checkpoints.save(self.counters.step, self.parts)
@@ -316,7 +319,7 @@ class Trainer:
             "loss": loss.item(),
             "grad_norm": norm,
             "lr": lr,
-            **{f"loss_{name}": value for name, value in parts.items()},
+            **{f"loss_{name}": value for name, (value, _) in parts.items()},
             "tokens": real_tokens,
             "label_tokens": int(tokens),
             "skipped": not finite,
@@ -337,20 +340,29 @@ class Trainer:
 
     # -- evaluation and state ----------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float | None]:
+        """Token-weighted mean losses over the eval set (`train.eval_steps` steps of it; 0: all of it):
+        {"eval/loss": all parts, "eval/loss_<part>": each part}."""
         loader = self._loader(self.cfg.data.eval_sources, epochs=1)
+        limit = self.cfg.train.eval_steps
         self.model.eval()
-        losses, weights = 0.0, 0.0
+        total, weight = 0.0, 0.0
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
         try:
             for i, step in enumerate(loader):
-                if i >= self.cfg.train.eval_steps:
+                if limit and i >= limit:
                     break
-                loss, tokens, _, _ = self._forward_backward(step, backward=False)
-                losses += float(loss) * tokens
-                weights += tokens
+                loss, tokens, _, parts = self._forward_backward(step, backward=False)
+                total, weight = total + float(loss) * tokens, weight + tokens
+                for name, (mean, n) in parts.items():
+                    if mean is not None:
+                        sums[name] = sums.get(name, 0.0) + mean * n
+                        counts[name] = counts.get(name, 0.0) + n
         finally:
             self.model.train()
-        return losses / max(weights, 1.0)
+        out = {"eval/loss": total / weight if weight else None}
+        return out | {f"eval/loss_{n}": sums[n] / counts[n] for n in sorted(sums) if counts[n]}
 
     def _resume(self) -> None:
         mode = self.cfg.checkpoint.resume

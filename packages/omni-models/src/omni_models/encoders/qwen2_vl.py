@@ -88,13 +88,16 @@ class Qwen2VLVisionEncoder(nn.Module):
         import transformers
 
         cfg = self.tower.config
-        kind = "Image" if modality == "image" else "Video"
-        return getattr(transformers, f"Qwen2VL{kind}Processor")(
+        geometry = {
             **self._pixels,
-            patch_size=cfg.patch_size,
-            temporal_patch_size=cfg.temporal_patch_size,
-            merge_size=cfg.spatial_merge_size,
-        )
+            "patch_size": cfg.patch_size,
+            "temporal_patch_size": cfg.temporal_patch_size,
+            "merge_size": cfg.spatial_merge_size,
+        }
+        if modality == "image":
+            return transformers.Qwen2VLImageProcessor(**geometry)
+        # Frames stay within max_pixels each; no extra per-video pixel budget (said, so HF need not warn).
+        return transformers.Qwen2VLVideoProcessor(**geometry, cap_pixels_per_frame=False)
 
     def lm_encode(self, media: Mapping[str, MediaBatch]) -> dict[str, torch.Tensor]:
         names = [m for m in self.modalities if m in media]

@@ -1,8 +1,8 @@
 """The one place that uses private DeviceMesh APIs (`_unflatten`, `_flatten`).
 
 torch has no public way yet to view one mesh under several factorisations; torchtitan and others use
-these two methods for the same purpose. Checked on torch 2.13.0 (CPU, gloo) and 2.11.0 (CUDA, nccl). If a torch release renames
-them, only this file changes.
+these two methods for the same purpose. Checked on torch 2.13.0 (CPU, gloo) and 2.11.0 (CUDA, nccl).
+If a torch release renames them, only this file changes.
 """
 
 from __future__ import annotations

@@ -179,6 +179,9 @@ class OmniModel(nn.Module):
         positions, labels = batch.position_ids, batch.labels[0]
         if sp is not None:
             positions, labels = slice_for_sp(positions, sp, dim=-1), slice_for_sp(labels, sp)
+        # Logits only where a text label is (media placeholders and prompts have none): the LM head's
+        # memory and FLOPs follow the labelled tokens, not the sequence.
+        labelled = torch.nonzero(labels != IGNORE_INDEX).flatten()
         lm = self.foundation(
             inputs_embeds=embeds,
             position_ids=positions,
@@ -192,11 +195,12 @@ class OmniModel(nn.Module):
             # embeddings, which FSDP's pre-forward hands on as a view: returned from the foundation's
             # unit, an in-place op on that view would skip FSDP's pre-backward hook.
             output_hidden_states=-1 if self.decoders else False,
+            logits_to_keep=labelled,
             **({"output_router_logits": True} if self._moe else {}),
         )
         logits = lm.logits[0].float()
-        loss = F.cross_entropy(logits, labels.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum")
-        parts = {"text": (loss, int((labels != IGNORE_INDEX).sum()))}
+        loss = F.cross_entropy(logits, labels[labelled].to(logits.device), reduction="sum")
+        parts = {"text": (loss, int(labelled.numel()))}
         start = 0 if sp is None else sp.rank * embeds.shape[1]
         for name, decoder in self.decoders.items():
             # Token k of an image is predicted from the hidden state one position before it; that

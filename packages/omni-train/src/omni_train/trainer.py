@@ -112,9 +112,9 @@ def forward_backward(
     """One step's micro-batches: token-weighted loss over all of them and all ranks.
 
     Returns (the step's global mean loss, global loss tokens, this rank's FLOPs, per part ("text", every
-    decoder and, for MoE foundations, "moe_aux") its global mean loss and its global token count). Gradients accumulate over
-    the micro-batches; dividing every micro-batch by the global token count makes k micro-batches equal
-    one holding the same samples. A MoE foundation's load-balancing loss is HF's per sequence: each
+    decoder and, for MoE foundations, "moe_aux") its global mean loss and what it is averaged over: tokens,
+    or sequences for moe_aux). Gradients accumulate over the micro-batches; dividing every micro-batch by
+    the global token count makes k micro-batches equal one holding the same samples. A MoE foundation's load-balancing loss is HF's per sequence: each
     micro-batch's, averaged over the step's micro-batches (fillers excluded), times its coefficient.
     `sync_once`: FSDP reduces the gradients after the last micro-batch only (`grad_sync: step`).
     """

@@ -46,9 +46,11 @@ class TextCausalLM:
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """position_ids (1, T) or (3, 1, T) (M-RoPE rows t/h/w, as HF's `get_rope_index` makes them)."""
+        """position_ids (1, T) or (3, 1, T) (M-RoPE rows t/h/w, as HF's `get_rope_index` makes them);
+        `logits_to_keep` as in HF's causal LMs: the last n positions (0: all), or a tensor of positions."""
         out = self.model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
@@ -56,8 +58,9 @@ class TextCausalLM:
             use_cache=use_cache,
             **kwargs,
         )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return CausalLMOutputWithPast(
-            logits=self.lm_head(out.last_hidden_state),
+            logits=self.lm_head(out.last_hidden_state[:, keep]),
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
         )

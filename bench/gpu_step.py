@@ -18,6 +18,10 @@ kernel); torch < 2.13 cannot count grouped-query SDPA (then the counted FLOPs ar
 --small: small dims in fp32 on CPU (text: hidden 256 x 4 layers, vocab 4096; use --tokens 1024): the
 script's check, and the CPU comparison at those dims.
 Prints one JSON object per workload with ours/plain ratios.
+On a machine without the project's environment, run it from the source tree (PYTHONPATH=packages/*/src
+and the repo root) with the pure-Python packages it lacks installed from wheels: pydantic (+ pydantic-core,
+annotated-types, typing-inspection, typing-extensions), torchdata, webdataset, braceexpand, and the locked
+transformers.
 """
 
 from __future__ import annotations

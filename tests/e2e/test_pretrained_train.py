@@ -20,7 +20,8 @@ from omni_train.config import TrainConfig, load_config
 from omni_train.local import run_local
 from tests.e2e.conftest import _single, close, read_metrics
 from tests.harness import run_ranks
-from tests.omni_models.hf_families import build, hf_inputs, pack, processed, qwen_vl_dir, vl_sample
+from tests.omni_models.hf_dirs import qwen_vl_dir
+from tests.omni_models.hf_families import build, hf_inputs, pack, processed, vl_sample
 
 STEPS = 8
 MEDIA = [("image",), ("video",), (), ("image", "video"), ("image",)]

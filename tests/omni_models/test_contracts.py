@@ -23,8 +23,8 @@ from omni_models.contracts import ContractError, check_contract, contract_proble
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
 from omni_models.modality import Decoder, Encoder, Foundation, MediaCount, MediaProcessor
 from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS, register_decoder, register_encoder
-from tests.omni_models.hf_families import AUDIO as FAMILY_AUDIO
-from tests.omni_models.hf_families import VISION as FAMILY_VISION
+from tests.omni_models.hf_dirs import AUDIO as FAMILY_AUDIO
+from tests.omni_models.hf_dirs import VISION as FAMILY_VISION
 from tests.omni_models.omni_fixtures import VISION, VQ, WHISPER, foundation_config
 
 SIGLIP = {

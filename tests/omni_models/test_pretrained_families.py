@@ -20,18 +20,16 @@ from transformers import AutoTokenizer
 
 from omni_models.config import ModelConfigError, OmniModelConfig
 from omni_train.assembly import chat_processor
+from tests.omni_models.hf_dirs import FAMILIES, janus_dir, qwen_vl_dir
 from tests.omni_models.hf_families import (
-    FAMILIES,
     assert_grads_equal,
     build,
     draw_sample,
     hf_inputs,
     hf_positions,
-    janus_dir,
     janus_reference_loss,
     pack,
     processed,
-    qwen_vl_dir,
     referee,
     vl_sample,
 )

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from omni_dist.hf_load import CheckpointMismatchError
 from omni_models.config import OmniModelConfig
-from tests.omni_models.hf_families import build, qwen_vl_dir
+from tests.omni_models.hf_dirs import qwen_vl_dir
+from tests.omni_models.hf_families import build
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from omni_data.processor import modality_tokens
 from omni_models.config import OmniModelConfig
 from omni_models.omni import loss_tokens
 from omni_train.assembly import chat_processor
+from tests.omni_models.hf_dirs import qwen_vl_dir
 from tests.omni_models.hf_families import (
     assert_grads_equal,
     build,
@@ -20,7 +21,6 @@ from tests.omni_models.hf_families import (
     hf_inputs,
     pack,
     processed,
-    qwen_vl_dir,
     referee,
     vl_sample,
 )

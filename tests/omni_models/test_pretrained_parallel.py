@@ -15,15 +15,8 @@ from omni_dist.attention import SequenceParallel
 from omni_models.config import OmniModelConfig
 from omni_train.assembly import chat_processor
 from tests.harness import run_ranks
-from tests.omni_models.hf_families import (
-    FAMILIES,
-    build,
-    draw_sample,
-    pack,
-    processed,
-    qwen_vl_dir,
-    vl_sample,
-)
+from tests.omni_models.hf_dirs import FAMILIES, qwen_vl_dir
+from tests.omni_models.hf_families import build, draw_sample, pack, processed, vl_sample
 from tests.omni_models.test_omni_parity import _close, _train
 
 # Four micro-batches of the global batch, by (sample index, media, image size).

@@ -14,7 +14,8 @@ from transformers import AutoProcessor, AutoTokenizer
 
 from omni_models.config import OmniModelConfig
 from omni_train.assembly import chat_processor, meta_model
-from tests.omni_models.hf_families import processed, qwen_vl_dir, vl_sample
+from tests.omni_models.hf_dirs import qwen_vl_dir
+from tests.omni_models.hf_families import processed, vl_sample
 from tests.omni_models.omni_fixtures import mp4
 
 PROCESSORS = {

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from omni_train.cli import app
 from omni_train.config import ConfigError, check_layout, load_config
-from tests.omni_models.hf_families import qwen2_5_omni_7b_config_dir, qwen2_vl_7b_config_dir
+from tests.omni_models.hf_dirs import qwen2_5_omni_7b_config_dir, qwen2_vl_7b_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "apps/quickstart/recipe.yaml")

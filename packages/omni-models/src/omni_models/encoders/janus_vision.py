@@ -54,7 +54,7 @@ class JanusVisionEncoder(nn.Module):
         self.aligner = JanusVisionAlignerMLP(cfg)
         self.output_size = cfg.projection_dim
         self.tokens = (cfg.image_size // cfg.patch_size) ** 2
-        self._processor_dir = processor_dir  # a directory with the model's preprocessor_config.json
+        self._processor_dir = processor_dir  # a pretrained directory: its own processor
 
     def processor(self, modality: str) -> JanusImageProcessor:
         if modality != "image":

@@ -84,7 +84,7 @@ SMALL_TEXT = {  # the CPU comparison of the faster-steps issue: hidden 256, 4 la
 SMALL_VISION = {
     "depth": 2,
     "embed_dim": 32,
-    "hidden_size": 64,
+    "hidden_size": SMALL_TEXT["hidden_size"],  # the merger's output is the LM's width
     "num_heads": 2,
     "mlp_ratio": 2,
     "patch_size": 14,
@@ -98,7 +98,7 @@ WARMUP = 3
 def _dims(workload: str, small: bool) -> dict:
     if workload == "text":
         return {**TEXT, **SMALL_TEXT} if small else TEXT
-    text = {**OMNI_TEXT, **SMALL_TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    text = {**OMNI_TEXT, **SMALL_TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}}
     return {"text": text if small else OMNI_TEXT, "vision": SMALL_VISION if small else OMNI_VISION}
 
 
@@ -145,7 +145,7 @@ def _tokenizer_dir(root: Path) -> Path:
 
 
 def _omni_dir(root: Path, small: bool, device: torch.device) -> Path:
-    from tests.omni_models.hf_families import qwen_vl_dir
+    from tests.omni_models.hf_dirs import qwen_vl_dir
 
     dims = _dims("omni", small)
     with device:  # building 2B random weights is quicker on the GPU; save_pretrained writes them out

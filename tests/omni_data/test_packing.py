@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -10,9 +11,9 @@ import torch
 
 from omni_data.collate import collate, padding_batch
 from omni_data.packing import Budget, take_batch
-from omni_data.processor import IGNORE_INDEX, ChatProcessor, modality_tokens
-from omni_data.schema import parse_sample
-from tests.omni_data.fixtures import ToyImageProcessor, png, processor, tokenizer
+from omni_data.processor import IGNORE_INDEX, ChatProcessor, MediaCount, modality_tokens
+from omni_data.schema import SampleError, parse_sample
+from tests.omni_data.fixtures import ToyAudioProcessor, ToyImageProcessor, png, processor, tokenizer
 
 
 def _sample(messages, files):
@@ -173,3 +174,53 @@ def test_collate_unpacks_to_the_processed_samples():
         and pad.num_samples == 0
         and pad.input_ids.shape == (1, 4)
     )
+
+
+class _ImageWithSound(ToyImageProcessor):
+    """An interleaved item: an image whose patches alternate with one sound token per half, in the
+    image's span (as Qwen2.5-Omni's video with its audio track)."""
+
+    def count(self, item):
+        image = super().count(item)
+        half = image.llm_tokens // 2
+        layout = (
+            ("<|image|>", half),
+            ("<|audio|>", 1),
+            ("<|image|>", image.llm_tokens - half),
+            ("<|audio|>", 1),
+        )
+        units = (("image", image.encoder_units), ("audio", 2))
+        return MediaCount(image.llm_tokens + 2, image.encoder_units + 2, layout, units)
+
+    def process(self, item):
+        return {"image": super().process(item), "audio": {"wave": torch.ones(2, 3)}}
+
+
+def test_an_interleaved_item_places_each_part_at_its_own_placeholders():
+    tok = tokenizer()
+    proc = ChatProcessor(tok, media={"image": _ImageWithSound(), "audio": ToyAudioProcessor()})
+    content = [{"type": "text", "text": "what is "}, {"type": "image", "media": "0.png"}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "a cat"}]
+    measured = proc.measure(_sample(messages, {"0.png": png(64, 32, 1)}))  # 8 image tokens, 2 sounds
+    (span,) = measured.media
+    ids = list(measured.input_ids)
+    start, image, end = proc.marker_ids("image")
+    sound = proc.marker_ids("audio")[1]
+    inner = [image] * 4 + [sound] + [image] * 4 + [sound]
+    assert ids[span.marker_start : span.start + 10 + 1] == [start, *inner, end]
+    assert set(measured.labels[span.marker_start : span.start + 11]) == {IGNORE_INDEX}
+    sample = proc.process(measured)
+    assert [m.modality for m in sample.media] == ["image", "audio"]
+    b = collate([sample, sample])
+    n = sample.input_ids.numel()
+    for modality, ph, units in (("image", image, 8), ("audio", sound, 2)):
+        got = b.media[modality]
+        assert torch.equal(torch.nonzero(b.input_ids[0] == ph).flatten(), got.positions)
+        assert (
+            got.llm_tokens.tolist() == [units] * 2 and int(got.positions[units]) >= n
+        )  # the second sample's
+    # Counts recorded without the layout (an older preprocessing) cannot place the parts: a clear error.
+    recorded = _sample(messages, {"0.png": png(64, 32, 1)})
+    recorded = dataclasses.replace(recorded, meta={"tokens": {"image": [[8, 32]]}})
+    with pytest.raises(SampleError, match="interleaved parts, but its count has no layout"):
+        proc.process(proc.measure(recorded))

@@ -71,8 +71,8 @@ def processed(proc, docs: list[tuple[dict, dict]]) -> list[ProcessedSample]:
 
 
 def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -> tuple[dict, dict]:
-    """A user turn with `media` (image: `size` px; video: 2 s, sampled as 2 temporal patches; audio:
-    0.1-0.5 s) and text, and an answer."""
+    """A user turn with `media` (image: `size` px; video: 2 s, sampled as 2 temporal patches; av: a 3 s
+    video with an audio track, 3 temporal patches; audio: 0.1-0.5 s) and text, and an answer."""
     rng = random.Random(i)
     content, files = [{"type": "text", "text": f"look {i} "}], {}
     for k, m in enumerate(media):
@@ -81,6 +81,9 @@ def vl_sample(i: int, media: tuple[str, ...], size: tuple[int, int] = (16, 8)) -
             name, files[f"{k}.png"] = f"{k}.png", png(*size, seed=seed)
         elif m == "video":
             name, files[f"{k}.mp4"] = f"{k}.mp4", mp4(8, seed=seed, w=16, h=16)
+        elif m == "av":
+            name, files[f"{k}.mp4"] = f"{k}.mp4", mp4(12, seed=seed, w=16, h=16, audio_rate=16000)
+            m = "video"
         else:
             name, files[f"{k}.wav"] = f"{k}.wav", wav(0.1 + 0.1 * (seed % 5), seed)
         content += [{"type": m, "media": name}, {"type": "text", "text": " and"}]
@@ -101,9 +104,10 @@ def draw_sample(i: int) -> tuple[dict, dict]:
     return doc, {"g.png": png(12, 12, seed=1000 + i)}
 
 
-def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, torch.Tensor]:
+def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl", audio_in_video: bool = False) -> dict:
     """HF's keyword arguments for one sample of `family`: ids, media tensors, unshifted labels (and
-    what the family's own position code reads)."""
+    what the family's own position code reads); `audio_in_video`: Qwen2.5-Omni's flag, set for every
+    sample as a user of HF sets it for a batch."""
     ids = sample.input_ids
     out: dict[str, torch.Tensor] = {"input_ids": ids[None], "labels": sample.labels[None]}
     by_kind: dict[str, list] = {"image": [], "video": [], "audio": []}
@@ -123,6 +127,7 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl") -> dict[str, to
     seconds = [m.tensors["second_per_grid_ts"] for m in by_kind["video"]]
     if family.startswith("qwen2_5_omni"):
         out["attention_mask"] = torch.ones_like(ids)[None]
+        out["use_audio_in_video"] = audio_in_video
         if seconds:
             out["video_second_per_grid"] = torch.cat(seconds)
         if by_kind["audio"]:  # HF's batch layout: (items, mel, longest), with a mask of the real frames
@@ -183,7 +188,13 @@ def hf_positions(hf, sample_inputs: dict[str, torch.Tensor], family: str) -> tor
     x = sample_inputs
     if family.startswith("qwen2_5_omni"):
         lens = x["feature_attention_mask"].sum(-1) if "feature_attention_mask" in x else None
-        args = (x.get("image_grid_thw"), x.get("video_grid_thw"), x["attention_mask"], False, lens)
+        args = (
+            x.get("image_grid_thw"),
+            x.get("video_grid_thw"),
+            x["attention_mask"],
+            x["use_audio_in_video"],
+            lens,
+        )
         return hf.model.get_rope_index(x["input_ids"], *args, x.get("video_second_per_grid"))[0]
     seconds = {"second_per_grid_ts": x["second_per_grid_ts"]} if "second_per_grid_ts" in x else {}
     grids = (x.get("image_grid_thw"), x.get("video_grid_thw"))

@@ -109,7 +109,10 @@ def wav(seconds: float, seed: int, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
-def mp4(frames: int, seed: int, w: int = 16, h: int = 16, fps: int = 4) -> bytes:
+def mp4(
+    frames: int, seed: int, w: int = 16, h: int = 16, fps: int = 4, audio_rate: int | None = None
+) -> bytes:
+    """Random frames (mpeg4); with `audio_rate`, an AAC audio track of noise as long as the video."""
     import av
 
     rng = np.random.default_rng(seed)
@@ -117,6 +120,7 @@ def mp4(frames: int, seed: int, w: int = 16, h: int = 16, fps: int = 4) -> bytes
     with av.open(buf, "w", format="mp4") as c:
         s = c.add_stream("mpeg4", rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        a = None if audio_rate is None else c.add_stream("aac", rate=audio_rate, layout="mono")
         for _ in range(frames):
             frame = av.VideoFrame.from_ndarray(
                 rng.integers(0, 256, (h, w, 3), dtype=np.uint8), format="rgb24"
@@ -125,6 +129,12 @@ def mp4(frames: int, seed: int, w: int = 16, h: int = 16, fps: int = 4) -> bytes
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
+        if a is not None:
+            wave = (rng.standard_normal((1, frames * audio_rate // fps)) * 0.1).astype("float32")
+            track = av.AudioFrame.from_ndarray(wave, format="flt", layout="mono")
+            track.sample_rate = audio_rate
+            for p in [*a.encode(track), *a.encode()]:
+                c.mux(p)
     return buf.getvalue()
 
 

@@ -53,29 +53,40 @@ DOCS = {
     ],
 }
 DOCS["qwen2_5_omni"] = DOCS["qwen2_5_omni_thinker"]
-# (family, tied embeddings, frozen parts); the whole Qwen2.5-Omni once: it differs from its thinker only
-# in the directory's layout (thinker.*) and its speech parts, which are left alone
-CASES = [(f, tie, freeze) for f in FAMILIES for tie, freeze in [(False, ()), (True, ("vision",))]]
-CASES.append(("qwen2_5_omni", False, ("audio",)))
+# use_audio_in_video: videos with their audio tracks interleaved (one across two 2 s chunks), beside
+# images, standalone audio and text
+AV_DOCS = [
+    vl_sample(8, ("av",)),
+    vl_sample(9, ("image", "av", "audio")),
+    vl_sample(2, ()),
+    vl_sample(5, ("audio",)),
+]
+# (family, tied embeddings, frozen parts, use_audio_in_video); the whole Qwen2.5-Omni once: it differs
+# from its thinker only in the directory's layout (thinker.*) and its speech parts, which are left alone
+CASES = [(f, tie, freeze, False) for f in FAMILIES for tie, freeze in [(False, ()), (True, ("vision",))]]
+CASES += [("qwen2_5_omni", False, ("audio",), False), ("qwen2_5_omni_thinker", False, (), True)]
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("families")
-    return {(f, tie): qwen_vl_dir(root, f, tie=tie) for f, tie, _ in CASES}
+    return {(f, tie): qwen_vl_dir(root, f, tie=tie) for f, tie, _, _ in CASES}
 
 
-@pytest.mark.parametrize("family,tie,freeze", CASES)
-def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze):
+@pytest.mark.parametrize("family,tie,freeze,av", CASES)
+def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze, av):
     path = dirs[family, tie]
-    spec = OmniModelConfig.from_dict({"pretrained": str(path), "freeze": list(freeze)})
+    options = {"use_audio_in_video": True} if av else {}
+    spec = OmniModelConfig.from_dict({"pretrained": str(path), "freeze": list(freeze), **options})
     model, loaded = build(spec)
     params = dict(model.named_parameters())
     assert set(params) <= loaded, sorted(set(params) - loaded)  # every weight is the pretrained one
-    samples = processed(chat_processor(model, spec, AutoTokenizer.from_pretrained(path)), DOCS[family])
+    docs = AV_DOCS if av else DOCS[family]
+    samples = processed(chat_processor(model, spec, AutoTokenizer.from_pretrained(path)), docs)
     batch = pack(samples)
     assert batch.position_ids.shape == (3, 1, batch.length)
     assert {m.modality for s in samples for m in s.media} == set(model.modality_encoder)
+    assert any(m.offsets is not None for s in samples for m in s.media) == av  # parts of interleaved items
     n = batch.num_label_tokens
     loss = model(batch).loss_sum / n
     loss.backward()
@@ -84,12 +95,12 @@ def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze):
     start = 0
     for s in samples:  # each sample's positions are HF's, restarting at 0 in the pack
         end = start + s.input_ids.numel()
-        want = hf_positions(hf, hf_inputs(s, family), family)
+        want = hf_positions(hf, hf_inputs(s, family, av), family)
         torch.testing.assert_close(batch.position_ids[:, :, start:end], want, rtol=0, atol=0)
         start = end
     for part in freeze:
         getattr(hf.model, {"vision": "visual", "audio": "audio_tower"}[part]).requires_grad_(False)
-    ref = sum(hf(**hf_inputs(s, family), num_items_in_batch=n).loss for s in samples)
+    ref = sum(hf(**hf_inputs(s, family, av), num_items_in_batch=n).loss for s in samples)
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=RTOL, atol=0)
     checked = assert_grads_equal(family, model, hf, RTOL)
@@ -108,19 +119,31 @@ def test_pretrained_config_errors(dirs):
         OmniModelConfig.from_dict({"pretrained": path, "encoders": {"vision": {"name": "siglip"}}})
     with pytest.raises(ModelConfigError, match=r"no config\.json"):
         OmniModelConfig.from_dict({"pretrained": path + "/missing"})
+    with pytest.raises(ModelConfigError, match=r"unknown key model\.use_audio_in_video"):  # Omni's only
+        OmniModelConfig.from_dict({"pretrained": path, "use_audio_in_video": True})
+    omni = str(dirs["qwen2_5_omni", False])
+    with pytest.raises(ModelConfigError, match=r"use_audio_in_video must be true or false, got 'yes'"):
+        OmniModelConfig.from_dict({"pretrained": omni, "use_audio_in_video": "yes"})
     spec = OmniModelConfig.from_dict({"pretrained": path})
     assert spec.foundation.name == "qwen2_vl_text" and spec.encoders["vision"].projector == "identity"
     assert not spec.foundation.freeze and not spec.encoders["vision"].freeze
 
 
 GENERATE = [(f, m) for f in FAMILIES for m in [("image",), ("video", "image")]]
-GENERATE += [("qwen2_5_omni_thinker", ("audio", "image")), ("janus", ("image",))]
+GENERATE += [
+    ("qwen2_5_omni_thinker", ("audio", "image")),
+    ("qwen2_5_omni_thinker", ("av",)),
+    ("janus", ("image",)),
+]
 
 
 @pytest.mark.parametrize("family,media", GENERATE)
 def test_greedy_generation_equals_hf_generate(dirs, tmp_path, family, media):
     path = janus_dir(tmp_path) if family == "janus" else dirs[family, False]
-    spec = OmniModelConfig.from_dict({"pretrained": str(path)})
+    av = "av" in media  # a video with its audio track: use_audio_in_video on both sides
+    spec = OmniModelConfig.from_dict(
+        {"pretrained": str(path), **({"use_audio_in_video": True} if av else {})}
+    )
     model, _ = build(spec)
     tok = AutoTokenizer.from_pretrained(path)
     proc = chat_processor(model, spec, tok)
@@ -134,7 +157,7 @@ def test_greedy_generation_equals_hf_generate(dirs, tmp_path, family, media):
     ours = model.generate(ids, {}, batch.media, max_new_tokens=8, eos_id=eos, position_ids=positions)
 
     hf = referee(family, path)
-    x = hf_inputs(dataclasses.replace(sample, input_ids=ids), family)  # the prompt with the generation prompt
+    x = hf_inputs(dataclasses.replace(sample, input_ids=ids), family, av)  # the prompt, generation prompt too
     x.pop("labels")
     out = hf.generate(**x, do_sample=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
     assert ours.tokens == out[0, ids.numel() :].tolist()

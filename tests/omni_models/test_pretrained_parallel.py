@@ -1,7 +1,8 @@
 """A pretrained model of every family (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni thinker, Janus) trains the same
 under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x sp=2) as in one process: loss and grad norm
 over 3 AdamW steps on one global batch, with an image whose placeholders straddle the SP cut (so its
-positions and features are split between ranks); Janus also generates images on some ranks."""
+positions and features are split between ranks); Janus also generates images on some ranks; Qwen2.5-Omni
+also with a video whose audio track is interleaved with its frames."""
 
 from __future__ import annotations
 
@@ -38,13 +39,20 @@ JANUS_MICRO_BATCHES = [
 ]
 
 
-def _micro_batches(model) -> list[list]:
+def _micro_batches(model, av: bool) -> list[list]:
     """The family's micro-batches: with audio in two of them for a family that hears (the last rank
-    gets none)."""
+    gets none); `av`: the videos are one with its audio track interleaved (every video must have one)."""
     if model.modality_decoder:
         return JANUS_MICRO_BATCHES
     if "audio" not in model.modality_encoder:
         return MICRO_BATCHES
+    if av:
+        return [
+            MICRO_BATCHES[0],
+            [(3, ("image",), (8, 8)), (7, ("audio",))],
+            [(8, ("image", "av", "audio"))],
+            MICRO_BATCHES[3],
+        ]
     return [
         MICRO_BATCHES[0],
         [*MICRO_BATCHES[1], (7, ("audio",))],
@@ -53,9 +61,13 @@ def _micro_batches(model) -> list[list]:
     ]
 
 
+def _spec(path: str, av: bool) -> OmniModelConfig:
+    return OmniModelConfig.from_dict({"pretrained": path, **({"use_audio_in_video": True} if av else {})})
+
+
 def _batches(path, model, spec, indices: list[int]):
     proc = chat_processor(model, spec, AutoTokenizer.from_pretrained(path))
-    micro_batches = _micro_batches(model)
+    micro_batches = _micro_batches(model, spec.encoders["vision"].options.get("use_audio_in_video", False))
     out = []
     for k in indices:
         docs = [draw_sample(k) if x == "draw" else vl_sample(*x) for x in micro_batches[k]]
@@ -70,8 +82,8 @@ def _straddles(batch) -> bool:
     return bool(((pos < mid).any() & (pos >= mid).any()).item())
 
 
-def _single(path: str) -> dict:
-    spec = OmniModelConfig.from_dict({"pretrained": path})
+def _single(path: str, av: bool) -> dict:
+    spec = _spec(path, av)
     model, _ = build(spec)
     batches = _batches(path, model, spec, list(range(4)))
     out = _train(model, batches, [p for p in model.parameters() if p.requires_grad])
@@ -79,10 +91,10 @@ def _single(path: str) -> dict:
     return out
 
 
-def _rank(path: str) -> list[dict]:
+def _rank(path: str, av: bool) -> list[dict]:
     torch.set_num_threads(1)
     results = []
-    spec = OmniModelConfig.from_dict({"pretrained": path})
+    spec = _spec(path, av)
     for layout in LAYOUTS:
         mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **layout), device_type="cpu")
         model, _ = build(spec, mesh)
@@ -95,13 +107,17 @@ def _rank(path: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "janus"])
-def test_pretrained_parallel_layouts_match_one_process(tmp_path, family):
+# Qwen2.5-Omni also with use_audio_in_video (av): a video's frames and audio interleaved in one span
+CASES = [(f, False) for f in (*FAMILIES, "janus")] + [("qwen2_5_omni_thinker", True)]
+
+
+@pytest.mark.parametrize("family,av", CASES)
+def test_pretrained_parallel_layouts_match_one_process(tmp_path, family, av):
     path = str(qwen_vl_dir(tmp_path, family, init=0.1))
-    ref = _single(path)
+    ref = _single(path, av)
     assert any(ref["straddles"]), "no image straddles the SP cut: change MICRO_BATCHES"
     assert ref["loss"][-1] < ref["loss"][0]
-    for rank_results in run_ranks(_rank, 4, path):
+    for rank_results in run_ranks(_rank, 4, path, av):
         for layout, r in zip(LAYOUTS, rank_results, strict=True):
             assert _close(r["loss"], ref["loss"]), (layout, r["loss"], ref["loss"])
             assert _close(r["grad_norm"], ref["grad_norm"]), (layout, r["grad_norm"], ref["grad_norm"])

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoProcessor, AutoTokenizer
 
 from omni_models.config import OmniModelConfig
+from omni_models.media import video_audio
 from omni_train.assembly import chat_processor, meta_model
 from tests.omni_models.hf_dirs import qwen_vl_dir
 from tests.omni_models.hf_families import processed, vl_sample
@@ -43,16 +44,25 @@ def _docs(family: str) -> list[tuple[dict, dict]]:
     return docs
 
 
-def _hf_reference(hf, doc: dict, files: dict, media_dir) -> dict:
+def _av_docs() -> list[tuple[dict, dict]]:
+    """Videos with audio tracks (3 s: their tokens and the audio's alternate in 2 s chunks), beside an
+    image and a standalone audio, and text only."""
+    return [vl_sample(0, ("av",)), vl_sample(1, ("image", "av", "audio")), vl_sample(2, ())]
+
+
+def _hf_reference(hf, doc: dict, files: dict, media_dir, audio_in_video: bool = False) -> dict:
     """What the family's processor makes of `doc`: its chat template on the structured conversation,
     then the processor call with the images (transformers' `load_image`), the videos (every frame and the
     metadata, from transformers' `load_video` with its PyAV backend; the processor samples them at FPS)
     and the audio waveforms (16 kHz files, read as they are). `apply_chat_template` with video paths would
-    decode with torchcodec, which is not installed."""
+    decode with torchcodec, which is not installed. `audio_in_video`: each video's audio track (decoded
+    by our PyAV reader: HF's own needs torchcodec) is handed over as the audio of that video
+    (`audio_from_video_indices`), and HF lays it out with the frames (`load_audio_from_video`)."""
     from transformers.image_utils import load_image
     from transformers.video_utils import load_video
 
     conversation, media = [], {"image": [], "video": [], "audio": []}
+    sources = []  # per audio, in text order: the video it comes from, or None
     for m in doc["messages"]:
         content = m["content"]
         if isinstance(content, list):
@@ -65,8 +75,12 @@ def _hf_reference(hf, doc: dict, files: dict, media_dir) -> dict:
                     media["image"].append(load_image(str(file)))
                 elif p["type"] == "video":
                     media["video"].append(load_video(str(file), backend="pyav"))
+                    if audio_in_video:
+                        media["audio"].append(video_audio(files[p["media"]], 16000).numpy())
+                        sources.append(len(media["video"]) - 1)
                 else:
                     media["audio"].append(sf.read(io.BytesIO(files[p["media"]]), dtype="float32")[0])
+                    sources.append(None)
             content = [p if p["type"] == "text" else {"type": p["type"]} for p in content]
         conversation.append({"role": m["role"], "content": content})
     kwargs = {"images": media["image"] or None}
@@ -78,23 +92,30 @@ def _hf_reference(hf, doc: dict, files: dict, media_dir) -> dict:
         kwargs |= {"do_sample_frames": True, "fps": FPS}
     if media["audio"]:
         kwargs |= {"audio": media["audio"], "sampling_rate": 16000}
+    if audio_in_video:
+        kwargs |= {"audio_from_video_indices": sources, "load_audio_from_video": True}
     text = hf.apply_chat_template(conversation, tokenize=False)
     return hf(text=[text], **kwargs, return_tensors="pt")
 
 
-@pytest.mark.parametrize("family", sorted(PROCESSORS))
-def test_data_path_equals_the_familys_auto_processor(tmp_path, family):
+# (family, use_audio_in_video): Qwen2.5-Omni once more with each video's audio track interleaved
+CASES = [(f, False) for f in sorted(PROCESSORS)] + [("qwen2_5_omni", True)]
+
+
+@pytest.mark.parametrize("family,audio_in_video", CASES)
+def test_data_path_equals_the_familys_auto_processor(tmp_path, family, audio_in_video):
     path = qwen_vl_dir(tmp_path, family)
-    spec = OmniModelConfig.from_dict({"pretrained": str(path)})
+    options = {"use_audio_in_video": True} if audio_in_video else {}
+    spec = OmniModelConfig.from_dict({"pretrained": str(path), **options})
     ours_proc = chat_processor(meta_model(spec), spec, AutoTokenizer.from_pretrained(path))
     hf = AutoProcessor.from_pretrained(path)
     assert type(hf).__name__ == PROCESSORS[family]
     media_dir = tmp_path / "media"
     media_dir.mkdir()
-    docs = _docs(family)
+    docs = _av_docs() if audio_in_video else _docs(family)
     compared = set()
     for (doc, files), ours in zip(docs, processed(ours_proc, docs), strict=True):
-        want = _hf_reference(hf, doc, files, media_dir)
+        want = _hf_reference(hf, doc, files, media_dir, audio_in_video)
         assert ours.input_ids.tolist() == want["input_ids"][0].tolist(), doc["id"]
         for kind, (feats, grid) in KEYS.items():
             items = [m for m in ours.media if m.modality == kind]

@@ -16,7 +16,7 @@ def _media_batch(items: list[tuple[ProcessedMedia, int]]) -> MediaBatch:
             raise ValueError(f"{m.modality} processor returned keys {list(m.tensors)}, expected {keys}")
     tensors = {k: torch.cat([m.tensors[k] for m, _ in items]) for k in keys}
     sizes = {k: [int(m.tensors[k].shape[0]) for m, _ in items] for k in keys}
-    positions = torch.cat([torch.arange(m.llm_tokens) + offset + m.start for m, offset in items])
+    positions = torch.cat([m.positions + offset for m, offset in items])
     return MediaBatch(
         tensors,
         sizes,

@@ -23,8 +23,14 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class MediaCount:
-    llm_tokens: int  # placeholder positions the item fills in the LLM sequence
+    llm_tokens: int  # positions between the item's markers in the LLM sequence
     encoder_units: int  # what the encoder runs over (patches, frames x patches, mel frames)
+    # An item whose span holds the inputs of several encoders (Qwen2.5-Omni's video with its audio
+    # track, interleaved): the tokens between its markers as (token, repeat) runs, `llm_tokens` in all;
+    # each modality's placeholder runs are filled by that modality's part, whose encoder units
+    # `part_units` gives. Empty: `llm_tokens` placeholders of the item's own modality.
+    layout: tuple[tuple[str, int], ...] = ()
+    part_units: tuple[tuple[str, int], ...] = ()
 
 
 class MediaProcessor(Protocol):
@@ -35,7 +41,7 @@ class MediaProcessor(Protocol):
         ...
 
     def process(self, item: MediaItem) -> dict[str, torch.Tensor]:
-        """Decode into tensors.
+        """Decode into tensors; an item whose count has a `layout`: {part modality: its tensors}.
 
         Both methods raise ValueError for bytes that do not decode (the sample is then skipped and
         counted as `decode_error`); any other exception is a bug and propagates.
@@ -106,6 +112,15 @@ class ProcessedMedia:
     llm_tokens: int
     encoder_units: int
     start: int  # first placeholder position inside its sample
+    # A part of an interleaved item: its placeholder positions inside the sample (not contiguous)
+    offsets: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Its placeholder positions inside its sample, in the order its features fill them."""
+        if self.offsets is not None:
+            return self.offsets
+        return torch.arange(self.start, self.start + self.llm_tokens)
 
 
 @dataclass
@@ -238,17 +253,36 @@ class ChatProcessor:
                 start_id, ph_id, end_id = self._ids[item.modality]
                 if tok != ph_id:
                     raise SampleError("bad_field", "placeholder order does not match the media order")
-                n = counts[len(media)].llm_tokens
-                media.append(MediaSpan(item, counts[len(media)], len(ids) + 1, len(ids)))
-                ids += [start_id, *[ph_id] * n, end_id]
+                count = counts[len(media)]
+                inner = self._layout_ids(item, count) if count.layout else [ph_id] * count.llm_tokens
+                media.append(MediaSpan(item, count, len(ids) + 1, len(ids)))
+                ids += [start_id, *inner, end_id]
                 start_label = start_id if (item.generate and in_answer) else IGNORE_INDEX
-                labels += [start_label, *[IGNORE_INDEX] * (n + 1)]
+                labels += [start_label, *[IGNORE_INDEX] * (len(inner) + 1)]
                 continue
             ids.append(tok)
             labels.append(tok if in_answer else IGNORE_INDEX)
         if len(media) != len(items):
             raise SampleError("bad_field", f"{len(items)} media items but {len(media)} placeholders survived")
         return Measured(sample, tuple(ids), tuple(labels), tuple(media))
+
+    def _layout_ids(self, item: MediaItem, count: MediaCount) -> list[int]:
+        """The token ids of an interleaved item's layout (its processor's runs, checked)."""
+        vocab = self.tokenizer.get_vocab()
+        unknown = sorted({t for t, _ in count.layout if t not in vocab})
+        if unknown:
+            raise ValueError(
+                f"the {item.modality} processor's layout names tokens {unknown} the tokenizer lacks"
+            )
+        ids = [vocab[t] for t, n in count.layout for _ in range(n)]
+        parts = {self._ids[m][1]: m for m in self.media}
+        found = {parts[i] for i in ids if i in parts}
+        if len(ids) != count.llm_tokens or found != {m for m, _ in count.part_units}:
+            raise ValueError(
+                f"the {item.modality} processor's layout has {len(ids)} tokens and parts {sorted(found)}; "
+                f"its count says {count.llm_tokens} and {sorted(m for m, _ in count.part_units)}"
+            )
+        return ids
 
     def _counts(self, sample: Sample, items: list[MediaItem]) -> list[MediaCount]:
         recorded = sample.known_tokens() if self.use_recorded_counts else {}
@@ -265,20 +299,46 @@ class ChatProcessor:
         return out
 
     def process(self, measured: Measured) -> ProcessedSample:
-        media = [
-            ProcessedMedia(
-                m.item.modality,
-                m.item.generate,
-                _media_call(self._processor_for(m.item).process, m.item),
-                m.count.llm_tokens,
-                m.count.encoder_units,
-                m.start,
-            )
-            for m in measured.media
-        ]
-        s = measured.sample
         ids = torch.tensor(measured.input_ids, dtype=torch.long)
+        media = []
+        for m in measured.media:
+            out = _media_call(self._processor_for(m.item).process, m.item)
+            if m.count.layout:
+                media += self._parts(m, out, ids)
+                continue
+            if any(isinstance(v, Mapping) for v in out.values()):
+                raise SampleError(
+                    "bad_field",
+                    f"{m.item.modality} {m.item.name!r}: processed as interleaved parts, but its count has no "
+                    "layout (counts recorded by an older preprocessing? set use_recorded_counts: false)",
+                )
+            item = m.item
+            media.append(
+                ProcessedMedia(
+                    item.modality, item.generate, out, m.count.llm_tokens, m.count.encoder_units, m.start
+                )
+            )
+        s = measured.sample
         positions = self.positions(ids, media) if self.positions is not None else None
         return ProcessedSample(
             s.id, s.source, ids, torch.tensor(measured.labels, dtype=torch.long), media, positions
         )
+
+    def _parts(self, span: MediaSpan, out: Mapping[str, Any], ids: torch.Tensor) -> list[ProcessedMedia]:
+        """An interleaved item's parts, each at its own placeholders inside the item's span."""
+        if set(out) != {m for m, _ in span.count.part_units}:
+            raise SampleError(
+                "bad_field",
+                f"{span.item.modality} {span.item.name!r}: processed parts {sorted(out)}, "
+                f"counted {sorted(m for m, _ in span.count.part_units)}",
+            )
+        inner = ids[span.start : span.start + span.count.llm_tokens]
+        parts = []
+        for modality, units in span.count.part_units:
+            offsets = torch.nonzero(inner == self._ids[modality][1]).flatten() + span.start
+            parts.append(
+                ProcessedMedia(
+                    modality, False, out[modality], offsets.numel(), units, int(offsets[0]), offsets
+                )
+            )
+        return parts

@@ -12,6 +12,8 @@ same part specs (each with `path` = the directory); extra encoders/decoders may 
     pretrained: /models/Qwen2-VL-7B-Instruct
     freeze: [vision]              # parts to freeze by name (foundation, an encoder, a decoder)
     attention: flash_attn         # the foundation's packed-attention backend (default sdpa)
+    # and keys the family reads (PretrainedFamily.options), e.g. Qwen2.5-Omni's
+    # use_audio_in_video: true    # each video brings its audio track, interleaved with its frames
 
 `config` holds the part's HF config fields (tiny ones in tests, the real ones for users); `path`
 names a directory whose safetensors fill the part (`load_part_weights_`); `plan` overrides the
@@ -111,16 +113,23 @@ class OmniModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OmniModelConfig:
+        source, options = None, {}
+        if isinstance(data, Mapping) and data.get("pretrained") is not None:
+            source = read_source(str(data["pretrained"]), ModelConfigError)
+            options = {k: data[k] for k in source.family.options if k in data}  # the family's own keys
+            data = {k: v for k, v in data.items() if k not in options}
         d = _strict(cls, data, "model")
-        source = None
-        if d.get("pretrained") is not None:
+        if source is not None:
             if "foundation" in d:
                 raise ModelConfigError(
                     "model.foundation and model.pretrained exclude each other: the foundation comes from "
                     "the pretrained directory (add encoders/decoders beside it, or drop model.pretrained)"
                 )
-            source = read_source(str(d["pretrained"]), ModelConfigError)
-            d = _with_parts(source.family.expand(source.hf_config, source.path), d)
+            try:
+                parts = source.family.expand(source.hf_config, source.path, **options)
+            except ValueError as e:  # the family's options or config
+                raise ModelConfigError(f"model.pretrained ({source.family.name}): {e}") from e
+            d = _with_parts(parts, d)
         elif d.get("attention") is not None:
             raise ModelConfigError(
                 "model.attention goes with model.pretrained; else set model.foundation.attention"

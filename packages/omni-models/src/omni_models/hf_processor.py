@@ -13,15 +13,23 @@ KWARGS = {"image": "images_kwargs", "video": "videos_kwargs", "audio": "audio_kw
 PARTS = {"image": "image_processor", "video": "video_processor", "audio": "feature_extractor"}
 
 
-def pretrained_part(path: str, modality: str) -> tuple[Any, dict[str, Any]]:
-    """(the part of the directory's processor for `modality`, the keyword arguments its call passes it)."""
+def pretrained_processor(path: str) -> tuple[Any, dict[str, Any]]:
+    """(the directory's processor, its call's merged settings: per part under "<part>_kwargs", the
+    processor's own, such as Qwen2.5-Omni's seconds_per_chunk, at the top)."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
+    # transformers' own merge of class defaults, saved part settings and tokenizer settings (private,
+    # but it is exactly what the processor's __call__ uses)
+    return processor, processor._merge_kwargs(
+        processor.valid_processor_kwargs, processor.tokenizer.init_kwargs
+    )
+
+
+def pretrained_part(path: str, modality: str) -> tuple[Any, dict[str, Any]]:
+    """(the part of the directory's processor for `modality`, the keyword arguments its call passes it)."""
+    processor, merged = pretrained_processor(path)
     part = getattr(processor, PARTS[modality], None)
     if part is None:
         raise ValueError(f"the processor in {path} ({type(processor).__name__}) has no {PARTS[modality]}")
-    # transformers' own merge of class defaults, saved part settings and tokenizer settings (private,
-    # but it is exactly what the processor's __call__ uses)
-    merged = processor._merge_kwargs(processor.valid_processor_kwargs, processor.tokenizer.init_kwargs)
     return part, {k: v for k, v in merged[KWARGS[modality]].items() if k != "return_tensors"}

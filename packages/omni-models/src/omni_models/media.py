@@ -1,5 +1,5 @@
-"""Decoding raw media bytes (images, audio) for the processors; bad bytes raise ValueError (videos are
-decoded by transformers' PyAV reader, see encoders/qwen2_vl_processing.py)."""
+"""Decoding raw media bytes (images, audio, a video's audio track) for the processors; bad bytes raise
+ValueError (video frames are decoded by transformers' PyAV reader, see encoders/qwen2_vl_processing.py)."""
 
 from __future__ import annotations
 
@@ -74,3 +74,23 @@ def decode_audio(data: bytes, target_rate: int) -> torch.Tensor:
     out = torch.zeros(n // 2 + 1, dtype=spec.dtype)
     out[:keep] = spec[:keep]
     return (torch.fft.irfft(out, n=n) * (n / x.numel())).float()
+
+
+def video_audio(data: bytes, target_rate: int) -> torch.Tensor | None:
+    """The audio track of a video container as a mono float waveform at `target_rate` (FFmpeg's
+    resampler, through PyAV); None when the container has no audio stream."""
+    import av
+    import numpy as np
+
+    try:
+        with av.open(io.BytesIO(data)) as c:
+            if not c.streams.audio:
+                return None
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
+            chunks = [g.to_ndarray().reshape(-1) for f in c.decode(audio=0) for g in resampler.resample(f)]
+            chunks += [g.to_ndarray().reshape(-1) for g in resampler.resample(None)]
+    except av.error.FFmpegError as e:
+        raise ValueError(f"not a decodable audio track: {e}") from None
+    if not chunks:
+        raise ValueError("the audio track decodes to no samples")
+    return torch.from_numpy(np.concatenate(chunks))

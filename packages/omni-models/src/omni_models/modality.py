@@ -21,8 +21,15 @@ from omni_dist.plan import ParallelPlan
 
 @dataclass(frozen=True)
 class MediaCount:
+    """omni_data.processor.MediaCount, field for field (the data side reads these by name)."""
+
     llm_tokens: int
     encoder_units: int
+    # An item whose span holds several encoders' inputs (a video with its audio track): the tokens
+    # between its markers as (token, repeat) runs and each part's encoder units by modality; its
+    # processor's `process` then returns {part modality: tensors}.
+    layout: tuple[tuple[str, int], ...] = ()
+    part_units: tuple[tuple[str, int], ...] = ()
 
 
 # The Protocols below list exactly what the framework calls on each part: nothing more is required,

@@ -61,10 +61,12 @@ def _inline(files: dict[str, str]) -> Callable[[str], bytes | None]:
     return get
 
 
-def _tokens(m: Measured) -> dict[str, list[list[int]]]:
-    out: dict[str, list[list[int]]] = {}
+def _tokens(m: Measured) -> dict[str, list[list[int] | None]]:
+    out: dict[str, list[list[int] | None]] = {}
     for span in m.media:
-        out.setdefault(span.item.modality, []).append([span.count.llm_tokens, span.count.encoder_units])
+        # An interleaved item's layout is not recorded (None): it is counted again when read.
+        counts = None if span.count.layout else [span.count.llm_tokens, span.count.encoder_units]
+        out.setdefault(span.item.modality, []).append(counts)
     return out
 
 

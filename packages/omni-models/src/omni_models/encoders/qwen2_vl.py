@@ -151,9 +151,36 @@ class Qwen2_5_VLVisionEncoder(Qwen2VLVisionEncoder):
 
 
 class Qwen2_5OmniVisionTower(Qwen2_5_VLVisionEncoder):
-    """Qwen2.5-Omni's vision tower: Qwen2.5-VL's architecture under the Omni thinker's classes."""
+    """Qwen2.5-Omni's vision tower: Qwen2.5-VL's architecture under the Omni thinker's classes.
+
+    With `use_audio_in_video`, a video item brings its audio track for the audio tower (modality
+    "audio"), interleaved with its frames as the family's processor lays them out; that layout needs
+    the pretrained directory's processor."""
 
     config_class = Qwen2_5OmniVisionEncoderConfig
     tower_class = Qwen2_5OmniVisionEncoder
     block = "Qwen2_5OmniVisionBlock"
     video_rate_requested = True  # as Qwen2_5OmniProcessor computes video_second_per_grid
+
+    def __init__(
+        self,
+        config: Any,
+        modalities: tuple[str, ...] = ("image", "video"),
+        use_audio_in_video: bool = False,
+        **options: Any,
+    ):
+        super().__init__(config, modalities, **options)
+        self._audio_in_video = use_audio_in_video
+        if self._audio_in_video and self._processor_dir is None:
+            raise ValueError("use_audio_in_video needs the pretrained directory's processor files")
+
+    def processor(self, modality: str):
+        proc = super().processor(modality)
+        if modality != "video" or not self._audio_in_video:
+            return proc
+        from omni_models.encoders.qwen_omni_audio import OmniAudioProcessor
+        from omni_models.encoders.qwen_omni_video_audio import OmniVideoAudioProcessor
+        from omni_models.hf_processor import pretrained_processor
+
+        audio = OmniAudioProcessor(*pretrained_part(self._processor_dir, "audio"))
+        return OmniVideoAudioProcessor(proc, audio, *pretrained_processor(self._processor_dir))

@@ -59,6 +59,10 @@ class Qwen2VLVideoProcessor:
             return torch.arange(metadata.total_num_frames)
         return self.hf.sample_frames(metadata, fps=self.fps, max_frames=self.max_frames)
 
+    def temporal_patches(self, item) -> int:
+        """The video's temporal patches (grid t), from its header: frames are padded to a whole patch."""
+        return -(-len(self._indices(_header(item.data))) // self.hf.temporal_patch_size)
+
     def count(self, item) -> MediaCount:
         metadata = _header(item.data)
         frames = len(self._indices(metadata))

@@ -40,20 +40,23 @@ class OmniAudioProcessor:
         self.fe = extractor
         self.kwargs = {k: v for k, v in (kwargs or {}).items() if k not in ("padding", "sampling_rate")}
 
-    def _frames(self, data: bytes) -> int:
-        samples = resampled_length(*audio_frames(data), self.fe.sampling_rate)
+    def frames(self, samples: int) -> int:
+        """Mel frames kept of `samples` samples at the extractor's rate."""
         frames = min(math.ceil(samples / self.fe.hop_length), self.fe.nb_max_frames)
         if audio_tokens(frames) < 1:
             raise ValueError(f"audio of {frames} mel frames is too short for one token (needs 4 x 10 ms)")
         return frames
 
     def count(self, item) -> MediaCount:
-        frames = self._frames(item.data)
+        frames = self.frames(resampled_length(*audio_frames(item.data), self.fe.sampling_rate))
         return MediaCount(audio_tokens(frames), frames)
 
     def process(self, item) -> dict[str, torch.Tensor]:
-        frames = self._frames(item.data)
-        wave = decode_audio(item.data, self.fe.sampling_rate)
+        return self.features(decode_audio(item.data, self.fe.sampling_rate))
+
+    def features(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A waveform at the extractor's rate -> its log-mel frames and their number."""
+        frames = self.frames(wave.numel())
         out = self.fe(
             [wave.numpy()],
             **{**self.kwargs, "return_attention_mask": True},

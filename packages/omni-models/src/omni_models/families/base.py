@@ -28,8 +28,8 @@ def processor_dir(path: str) -> str | None:
 @dataclass(frozen=True)
 class PretrainedFamily:
     name: str
-    # (HF config, directory) -> the part specs; every part trains unless the recipe freezes it
-    expand: Callable[[Any, str], PartSpecs]
+    # (HF config, directory, **options) -> the part specs; every part trains unless the recipe freezes it
+    expand: Callable[..., PartSpecs]
     # modality -> (start marker, placeholder, end marker) tokens of the family's tokenizer
     markers: Mapping[str, tuple[str, str, str]]
     # our module prefix -> the checkpoint's key prefix (loading reads, export writes these keys); the
@@ -39,6 +39,9 @@ class PretrainedFamily:
     positions: Callable[[Any], Callable[..., Any]] | None = None
     # checkpoint key prefixes no part reads (e.g. a speech generator the family does not train)
     ignore: tuple[str, ...] = ()
+    # keys of the recipe's `model` section this family reads (e.g. Qwen2.5-Omni's use_audio_in_video):
+    # passed to `expand` by keyword when the recipe sets them
+    options: tuple[str, ...] = ()
 
     def checkpoint_key(self, name: str) -> str | None:
         """The checkpoint key of our qualified tensor name (the longest layout prefix it starts with)."""

@@ -27,10 +27,11 @@ class _Media:
     videos: list[torch.Tensor] = field(default_factory=list)
     seconds: list[torch.Tensor] = field(default_factory=list)  # per video: seconds per temporal patch
     audio_frames: list[torch.Tensor] = field(default_factory=list)  # per audio: mel frames (1,)
+    audio_in_video: bool = False  # the videos' audio tracks are interleaved with their frames
 
 
 class MRopePositions:
-    """fn(input_ids (L,), media) -> (3, L); media items have modality, generate, start, llm_tokens, tensors.
+    """fn(input_ids (L,), media) -> (3, L); media items have modality, generate, positions, offsets, tensors.
 
     `model_class(hf_config)` is built on the meta device with one layer per tower; `_rope` calls its
     `get_rope_index` with the arguments this family's version takes."""
@@ -64,10 +65,12 @@ class MRopePositions:
             if kind is None:
                 if m.modality == "audio" and self.audio:
                     found.audio_frames.append(m.tensors["feature_lens"])
+                    # a video's audio track sits at its own placeholders inside the video's span
+                    found.audio_in_video |= m.offsets is not None
                 # A modality the family does not read (a part added by config, e.g. generated images):
                 # its tokens get text positions, as HF's get_rope_index gives any token not its media.
                 continue
-            found.types[m.start : m.start + m.llm_tokens] = kind
+            found.types[m.positions] = kind
             (found.images if kind == 1 else found.videos).append(m.tensors["grid_thw"])
             if kind == 2 and self.video_seconds:
                 found.seconds.append(m.tensors["second_per_grid_ts"])
@@ -86,8 +89,9 @@ class MRopePositions:
 
 
 class OmniThinkerPositions(MRopePositions):
-    """Qwen2.5-Omni's thinker: positions found from the marker token ids, audio by its mel frames
-    (audio and video kept apart: `use_audio_in_video=False`)."""
+    """Qwen2.5-Omni's thinker: positions found from the marker token ids, audio by its mel frames in
+    sequence order; `use_audio_in_video` when the sample's videos carry their audio tracks (the
+    processor gives every video its track or fails the item, so a sample's videos are all alike)."""
 
     audio = True
 
@@ -97,7 +101,7 @@ class OmniThinkerPositions(MRopePositions):
             image_grid_thw=_cat(media.images),
             video_grid_thw=_cat(media.videos),
             attention_mask=torch.ones_like(ids),
-            use_audio_in_video=False,
+            use_audio_in_video=media.audio_in_video,
             audio_seqlens=_cat(media.audio_frames),
             second_per_grids=_cat(media.seconds),
         )

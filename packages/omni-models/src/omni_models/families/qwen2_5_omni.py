@@ -19,7 +19,10 @@ LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual.", "encoders.audi
 SPEECH = ("talker.", "token2wav.")
 
 
-def expand(hf_config: Any, path: str) -> PartSpecs:
+def expand(hf_config: Any, path: str, use_audio_in_video: bool = False) -> PartSpecs:
+    """`use_audio_in_video`: each video brings its audio track, interleaved with its frames (HF's flag)."""
+    if not isinstance(use_audio_in_video, bool):
+        raise ValueError(f"model.use_audio_in_video must be true or false, got {use_audio_in_video!r}")
     text = hf_config.text_config.to_dict()
     text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # the thinker's, not its text config's
     part = {"path": path, "freeze": False, "projector": "identity"}
@@ -30,7 +33,7 @@ def expand(hf_config: Any, path: str) -> PartSpecs:
                 "name": "qwen2_5_omni_vision",
                 "modalities": ["image", "video"],
                 "config": hf_config.vision_config.to_dict(),
-                "options": {"processor_dir": processor_dir(path)},
+                "options": {"processor_dir": processor_dir(path), "use_audio_in_video": use_audio_in_video},
                 **part,
             },
             "audio": {
@@ -55,14 +58,21 @@ MARKERS = {
     "video": ("<|vision_bos|>", "<|VIDEO|>", "<|vision_eos|>"),
     "audio": ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"),
 }
+OPTIONS = ("use_audio_in_video",)
 QWEN2_5_OMNI_THINKER = PretrainedFamily(
-    name="qwen2_5_omni_thinker", expand=expand, markers=MARKERS, layout=LAYOUT, positions=_positions
+    name="qwen2_5_omni_thinker",
+    expand=expand,
+    markers=MARKERS,
+    layout=LAYOUT,
+    positions=_positions,
+    options=OPTIONS,
 )
 QWEN2_5_OMNI = PretrainedFamily(
     name="qwen2_5_omni",
-    expand=lambda hf_config, path: expand(hf_config.thinker_config, path),
+    expand=lambda hf_config, path, **options: expand(hf_config.thinker_config, path, **options),
     markers=MARKERS,
     layout={ours: "thinker." + theirs for ours, theirs in LAYOUT.items()},
     positions=lambda hf_config: _positions(hf_config.thinker_config),
     ignore=SPEECH,
+    options=OPTIONS,
 )

@@ -16,10 +16,15 @@ import argparse
 import io
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # digits.py, vq_tokenizer.py beside this file
+from digits import digit_image, heldout_scan
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DTMF = {
@@ -40,14 +45,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 MODALITIES = ("image", "video", "audio")
-COUNTS = {"image_qa": 600, "video_qa": 150, "audio_qa": 200, "text_qa": 200, "draw": 300}
-
-
-def digit_image(pixels: np.ndarray, size: int = 32):
-    from PIL import Image
-
-    gray = (pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+# Training samples per task; the data teach what the held-out split tests (see evaluate.py)
+COUNTS = {"image_qa": 1800, "video_qa": 1200, "audio_qa": 2400, "text_qa": 1200, "draw": 600}
+SHARDS = 10  # the recipe trains on shards 0-8 and evaluates on shard 9
+HELDOUT = {"image_qa": 100, "video_qa": 40, "audio_qa": 60, "text_qa": 100, "draw": 0}
+VQ_STEPS = 100  # ~35 s on 2 cores; held-out reconstructions are then read as their digit ~96%
 
 
 def png_bytes(img) -> bytes:
@@ -71,101 +73,94 @@ def mp4_bytes(frames: list, fps: int = 4) -> bytes:
     return buf.getvalue()
 
 
-def dtmf_wav(digits: list[int]) -> bytes:
+def dtmf_wav(digits: list[int], rng: random.Random) -> bytes:
+    """The digits dialed: each tone pair 0.2-0.3 s at a random level, pauses of 0.04-0.08 s, light noise."""
     import soundfile as sf
 
-    t = np.arange(int(0.25 * RATE)) / RATE
     parts = []
     for d in digits:
         lo, hi = DTMF[d]
-        parts += [0.4 * (np.sin(2 * np.pi * lo * t) + np.sin(2 * np.pi * hi * t)), np.zeros(int(0.05 * RATE))]
+        t = np.arange(int(rng.uniform(0.2, 0.3) * RATE)) / RATE
+        level = rng.uniform(0.25, 0.45)
+        parts += [level * (np.sin(2 * np.pi * lo * t) + np.sin(2 * np.pi * hi * t))]
+        parts += [np.zeros(int(rng.uniform(0.04, 0.08) * RATE))]
+    wave = np.concatenate(parts)
+    wave += np.random.default_rng(rng.randrange(2**32)).normal(0, 0.01, wave.shape)
     buf = io.BytesIO()
-    sf.write(buf, np.concatenate(parts).astype(np.float32), RATE, format="WAV")
+    sf.write(buf, wave.astype(np.float32), RATE, format="WAV")
     return buf.getvalue()
 
 
 def chat(user: list[dict], answer: list[dict] | str, i: int, source: str) -> dict:
     return {
         "id": f"{source}-{i:05d}",
+        "source": source,
         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
     }
 
 
-def make_raw(out: Path, seed: int = 0) -> dict[str, Path]:
+def make_docs(raw: Path, split: str, counts: dict[str, int], seed: int) -> list[dict]:
+    """The samples of one split (`train` or `heldout`): digit scans of that split only, fresh DTMF
+    recordings (random tone lengths, levels and noise), every task by `counts`."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = random.Random(seed)
-    by_digit = {d: [i for i, t in enumerate(digits.target) if t == d] for d in range(10)}
-    raw = out / "raw"
+    scans = [k for k in range(len(digits.target)) if heldout_scan(k) == (split == "heldout")]
+    by_digit = {d: [k for k in scans if digits.target[k] == d] for d in range(10)}
     for sub in ("images", "videos", "audio"):
         (raw / sub).mkdir(parents=True, exist_ok=True)
-    manifests: dict[str, list[dict]] = {k: [] for k in COUNTS}
-    for i in range(COUNTS["image_qa"]):
-        k = rng.randrange(len(digits.target))
+
+    def image(k: int) -> str:
         name = f"images/{k}.png"
         if not (raw / name).exists():
             (raw / name).write_bytes(png_bytes(digit_image(digits.images[k])))
+        return name
+
+    docs: list[dict] = []
+    for i in range(counts["image_qa"]):
+        k = rng.choice(scans)
         q = rng.choice(["What digit is this?", "Which number is written here?", "Read the digit."])
-        manifests["image_qa"].append(
-            chat(
-                [{"type": "image", "path": name}, {"type": "text", "text": q}],
-                f"It is {WORDS[digits.target[k]]}.",
-                i,
-                "image_qa",
-            )
-        )
-    for i in range(COUNTS["video_qa"]):
+        user = [{"type": "image", "path": image(k)}, {"type": "text", "text": q}]
+        docs.append(chat(user, f"It is {WORDS[digits.target[k]]}.", i, "image_qa"))
+    for i in range(counts["video_qa"]):
         seq = [rng.randrange(10) for _ in range(4)]
+        name = f"videos/{split}-{i}.mp4"
         frames = [digit_image(digits.images[rng.choice(by_digit[d])]) for d in seq]
-        name = f"videos/{i}.mp4"
         (raw / name).write_bytes(mp4_bytes(frames))
-        manifests["video_qa"].append(
-            chat(
-                [{"type": "video", "path": name}, {"type": "text", "text": "Which digits appear, in order?"}],
-                " ".join(WORDS[d] for d in seq),
-                i,
-                "video_qa",
-            )
-        )
-    for i in range(COUNTS["audio_qa"]):
+        user = [{"type": "video", "path": name}, {"type": "text", "text": "Which digits appear, in order?"}]
+        docs.append(chat(user, " ".join(WORDS[d] for d in seq), i, "video_qa"))
+    for i in range(counts["audio_qa"]):
         seq = [rng.randrange(10) for _ in range(rng.randint(1, 3))]
-        name = f"audio/{i}.wav"
-        (raw / name).write_bytes(dtmf_wav(seq))
-        manifests["audio_qa"].append(
-            chat(
-                [{"type": "audio", "path": name}, {"type": "text", "text": "Which digits were dialed?"}],
-                " ".join(WORDS[d] for d in seq),
-                i,
-                "audio_qa",
-            )
-        )
-    for i in range(COUNTS["text_qa"]):
+        name = f"audio/{split}-{i}.wav"
+        (raw / name).write_bytes(dtmf_wav(seq, rng))
+        user = [{"type": "audio", "path": name}, {"type": "text", "text": "Which digits were dialed?"}]
+        docs.append(chat(user, " ".join(WORDS[d] for d in seq), i, "audio_qa"))
+    for i in range(counts["text_qa"]):
         a, b = rng.randrange(10), rng.randrange(10)
         if a + b < 10:
             q, ans = f"What is {WORDS[a]} plus {WORDS[b]}?", WORDS[a + b]
         else:
             q, ans = f"Is {WORDS[a]} larger than {WORDS[b]}?", "yes" if a > b else "no"
-        manifests["text_qa"].append(chat([{"type": "text", "text": q}], ans, i, "text_qa"))
-    for i in range(COUNTS["draw"]):
-        k = rng.randrange(len(digits.target))
-        name = f"images/{k}.png"
-        if not (raw / name).exists():
-            (raw / name).write_bytes(png_bytes(digit_image(digits.images[k])))
-        manifests["draw"].append(
-            chat(
-                [{"type": "text", "text": f"Draw the digit {WORDS[digits.target[k]]}."}],
-                [{"type": "image", "path": name, "generate": True}],
-                i,
-                "draw",
-            )
-        )
-    # One shuffled manifest, so every shard mixes understanding and generation samples.
-    mixed = [{**d, "source": source} for source, docs in manifests.items() for d in docs]
-    rng.shuffle(mixed)
-    path = raw / "quickstart.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in mixed))
-    return {"quickstart": path}
+        docs.append(chat([{"type": "text", "text": q}], ans, i, "text_qa"))
+    for i in range(counts["draw"]):
+        k = rng.choice(scans)
+        user = [{"type": "text", "text": f"Draw the digit {WORDS[digits.target[k]]}."}]
+        docs.append(chat(user, [{"type": "image", "path": image(k), "generate": True}], i, "draw"))
+    return [{**d, "id": f"{split}-{d['id']}"} for d in docs]
+
+
+def make_raw(out: Path, seed: int = 0) -> dict[str, Path]:
+    """OUT/raw: media, the training manifest (quickstart.jsonl, shuffled so every shard mixes tasks) and
+    the held-out manifest (heldout.jsonl: scans and recordings no training sample uses; not sharded)."""
+    raw = out / "raw"
+    train = make_docs(raw, "train", COUNTS, seed)
+    random.Random(seed).shuffle(train)
+    paths = {"quickstart": raw / "quickstart.jsonl", "heldout": raw / "heldout.jsonl"}
+    paths["quickstart"].write_text("".join(json.dumps(d) + "\n" for d in train))
+    held = make_docs(raw, "heldout", HELDOUT, seed + 1)
+    paths["heldout"].write_text("".join(json.dumps(d) + "\n" for d in held))
+    return paths
 
 
 def train_tokenizer(out: Path, manifests: dict[str, Path]) -> Path:
@@ -173,11 +168,10 @@ def train_tokenizer(out: Path, manifests: dict[str, Path]) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     texts = []
-    for path in manifests.values():
-        for line in path.read_text().splitlines():
-            for m in json.loads(line)["messages"]:
-                c = m["content"]
-                texts.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c))
+    for line in manifests["quickstart"].read_text().splitlines():  # the training texts only
+        for m in json.loads(line)["messages"]:
+            c = m["content"]
+            texts.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c))
     specials = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
     for m in MODALITIES:
         specials += [f"<|{m}_start|>", f"<|{m}|>", f"<|{m}_end|>"]
@@ -217,7 +211,7 @@ def preprocess_spec(root: Path, manifests: dict[str, Path], tokenizer: Path, mod
                 }
             ],
             "output": str(root / "shards"),
-            "shard_samples": 150,
+            "shard_samples": -(-sum(COUNTS.values()) // SHARDS),
             "processor": {
                 "factory": "omni_train.assembly:preprocessing_processor",
                 "options": {"model": str(Path(model).resolve()), "tokenizer": str(tokenizer.resolve())},
@@ -225,6 +219,16 @@ def preprocess_spec(root: Path, manifests: dict[str, Path], tokenizer: Path, mod
             **overrides,
         }
     )
+
+
+def train_image_tokenizer(root: Path, model: str) -> Path:
+    """OUT/vq: the VQ-VAE of the recipe's image decoder, trained on the training scans (its `path`)."""
+    from vq_tokenizer import train_vq
+
+    with open(model) as f:
+        decoder = yaml.safe_load(f)["model"]["decoders"]["image_gen"]
+    print("training the image tokenizer (VQ-VAE) on the training digits")
+    return train_vq(decoder["config"], root / "vq", steps=VQ_STEPS)
 
 
 def build(
@@ -235,6 +239,7 @@ def build(
     root = Path(out)
     manifests = make_raw(root)
     tokenizer = train_tokenizer(root, manifests)
+    train_image_tokenizer(root, model)
     return run_preprocess(preprocess_spec(root, manifests, tokenizer, model, ray={"num_cpus": num_cpus}))
 
 

@@ -40,6 +40,7 @@ def overrides(data: Path, run_dir: Path, extra: list[str] = ()) -> list[str]:
         f"data.sources=[{{kind: webdataset, paths: '{data}/shards/shard-{{000000..000008}}.tar'}}]",
         f"data.eval_sources=[{{kind: webdataset, paths: '{data}/shards/shard-000009.tar'}}]",
         "data.streams=2",
+        "data.max_tokens=512",  # small micro-batches: parity at 1e-5 over a few steps, quick runs
         f"train.steps={STEPS}",
         "train.eval_every=6",
         "checkpoint.interval=2",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.e2e.conftest import RECIPE, overrides
+from tests.e2e.conftest import RECIPE, load_make_data, overrides
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -40,4 +40,6 @@ def test_all_shards_missing_fails_fast_and_half_missing_is_reported(quickstart_d
     report = json.loads((run_dir / "data_report.json").read_text())
     (source,) = report["sources"]
     assert source["shards"] == 9 and len(source["bad_shards"]) == 4
-    assert source["lost_samples"] == 4 * 150  # per the preprocessing job's index.parquet
+    make_data = load_make_data()
+    per_shard = -(-sum(make_data.COUNTS.values()) // make_data.SHARDS)
+    assert source["lost_samples"] == 4 * per_shard  # per the preprocessing job's index.parquet

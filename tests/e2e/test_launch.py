@@ -24,7 +24,9 @@ from tests.omni_dist.tiny import RTOL
 
 def _launch(data: Path, run_dir: Path, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "omni_train.cli", "launch", str(RECIPE)]
-    for o in overrides(data, run_dir, ["parallel.dp_shard=2", "launcher.num_workers=2", *extra]):
+    for o in overrides(
+        data, run_dir, ["parallel.dp_shard=2", "launcher.num_workers=2", "launcher.cpus_per_worker=1", *extra]
+    ):
         cmd += ["--set", o]
     env = {**os.environ, "RAY_ADDRESS": ""}
     return subprocess.Popen(

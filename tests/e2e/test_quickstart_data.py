@@ -45,5 +45,5 @@ def test_quickstart_dataset_builds_and_its_counts_match_training_time_processing
                 assert cu[k + 1] - cu[k] == by_id[sid]["llm_tokens"]
                 seen += 1
     assert seen == expected
-    tokens = json.loads(by_id[next(i for i in by_id if i.startswith("video"))]["media_tokens"])
+    tokens = json.loads(next(r for r in index if r["source"] == "video_qa")["media_tokens"])
     assert tokens["video"][0][0] == 32  # 4 frames of 32x32: 2 x 8 x 8 patches / 2x2 merge

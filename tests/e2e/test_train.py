@@ -100,25 +100,18 @@ def test_convert_exports_hf_parts_that_load(runs, tmp_path):
     assert torch.isfinite(out.logits).all()
 
 
-def test_generate_app_draws_from_a_trained_run(runs, tmp_path):
+def test_generate_command_draws_from_a_trained_run(runs, tmp_path):
     from PIL import Image
+    from typer.testing import CliRunner
+
+    from omni_train.cli import app
 
     run_dir = runs[2]["fsdp"][0]
-    app = Path(__file__).resolve().parents[2] / "apps" / "generate.py"
-    cmd = [
-        sys.executable,
-        str(app),
-        str(run_dir),
-        "--prompt",
-        "Draw the digit two.",
-        "--image",
-        "--out",
-        str(tmp_path),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "<|image_end|>" in result.stdout  # exactly one image's tokens, then the end marker
-    with Image.open(tmp_path / "000-0.png") as im:
+    argv = ["generate", str(run_dir), "--prompt", "Draw the digit two.", "--image-answer"]
+    result = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "gen.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "<|image_end|>" in result.output  # exactly one image's tokens, then the end marker
+    with Image.open(tmp_path / "prompt-0.png") as im:
         assert im.size == (32, 32)
 
 

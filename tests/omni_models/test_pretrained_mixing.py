@@ -78,7 +78,7 @@ def test_added_parts_leave_the_pretrained_model_exact_and_train(tmp_path):
     (model(batch).loss_sum / loss_tokens(batch)).backward()
     assert loss_tokens(batch) > batch.num_label_tokens
     assert (
-        model.projectors["audio"][0].weight.grad.any()
+        model.projectors["audio"][1].weight.grad.any()
         and model.decoders["image_gen"].head.proj_out.weight.grad.any()
     )
 

@@ -375,12 +375,14 @@ class JsonlSource(_FileSource):
                         yield Record(shard, index, key, None, SampleError("bad_json", str(e)), pos)
                         continue
                     files = doc.get("files", {}) if isinstance(doc, Mapping) else {}
-                    yield _record(shard, index, key, doc, self.name, _b64_lookup(files), read_path, pos)
+                    yield _record(shard, index, key, doc, self.name, inline_files(files), read_path, pos)
             except OSError as e:
                 yield Record(shard, pos, "", None, SampleError("shard_read", f"{type(e).__name__}: {e}"))
 
 
-def _b64_lookup(files: Any) -> Callable[[str], bytes | None]:
+def inline_files(files: Any) -> Callable[[str], bytes | None]:
+    """media_bytes of a JSONL document's `files` object (name -> base64); None for a name it lacks."""
+
     def get(name: str) -> bytes | None:
         value = files.get(name) if isinstance(files, Mapping) else None
         if not isinstance(value, str):

@@ -118,9 +118,10 @@ class Decoder(_ModalityPart, Protocol):
     omni_models.parallel (`plan`; `lm_encode`, `lm_head` and `lm_embed` become FSDP forward methods) and
     omni-train (`processor` of its modality), besides the nn.Module API.
 
-    Optional, read with getattr: `tower`, the HF module whose `_init_weights` initialises it, and
+    Optional, read with getattr: `tower`, the HF module whose `_init_weights` initialises it,
     `checkpoint_keys(name, tensor) -> {checkpoint name: tensor} | None`, as for an Encoder (a decoder's
-    checkpoint layout is its own module's: `path` loads and export writes the whole decoder).
+    checkpoint layout is its own module's: export writes the whole decoder), and `checkpoint_module`,
+    the module `path` fills (default: the whole decoder; e.g. only its VQ-VAE).
     """
 
     modalities: tuple[str, ...]  # exactly one generated modality

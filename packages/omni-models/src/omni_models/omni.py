@@ -76,7 +76,12 @@ def projector(kind: str, in_size: int, out_size: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(in_size, out_size)
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(in_size, out_size), nn.GELU(), nn.Linear(out_size, out_size))
+        # The LayerNorm first: a fresh tower's features are small and alike across inputs, so without it
+        # the first Linear's bias dominates the output (different images gave cosine 0.9999 at the
+        # quickstart's splice) and the LM sees almost no signal from the media until the tower grows.
+        return nn.Sequential(
+            nn.LayerNorm(in_size), nn.Linear(in_size, out_size), nn.GELU(), nn.Linear(out_size, out_size)
+        )
     raise ValueError(f"projector must be 'identity', 'linear' or 'mlp', got {kind!r}")
 
 

@@ -23,7 +23,9 @@ def _towers(model: OmniModel) -> dict[str, nn.Module]:
     for name, proj in model.projectors.items():
         out[f"projectors.{name}"] = proj
     for name, dec in model.decoders.items():
-        out[f"decoders.{name}"] = dec  # its own layout: the VQ model under `tower.`, head/aligner/embed
+        # its own layout (the VQ model under `tower.`, head/aligner/embed), or the module its `path`
+        # fills alone (a VQ-VAE directory)
+        out[f"decoders.{name}"] = getattr(dec, "checkpoint_module", dec)
     return out
 
 

@@ -170,6 +170,69 @@ def convert(
     typer.echo(f"wrote {', '.join(parts)} under {out}")
 
 
+@app.command()
+def generate(
+    run_dir: str = typer.Argument(..., help="A training run directory (config.yaml, checkpoints/)."),
+    prompt: str = typer.Option(
+        None, "--prompt", "-p", help="The user's text; --image/--video/--audio attach to it."
+    ),
+    image: Annotated[
+        list[str] | None, typer.Option("--image", help="An input image file (repeatable).")
+    ] = None,
+    video: Annotated[
+        list[str] | None, typer.Option("--video", help="An input video file (repeatable).")
+    ] = None,
+    audio: Annotated[
+        list[str] | None, typer.Option("--audio", help="An input audio file (repeatable).")
+    ] = None,
+    requests: str = typer.Option(
+        None,
+        "--requests",
+        help="JSONL: one sample document per line (the data schema); media paths relative to the file; "
+        'a trailing assistant turn is dropped; "image_answer": true draws.',
+    ),
+    out: str = typer.Option(
+        None,
+        "--out",
+        help="Answers as JSONL (id, prompt, answer, images); default RUN_DIR/generations.jsonl. "
+        "Images are written next to it as <id>-<k>.png.",
+    ),
+    step: int = typer.Option(None, "--step", help="Checkpoint step (default: the newest complete one)."),
+    max_new_tokens: int = typer.Option(
+        128, min=1, help="Generated positions per answer, image tokens included."
+    ),
+    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0: greedy."),
+    top_k: int = typer.Option(None, min=1, help="Sample only from the k most likely tokens."),
+    cfg_scale: float = typer.Option(None, help="Classifier-free guidance scale for image tokens."),
+    seed: int = typer.Option(0, help="Sampling seed; every request starts from it."),
+    image_answer: bool = typer.Option(
+        False, "--image-answer", help="Start every answer with the image start marker: the model draws."
+    ),
+) -> None:
+    """Answer prompts with a trained run: media in, text and images out (console, JSONL, PNG files)."""
+    from pathlib import Path
+
+    from omni_dist.checkpoint import CheckpointError
+    from omni_train.config import ConfigError
+    from omni_train.generate import GenerateError, Sampling, generate_answers, prompt_request, read_requests
+
+    media = {"image": image or [], "video": video or [], "audio": audio or []}
+    if prompt is None and requests is None:
+        raise typer.BadParameter("give --prompt TEXT or --requests FILE.jsonl (or both)")
+    if prompt is None and any(media.values()):
+        raise typer.BadParameter("--image/--video/--audio attach to --prompt: give one")
+    sampling = Sampling(max_new_tokens, temperature, top_k, cfg_scale, seed, image_answer)
+    try:
+        batch = [prompt_request(prompt, media)] if prompt is not None else []
+        batch += read_requests(requests) if requests is not None else []
+        generate_answers(
+            run_dir, batch, out or Path(run_dir) / "generations.jsonl", step, sampling, typer.echo
+        )
+    except (GenerateError, ConfigError, CheckpointError) as e:
+        typer.echo(f"generate error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _echo_learned(cfg, summary: dict) -> None:
     from omni_train.metrics import closing_summary
 

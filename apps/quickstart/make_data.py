@@ -4,10 +4,12 @@ targets.
 
     uv run python apps/quickstart/make_data.py [--out data/quickstart] [--model apps/quickstart/recipe.yaml]
 
-Writes raw media + JSONL manifests under OUT/raw, trains a byte-level BPE tokenizer (with the chat
-template and modality tokens) into OUT/tokenizer, then runs the preprocessing job (a local Ray
-cluster) into OUT/shards: WebDataset tars, index.parquet, errors.jsonl. Deterministic (seeded);
-re-running skips finished shards.
+Writes raw media + JSONL manifests under OUT/raw (quickstart.jsonl for training; heldout.jsonl, made from
+every fifth scan and its own recordings, for apps/quickstart/evaluate.py), trains a byte-level BPE
+tokenizer (with the chat template and modality tokens) into OUT/tokenizer and the image tokenizer (the
+recipe's VQ-VAE, vq_tokenizer.py) into OUT/vq, then runs the preprocessing job (a local Ray cluster) into
+OUT/shards: WebDataset tars, index.parquet, errors.jsonl. Deterministic (seeded); re-running skips
+finished shards.
 """
 
 from __future__ import annotations

@@ -310,7 +310,7 @@ class ChatProcessor:
                 raise SampleError(
                     "bad_field",
                     f"{m.item.modality} {m.item.name!r}: processed as interleaved parts, but its count has no "
-                    "layout (counts recorded by an older preprocessing? set use_recorded_counts: false)",
+                    "layout (counts recorded by a preprocessing for another model? re-run it for this one)",
                 )
             item = m.item
             media.append(

@@ -37,6 +37,7 @@ STEPS = 12
 def overrides(data: Path, run_dir: Path, extra: list[str] = ()) -> list[str]:
     return [
         f"data.tokenizer={data / 'tokenizer'}",
+        f"model.decoders.image_gen.path={data / 'vq'}",
         f"data.sources=[{{kind: webdataset, paths: '{data}/shards/shard-{{000000..000008}}.tar'}}]",
         f"data.eval_sources=[{{kind: webdataset, paths: '{data}/shards/shard-000009.tar'}}]",
         "data.streams=2",

@@ -33,6 +33,7 @@ def _data(root: Path) -> Path:
 def _run(data: Path, jsonl: Path, run_dir: Path, nproc: int, steps: int, extra: list[str]) -> None:
     sets = [
         f"data.tokenizer={data / 'tokenizer'}",
+        f"model.decoders.image_gen.path={data / 'vq'}",
         f"data.sources=[{{kind: jsonl, paths: '{jsonl}'}}]",
         "data.eval_sources=[]",
         "data.prepare=null",

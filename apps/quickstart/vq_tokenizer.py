@@ -26,6 +26,12 @@ def _images(scans8: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
 
 
+def _latents(vq, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's normalised latents of images `x`, one row per code position."""
+    z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
 def _quantize(vq, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(straight-through quantised latent, commitment + codebook loss, code indices)."""
     z = F.normalize(z, dim=1)
@@ -62,11 +68,7 @@ def _train(cfg, out: Path, steps: int, batch: int, seed: int) -> Path:
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     with torch.no_grad():  # codebook from the latents of the untrained encoder (no code starts dead)
-        z = (
-            F.normalize(vq.quant_conv(vq.encoder(images[:batch])), dim=1)
-            .permute(0, 2, 3, 1)
-            .reshape(-1, cfg.embed_dim)
-        )
+        z = _latents(vq, images[:batch])
         vq.quantize.embedding.weight.copy_(z[torch.randperm(len(z), generator=gen)[: cfg.num_embeddings]])
     for step in range(steps):
         x = images[torch.randint(len(images), (batch,), generator=gen)]
@@ -80,11 +82,7 @@ def _train(cfg, out: Path, steps: int, batch: int, seed: int) -> Path:
             dead = torch.ones(cfg.num_embeddings, dtype=torch.bool)
             dead[idx] = False
             if dead.any():
-                flat = (
-                    F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
-                    .permute(0, 2, 3, 1)
-                    .reshape(-1, cfg.embed_dim)
-                )
+                flat = _latents(vq, x)
                 pick = torch.randint(len(flat), (int(dead.sum()),), generator=gen)
                 vq.quantize.embedding.weight[dead] = flat[pick]
         if step % 100 == 0 or step == steps - 1:

@@ -72,32 +72,35 @@ def foundation_config(**kw) -> dict:
 
 
 def omni_config(freeze_encoders: bool = False, decoder: bool = False, **kw) -> OmniModelConfig:
-    return OmniModelConfig.from_dict(
-        {
-            "foundation": {"name": "qwen2", "config": foundation_config()},
-            "encoders": {
-                "vision": {
-                    "name": "qwen2_vl_vision",
-                    "modalities": ["image", "video"],
-                    "config": VISION,
-                    "options": VISION_OPTIONS,
-                    "freeze": freeze_encoders,
-                },
-                "audio": {
-                    "name": "whisper",
-                    "modalities": ["audio"],
-                    "config": WHISPER,
-                    "freeze": freeze_encoders,
-                },
+    return OmniModelConfig.from_dict(omni_spec(freeze_encoders, decoder, **kw))
+
+
+def omni_spec(freeze_encoders: bool = False, decoder: bool = False, **kw) -> dict:
+    """The tiny omni model's `model` section (image + video, audio; with `decoder`, VQ image generation)."""
+    return {
+        "foundation": {"name": "qwen2", "config": foundation_config()},
+        "encoders": {
+            "vision": {
+                "name": "qwen2_vl_vision",
+                "modalities": ["image", "video"],
+                "config": VISION,
+                "options": VISION_OPTIONS,
+                "freeze": freeze_encoders,
             },
-            **(
-                {"decoders": {"image_gen": {"name": "janus_vq", "modalities": ["image"], "config": VQ}}}
-                if decoder
-                else {}
-            ),
-            **kw,
-        }
-    )
+            "audio": {
+                "name": "whisper",
+                "modalities": ["audio"],
+                "config": WHISPER,
+                "freeze": freeze_encoders,
+            },
+        },
+        **(
+            {"decoders": {"image_gen": {"name": "janus_vq", "modalities": ["image"], "config": VQ}}}
+            if decoder
+            else {}
+        ),
+        **kw,
+    }
 
 
 def wav(seconds: float, seed: int, rate: int = 16000) -> bytes:

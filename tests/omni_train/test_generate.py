@@ -24,33 +24,11 @@ from omni_train.inference import load_trained
 from omni_train.local import _rank_entry
 from tests.harness import run_ranks
 from tests.omni_data.fixtures import png, tokenizer
-from tests.omni_models.omni_fixtures import (
-    VISION,
-    VISION_OPTIONS,
-    VQ,
-    WHISPER,
-    draw_sample,
-    foundation_config,
-    mp4,
-    sample,
-    wav,
-)
+from tests.omni_models.omni_fixtures import draw_sample, mp4, omni_spec, sample, wav
 
 NEW_TOKENS = 8
 DRAWN = 16  # the decoder's image side: VQ's 4 x 4 patches, 2 ** 2 pixels each
-MODEL = {
-    "foundation": {"name": "qwen2", "config": foundation_config()},
-    "encoders": {
-        "vision": {
-            "name": "qwen2_vl_vision",
-            "modalities": ["image", "video"],
-            "config": VISION,
-            "options": VISION_OPTIONS,
-        },
-        "audio": {"name": "whisper", "modalities": ["audio"], "config": WHISPER},
-    },
-    "decoders": {"image_gen": {"name": "janus_vq", "modalities": ["image"], "config": VQ}},
-}
+MODEL = omni_spec(decoder=True)
 
 
 @pytest.fixture(scope="module")

@@ -187,6 +187,7 @@ class ChatProcessor:
         self.use_recorded_counts = use_recorded_counts
         self.positions = positions
         self._names: dict[str, tuple[str, str, str]] = {}
+        self._layout_tokens: dict[str, int] = {}  # interleaved layouts' token ids, as first met
         self._ids: dict[str, tuple[int, int, int]] = {}
         vocab = tokenizer.get_vocab()
         for modality in {*self.media, *self.targets}:
@@ -268,13 +269,16 @@ class ChatProcessor:
 
     def _layout_ids(self, item: MediaItem, count: MediaCount) -> list[int]:
         """The token ids of an interleaved item's layout (its processor's runs, checked)."""
-        vocab = self.tokenizer.get_vocab()
-        unknown = sorted({t for t, _ in count.layout if t not in vocab})
-        if unknown:
-            raise ValueError(
-                f"the {item.modality} processor's layout names tokens {unknown} the tokenizer lacks"
-            )
-        ids = [vocab[t] for t, n in count.layout for _ in range(n)]
+        new = {t for t, _ in count.layout} - set(self._layout_tokens)
+        if new:  # each token looked up once: a vocabulary (~150K for Qwen) is costly to build per item
+            vocab = self.tokenizer.get_vocab()
+            unknown = sorted(t for t in new if t not in vocab)
+            if unknown:
+                raise ValueError(
+                    f"the {item.modality} processor's layout names tokens {unknown} the tokenizer lacks"
+                )
+            self._layout_tokens |= {t: vocab[t] for t in new}
+        ids = [self._layout_tokens[t] for t, n in count.layout for _ in range(n)]
         parts = {self._ids[m][1]: m for m in self.media}
         found = {parts[i] for i in ids if i in parts}
         if len(ids) != count.llm_tokens or found != {m for m, _ in count.part_units}:

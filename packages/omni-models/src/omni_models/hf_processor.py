@@ -28,7 +28,13 @@ def pretrained_processor(path: str) -> tuple[Any, dict[str, Any]]:
 
 def pretrained_part(path: str, modality: str) -> tuple[Any, dict[str, Any]]:
     """(the part of the directory's processor for `modality`, the keyword arguments its call passes it)."""
-    processor, merged = pretrained_processor(path)
+    return processor_part(*pretrained_processor(path), modality, path)
+
+
+def processor_part(
+    processor: Any, merged: dict[str, Any], modality: str, path: str
+) -> tuple[Any, dict[str, Any]]:
+    """pretrained_part of a processor already loaded (with its merged settings) from `path`."""
     part = getattr(processor, PARTS[modality], None)
     if part is None:
         raise ValueError(f"the processor in {path} ({type(processor).__name__}) has no {PARTS[modality]}")

@@ -180,7 +180,10 @@ class Qwen2_5OmniVisionTower(Qwen2_5_VLVisionEncoder):
             return proc
         from omni_models.encoders.qwen_omni_audio import OmniAudioProcessor
         from omni_models.encoders.qwen_omni_video_audio import OmniVideoAudioProcessor
-        from omni_models.hf_processor import pretrained_processor
+        from omni_models.hf_processor import pretrained_processor, processor_part
 
-        audio = OmniAudioProcessor(*pretrained_part(self._processor_dir, "audio"))
-        return OmniVideoAudioProcessor(proc, audio, *pretrained_processor(self._processor_dir))
+        hf, merged = pretrained_processor(
+            self._processor_dir
+        )  # loaded once for the audio part and the layout
+        audio = OmniAudioProcessor(*processor_part(hf, merged, "audio", self._processor_dir))
+        return OmniVideoAudioProcessor(proc, audio, hf, merged)

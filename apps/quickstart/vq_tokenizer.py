@@ -26,6 +26,11 @@ def _images(scans8: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2) * 2 - 1
 
 
+def image_size(cfg) -> int:
+    """The side (px) of the images a JanusVQVAEConfig's codes cover: the grid times the downsampling."""
+    return cfg.num_patches * 2 ** (len(cfg.channel_multiplier) - 1)
+
+
 def _latents(vq, x: torch.Tensor) -> torch.Tensor:
     """The encoder's normalised latents of images `x`, one row per code position."""
     z = F.normalize(vq.quant_conv(vq.encoder(x)), dim=1)
@@ -62,8 +67,7 @@ def _train(cfg, out: Path, steps: int, batch: int, seed: int) -> Path:
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
     vq = JanusVQVAE(cfg).train()
-    size = cfg.num_patches * 2 ** (len(cfg.channel_multiplier) - 1)
-    images = _images(scans("train")[0], size)
+    images = _images(scans("train")[0], image_size(cfg))
     opt = torch.optim.Adam(vq.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()

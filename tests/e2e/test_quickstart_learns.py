@@ -38,11 +38,13 @@ def test_the_image_tokenizer_reconstructs_held_out_digits(quickstart_data):
     vq = JanusVQVAE.from_pretrained(data / "vq").eval()
     scans, labels = digits.scans("heldout")
     with torch.no_grad():
-        codes = vq.encode(vq_tokenizer._images(scans, digits.SIZE)).image_tokens.view(len(scans), -1)
+        codes = vq.encode(vq_tokenizer._images(scans, vq_tokenizer.image_size(vq.config))).image_tokens.view(
+            len(scans), -1
+        )
         pixels = ((vq.decode(codes) + 1) / 2).clamp(0, 1).numpy()
     read = digits.DigitClassifier().predict(np.stack([digits.to_scan(p) for p in pixels]))
     assert (read == labels).mean() >= 0.9
-    assert codes.unique().numel() > 100  # the codebook is used, not collapsed
+    assert codes.unique().numel() > vq.config.num_embeddings // 2  # the codebook is used, not collapsed
 
 
 @pytest.mark.slow

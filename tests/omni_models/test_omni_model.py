@@ -9,7 +9,14 @@ from omni_dist.weights import materialize_
 from omni_models.config import ModelConfigError, OmniModelConfig, build_omni_model
 from omni_models.omni_weights import export_parts, init_omni_weights_, load_part_weights_
 from omni_models.parallel import omni_plan
-from tests.omni_models.omni_fixtures import chat_processor, micro_batch, omni_config, sample
+from tests.omni_models.omni_fixtures import (
+    chat_processor,
+    draw_sample,
+    micro_batch,
+    omni_config,
+    omni_spec,
+    sample,
+)
 
 MIXES = [("image", "audio"), ("video",), (), ("image",), ("audio", "video"), ("image", "video", "audio")]
 
@@ -72,6 +79,33 @@ def test_frozen_parts_get_no_gradient_and_no_optimizer_state():
     assert all(p not in opt.state for p in frozen)
     assert all(p in opt.state for p in model.projectors.parameters())
     assert all(p in opt.state for p in model.foundation.parameters())
+
+
+def test_a_decoder_loss_weight_scales_its_part_of_the_loss_only():
+    """loss_sum = text + w * image codes; parts are reported unweighted; the decoder head's gradient
+    (it reads the image-code loss alone) scales by w."""
+
+    def run(weight):
+        spec = omni_spec(decoder=True)
+        spec["decoders"]["image_gen"]["loss_weight"] = weight
+        model = _model(OmniModelConfig.from_dict(spec), seed=3)
+        out = model(micro_batch(chat_processor(model), [draw_sample(0), sample(1, ("image",))]))
+        out.loss_sum.backward()
+        head = [p for n, p in model.decoders["image_gen"].named_parameters() if n.startswith("head.")]
+        return out, torch.cat([p.grad.flatten() for p in head])
+
+    (one, g1), (quarter, g4) = run(1.0), run(0.25)
+    assert one.parts["image_gen"][1] > 0 and one.parts["text"][1] > 0
+    for name in ("text", "image_gen"):
+        assert quarter.parts[name][0].item() == pytest.approx(one.parts[name][0].item(), rel=1e-6)
+    text, codes = one.parts["text"][0].item(), one.parts["image_gen"][0].item()
+    assert quarter.loss_sum.item() == pytest.approx(text + 0.25 * codes, rel=1e-6)
+    assert torch.allclose(g4, 0.25 * g1, rtol=1e-5, atol=1e-9)
+    for bad in (0, -1.0, "x", float("nan")):
+        spec = omni_spec(decoder=True)
+        spec["decoders"]["image_gen"]["loss_weight"] = bad
+        with pytest.raises(ModelConfigError, match="loss_weight must be a positive number"):
+            OmniModelConfig.from_dict(spec)
 
 
 def test_config_is_validated():

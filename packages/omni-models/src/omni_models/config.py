@@ -17,12 +17,14 @@ same part specs (each with `path` = the directory); extra encoders/decoders may 
 
 `config` holds the part's HF config fields (tiny ones in tests, the real ones for users); `path`
 names a directory whose safetensors fill the part (`load_part_weights_`); `plan` overrides the
-part's default ParallelPlan. Frozen parts get requires_grad=False: no gradients, no optimizer state.
+part's default ParallelPlan. A decoder's `loss_weight` (default 1) scales its token losses in the
+training loss. Frozen parts get requires_grad=False: no gradients, no optimizer state.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -97,9 +99,15 @@ class EncoderConfig(_PartConfig):
 @dataclass(frozen=True)
 class DecoderConfig(_PartConfig):
     freeze: bool = False  # its VQ model is always frozen; this freezes the embedding and head too
+    # The weight of its token losses beside the text's: many high-entropy image codes per sample would
+    # otherwise dominate the few answer tokens of the understanding tasks.
+    loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self._check("decoder", DECODERS)
+        w = self.loss_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w <= 0:
+            raise ModelConfigError(f"decoder {self.name!r}: loss_weight must be a positive number, got {w!r}")
 
 
 @dataclass(frozen=True)
@@ -227,7 +235,8 @@ def build_omni_model(cfg: OmniModelConfig) -> OmniModel:
         )
         for name, d in cfg.decoders.items()
     }
-    model = OmniModel(foundation, encoders, projectors, decoders)
+    weights = {name: float(d.loss_weight) for name, d in cfg.decoders.items()}
+    model = OmniModel(foundation, encoders, projectors, decoders, weights)
     model.foundation.requires_grad_(not cfg.foundation.freeze)
     for name, e in cfg.encoders.items():
         model.encoders[name].requires_grad_(not e.freeze)

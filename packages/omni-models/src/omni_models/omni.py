@@ -33,7 +33,9 @@ from omni_models.flops import transformer_flops
 
 @dataclass
 class OmniOutput:
-    loss_sum: torch.Tensor  # summed token losses of this rank's tokens (fp32): text + every decoder
+    loss_sum: (
+        torch.Tensor
+    )  # summed token losses of this rank's tokens (fp32): text + every decoder (weighted)
     label_tokens: int  # tokens that contributed to loss_sum
     parts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # "text" / decoder -> (sum, n)
     # MoE foundations: this rank's share of the micro-batch's load-balancing loss (shares add up over
@@ -92,8 +94,11 @@ class OmniModel(nn.Module):
         encoders: Mapping[str, nn.Module],
         projectors: Mapping[str, nn.Module],
         decoders: Mapping[str, nn.Module] | None = None,
+        loss_weights: Mapping[str, float] | None = None,
     ):
+        """`loss_weights`: a decoder's token losses count this much in `loss_sum` (default 1)."""
         super().__init__()
+        self.loss_weights = dict(loss_weights or {})
         self.foundation = foundation
         self.encoders = nn.ModuleDict(dict(encoders))
         self.projectors = nn.ModuleDict(dict(projectors))
@@ -216,8 +221,8 @@ class OmniModel(nn.Module):
             hidden = lm.hidden_states[-1][0, before[keep]]
             scores = decoder.lm_head(hidden).float()
             part = F.cross_entropy(scores, t.codes[keep].to(scores.device), reduction="sum")
-            parts[name] = (part, int(keep.numel()))
-            loss = loss + part
+            parts[name] = (part, int(keep.numel()))  # reported unweighted: nats per code
+            loss = loss + self.loss_weights.get(name, 1.0) * part
         out = OmniOutput(loss, sum(n for _, n in parts.values()), parts)
         if self._moe:
             real = torch.arange(batch.input_ids.shape[1], device=embeds.device) < batch.num_tokens

@@ -49,7 +49,7 @@ def _quantize(vq, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return q, loss, idx
 
 
-def train_vq(config: dict[str, Any], out: Path, steps: int = 300, batch: int = 64, seed: int = 0) -> Path:
+def train_vq(config: dict[str, Any], out: Path, steps: int = 300, batch: int = 32, seed: int = 0) -> Path:
     """Train the VQ-VAE of `config` (a JanusVQVAEConfig's fields) on the training scans; save it to `out`."""
     from transformers import JanusVQVAEConfig
 

@@ -1,8 +1,8 @@
 """The quickstart learns what its data teach: the README's recipe, trained as it is (one local process, no
-Ray), then asked about held-out digits it never saw (apps/quickstart/evaluate.py, greedy answers). Seeded;
-the bounds sit above chance and below what the recipe reached in runs whose steps, data or threads differed
-(image 0.65-0.82, video positions 0.22-0.46, audio digits 0.36-1.00, arithmetic 0.69-0.90): video is the
-least stable. Drawings are not bounded: they are read as the digit asked for at about chance yet (0-30%)."""
+Ray), then asked about held-out digits it never saw (apps/quickstart/evaluate.py, greedy answers) and to
+draw every digit. Seeded; the bounds sit well above chance and below the lowest of the runs measured with
+this recipe (image 0.86-0.97, video positions 0.46-0.79, audio digits 1.00, arithmetic 0.73-0.98, drawings
+read as the digit asked for: greedy 1.00, sampled 0.73-0.80): video varies most from run to run."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from omni_train.local import run_local
 from tests.e2e.conftest import RECIPE, ROOT
 
 # (task, lowest held-out accuracy, chance)
-BOUNDS = [("image_qa", 0.5, 0.1), ("video_qa", 0.15, 0.1), ("audio_qa", 0.3, 0.1), ("text_qa", 0.6, 0.3)]
+BOUNDS = [("image_qa", 0.7, 0.1), ("video_qa", 0.3, 0.1), ("audio_qa", 0.8, 0.1), ("text_qa", 0.6, 0.3)]
+DRAW_BOUNDS = {"greedy": 0.6, "sampled": 0.3}  # of 10 drawings each, chance 0.1
 
 
 def _module(name: str):
@@ -64,6 +65,7 @@ def test_the_quickstart_recipe_learns_every_modality(quickstart_data, tmp_path):
     for task, low, chance in BOUNDS:
         assert results[task]["chance"] <= chance, task
         assert results[task]["accuracy"] >= low, (task, results[task])
-    draw = results["draw"]  # evaluated (10 greedy, 10 sampled drawings read by the classifier), not bounded
-    assert draw["greedy"]["of"] == 10 and draw["sampled"]["of"] == 10
+    draw = results["draw"]  # 10 greedy and 10 sampled drawings, read by the digit classifier
+    for mode, low in DRAW_BOUNDS.items():
+        assert draw[mode]["of"] == 10 and draw[mode]["accuracy"] >= low, (mode, draw)
     assert (tmp_path / "run/draw_grid.png").is_file()

@@ -173,14 +173,21 @@ MOE_FOUNDATION = (
 
 def test_moe_foundation_with_expert_parallel_matches_one_process(quickstart_data, tmp_path):
     """The quickstart omni model on a Qwen3-MoE foundation: ep=2 (FSDP 2, chunked async dispatch, both
-    local expert computations; and sp=2 x ep=2) trains like one process, load-balancing loss included."""
+    local expert computations; and sp=2 x ep=2) trains like one process, load-balancing loss included.
+    The EP runs compute the text and image-code losses 8 positions at a time; the one process all logits."""
     data, _ = quickstart_data
     steps = ["train.steps=6", "train.eval_every=0"]
     layouts = {
-        "single": (1, []),
-        "ep2_async": (2, ["parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_async=2"]),
+        "single": (1, ["train.loss_chunk=0"]),
+        "ep2_async": (
+            2,
+            ["parallel.dp_shard=2", "parallel.ep=2", "parallel.ep_async=2", "train.loss_chunk=8"],
+        ),
         "ep2_loop": (2, ["parallel.dp_shard=2", "parallel.ep=2", "parallel.expert_compute=loop"]),
-        "sp2_ep2": (2, ["parallel.sp=2", "parallel.ep=2"]),  # the aux loss of a sequence split over SP
+        "sp2_ep2": (
+            2,
+            ["parallel.sp=2", "parallel.ep=2", "train.loss_chunk=8"],
+        ),  # aux loss of a sequence split over SP
     }
     metrics = {}
     for name, (n, extra) in layouts.items():

@@ -108,6 +108,33 @@ def test_a_decoder_loss_weight_scales_its_part_of_the_loss_only():
             OmniModelConfig.from_dict(spec)
 
 
+def test_the_chunked_loss_head_equals_all_logits():
+    """loss_chunk > 0 (the text head on the labelled positions' last hidden states, the decoder head
+    through lm_loss, a few positions of logits at a time) == all logits at once: loss, parts and every
+    parameter's gradient."""
+    model = _model(omni_config(decoder=True), seed=5)
+    proc = chat_processor(model)
+    batch = micro_batch(proc, [draw_sample(0), sample(1, ("image", "audio")), draw_sample(3), sample(2, ())])
+
+    def run(chunk):
+        model.loss_chunk = chunk
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        out.loss_sum.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (full, want), (chunked, got) = run(0), run(3)
+    assert full.parts["text"][1] > 3 and full.parts["image_gen"][1] > 3  # both heads run several chunks
+    assert chunked.loss_sum.item() == pytest.approx(full.loss_sum.item(), rel=1e-6)
+    for name, (value, n) in full.parts.items():
+        assert chunked.parts[name][1] == n and chunked.parts[name][0].item() == pytest.approx(
+            value.item(), rel=1e-6
+        )
+    assert got.keys() == want.keys() and len(want) > 20
+    for name, g in want.items():  # fp32: only the order of the sums differs
+        assert (got[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+
+
 def test_config_is_validated():
     good = {"foundation": {"name": "qwen2"}, "encoders": {"v": {"name": "siglip", "modalities": ["image"]}}}
     OmniModelConfig.from_dict(good)

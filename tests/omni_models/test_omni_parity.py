@@ -1,4 +1,6 @@
-"""The omni model under FSDP2 (2 ranks) and dp_shard=2 x sp=2 (4 ranks) trains as one process does.
+"""The omni model under FSDP2 (2 ranks) and dp_shard=2 x sp=2 (4 ranks) trains as one process does; the
+ranks compute their text and image-code losses in chunks of 2 positions (recomputed in backward), the
+one process all logits at once.
 
 Ranks see different modality mixes (some micro-batches lack video, audio or a generation target
 entirely), so the dummy encoder and decoder passes are exercised under real FSDP collectives; the loss
@@ -87,6 +89,7 @@ def _parallel_rank(dims: dict) -> dict:
     report = parallelize_omni(model, mesh, cfg)
     materialize_(model, "cpu")
     init_omni_weights_(model, 7)
+    model.loss_chunk = 2  # the chunked loss heads, against all logits at once in one process
     sp = SequenceParallel.from_mesh(mesh["sp"]) if mesh.dims.sp > 1 else None
     batches = _batches(model, mesh.dp_rank, mesh.dims.sp)
     with warnings.catch_warnings(record=True) as caught:

@@ -113,9 +113,10 @@ class Decoder(_ModalityPart, Protocol):
     number of discrete codes per item (e.g. VQ image tokens).
 
     Built as `DECODERS[name](config: dict, modalities=(modality,), hidden_size=<foundation width>,
-    **options)`. Called by OmniModel for training (`modalities`, `lm_encode`, `lm_head`, `dummy_media`,
+    **options)`. Called by OmniModel for training (`modalities`, `lm_encode`, `lm_loss`, `dummy_media`,
     `flops`), omni_models.generate for sampling (`tokens`, `lm_head`, `lm_embed`, `lm_generate`),
-    omni_models.parallel (`plan`; `lm_encode`, `lm_head` and `lm_embed` become FSDP forward methods) and
+    omni_models.parallel (`plan`; `lm_encode`, `lm_loss`, `lm_head` and `lm_embed` become FSDP forward
+    methods) and
     omni-train (`processor` of its modality), besides the nn.Module API.
 
     Optional, read with getattr: `tower`, the HF module whose `_init_weights` initialises it,
@@ -134,6 +135,12 @@ class Decoder(_ModalityPart, Protocol):
 
     def lm_head(self, hidden: torch.Tensor, /) -> torch.Tensor:
         """Foundation hidden states (n, hidden_size) -> logits (n, codebook) of the next code."""
+        ...
+
+    def lm_loss(self, hidden: torch.Tensor, codes: torch.Tensor, chunk: int, /) -> torch.Tensor:
+        """Summed fp32 cross-entropy of the head's logits for `hidden` (n, hidden_size) against `codes` (n,),
+        `chunk` rows of logits at a time (0: all; omni_dist.loss_head.head_cross_entropy). It must not call
+        the registered `lm_head` (a nested FSDP forward method would regather per chunk)."""
         ...
 
     def lm_embed(self, codes: torch.Tensor, /) -> torch.Tensor:
@@ -163,6 +170,11 @@ class Foundation(Protocol):
 
     def get_input_embeddings(self) -> nn.Module:
         """The token embedding (ids (1, T) -> (1, T, hidden_size)); media features are spliced into its output."""
+        ...
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The vocabulary head (hidden states (n, hidden_size) -> logits (n, vocab)); the chunked loss head
+        calls it on the labelled positions' last hidden states."""
         ...
 
     def set_attn_implementation(self, attn_implementation: str, /) -> None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni_dist.attention import SequenceParallel
+from omni_dist.loss_head import head_cross_entropy
 from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.packed import PackedBatch
 from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
@@ -96,9 +97,14 @@ class OmniModel(nn.Module):
         decoders: Mapping[str, nn.Module] | None = None,
         loss_weights: Mapping[str, float] | None = None,
     ):
-        """`loss_weights`: a decoder's token losses count this much in `loss_sum` (default 1)."""
+        """`loss_weights`: a decoder's token losses count this much in `loss_sum` (default 1).
+
+        `loss_chunk` (set by whoever runs it; 0 by default): the text and decoder heads compute logits
+        for this many positions at a time, recomputed in backward (omni_dist.loss_head), so the loss
+        never holds (labelled tokens x vocab) logits; 0: all at once."""
         super().__init__()
         self.loss_weights = dict(loss_weights or {})
+        self.loss_chunk = 0
         self.foundation = foundation
         self.encoders = nn.ModuleDict(dict(encoders))
         self.projectors = nn.ModuleDict(dict(projectors))
@@ -190,8 +196,10 @@ class OmniModel(nn.Module):
         if sp is not None:
             positions, labels = slice_for_sp(positions, sp, dim=-1), slice_for_sp(labels, sp)
         # Logits only where a text label is (media placeholders and prompts have none): the LM head's
-        # memory and FLOPs follow the labelled tokens, not the sequence.
+        # memory and FLOPs follow the labelled tokens, not the sequence. Chunked, the foundation returns
+        # no logits and the head runs on the labelled positions' last hidden states here.
         labelled = torch.nonzero(labels != IGNORE_INDEX).flatten()
+        chunked = self.loss_chunk > 0
         lm = self.foundation(
             inputs_embeds=embeds,
             position_ids=positions,
@@ -204,12 +212,17 @@ class OmniModel(nn.Module):
             # Only the last hidden state (the decoders read it). All of them would include the input
             # embeddings, which FSDP's pre-forward hands on as a view: returned from the foundation's
             # unit, an in-place op on that view would skip FSDP's pre-backward hook.
-            output_hidden_states=-1 if self.decoders else False,
-            logits_to_keep=labelled,
+            output_hidden_states=-1 if self.decoders or chunked else False,
+            logits_to_keep=labelled[:0] if chunked else labelled,
             **({"output_router_logits": True} if self._moe else {}),
         )
-        logits = lm.logits[0].float()
-        loss = F.cross_entropy(logits, labels[labelled].to(logits.device), reduction="sum")
+        targets = labels[labelled].to(embeds.device)
+        if chunked:
+            head = self.foundation.get_output_embeddings()
+            hidden = lm.hidden_states[-1][0, labelled]
+            loss = head_cross_entropy(head, hidden, targets, self.loss_chunk)
+        else:
+            loss = F.cross_entropy(lm.logits[0].float(), targets, reduction="sum")
         parts = {"text": (loss, int(labelled.numel()))}
         start = 0 if sp is None else sp.rank * embeds.shape[1]
         for name, decoder in self.decoders.items():
@@ -219,8 +232,7 @@ class OmniModel(nn.Module):
             before = t.positions - 1 - start
             keep = torch.nonzero(_predicted_here(t.positions, start, embeds.shape[1])).flatten()
             hidden = lm.hidden_states[-1][0, before[keep]]
-            scores = decoder.lm_head(hidden).float()
-            part = F.cross_entropy(scores, t.codes[keep].to(scores.device), reduction="sum")
+            part = decoder.lm_loss(hidden, t.codes[keep].to(hidden.device), self.loss_chunk)
             parts[name] = (part, int(keep.numel()))  # reported unweighted: nats per code
             loss = loss + self.loss_weights.get(name, 1.0) * part
         out = OmniOutput(loss, sum(n for _, n in parts.values()), parts)

@@ -8,7 +8,7 @@ method so its unit gathers parameters around it.
 
 from __future__ import annotations
 
-from torch.distributed.fsdp import register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from omni_dist.mesh import ParallelMesh
 from omni_dist.parallelize import ParallelizeConfig, ParallelizeReport, parallelize
@@ -59,9 +59,13 @@ def parallelize_omni(
     model: OmniModel, mesh: ParallelMesh, cfg: OmniModelConfig, config: ParallelizeConfig | None = None
 ) -> ParallelizeReport:
     report = parallelize(model, mesh, omni_plan(model, cfg), config)
+    if isinstance(model.foundation, FSDPModule):
+        # The chunked loss head calls the foundation's LM head after its forward and again in backward:
+        # its own parameters (LM head, final norm) stay gathered from forward to backward.
+        model.foundation.set_reshard_after_forward(False, recurse=False)
     for encoder in model.encoders.values():
         register_fsdp_forward_method(encoder, "lm_encode")
     for decoder in model.decoders.values():
-        for method in ("lm_encode", "lm_head", "lm_embed"):
+        for method in ("lm_encode", "lm_loss", "lm_head", "lm_embed"):
             register_fsdp_forward_method(decoder, method)
     return report

@@ -57,6 +57,7 @@ def build_model(cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> B
     loaded = load_part_weights_(model, spec)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     init_omni_weights_(model, cfg.train.seed, names=names - loaded)
+    model.loss_chunk = cfg.train.loss_chunk
     return BuiltModel(model, report, loaded)
 
 

@@ -98,6 +98,9 @@ class TrainSection(_Section):
     eval_every: int = Field(0, ge=0)  # 0: no evaluation
     eval_steps: int = Field(4, ge=0)  # eval steps per evaluation; 0: the whole eval set
     max_bad_steps: int = Field(5, ge=1)  # consecutive non-finite losses before the run stops
+    # Positions whose logits the loss heads compute at once (recomputed in backward): memory
+    # O(chunk x vocab), not O(labelled tokens x vocab); 0: all logits at once.
+    loss_chunk: int = Field(4096, ge=0)
 
 
 class CheckpointSection(_Section):

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.models.janus.configuration_janus import JanusVQVAEConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE, JanusVQVAEAlignerMLP, JanusVQVAEHead
 
+from omni_dist.loss_head import head_cross_entropy
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
@@ -124,6 +125,9 @@ class JanusVQImageDecoder(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Foundation hidden states -> logits over the codebook (the next image token)."""
         return self.head(hidden)
+
+    def lm_loss(self, hidden: torch.Tensor, codes: torch.Tensor, chunk: int) -> torch.Tensor:
+        return head_cross_entropy(self.head, hidden, codes, chunk)
 
     @torch.no_grad()
     def lm_generate(self, codes: torch.Tensor) -> torch.Tensor:

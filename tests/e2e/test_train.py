@@ -112,7 +112,7 @@ def test_generate_command_draws_from_a_trained_run(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "<|image_end|>" in result.output  # exactly one image's tokens, then the end marker
     with Image.open(tmp_path / "prompt-0.png") as im:
-        assert im.size == (32, 32)
+        assert im.size == (16, 16)  # the recipe's VQ decoder: 4 x 4 codes of 4 x 4 px
 
 
 def _accumulation_rank(data: str) -> tuple[list[float], list[float]]:

@@ -314,6 +314,9 @@ class FixedArgsFoundation(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.embed
 
+    def get_output_embeddings(self) -> nn.Module:
+        return self.embed
+
     def set_attn_implementation(self, name: str) -> None:
         pass
 

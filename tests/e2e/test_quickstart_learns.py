@@ -2,7 +2,7 @@
 Ray), then asked about held-out digits it never saw (apps/quickstart/evaluate.py, greedy answers) and to
 draw every digit. Seeded; the bounds sit well above chance and below the lowest of the runs measured with
 this recipe (image 0.86-0.98, video positions 0.46-0.79, audio digits 1.00, arithmetic 0.73-1.00, drawings
-read as the digit asked for: greedy 0.5-1.0, sampled 0.5-0.8): video and drawing vary most from run to run."""
+read as the digit asked for: greedy 0.5-1.0, sampled 0.33-0.8): video and drawing vary most from run to run."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.e2e.conftest import RECIPE, ROOT
 
 # (task, lowest held-out accuracy, chance)
 BOUNDS = [("image_qa", 0.7, 0.1), ("video_qa", 0.3, 0.1), ("audio_qa", 0.8, 0.1), ("text_qa", 0.6, 0.3)]
-DRAW_BOUNDS = {"greedy": 0.4, "sampled": 0.3}  # of 10 drawings each, chance 0.1
+DRAW_BOUNDS = {"greedy": 0.3, "sampled": 0.2}  # of 10 drawings each, chance 0.1
 
 
 def _module(name: str):

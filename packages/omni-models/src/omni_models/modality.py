@@ -116,8 +116,7 @@ class Decoder(_ModalityPart, Protocol):
     **options)`. Called by OmniModel for training (`modalities`, `lm_encode`, `lm_loss`, `dummy_media`,
     `flops`), omni_models.generate for sampling (`tokens`, `lm_head`, `lm_embed`, `lm_generate`),
     omni_models.parallel (`plan`; `lm_encode`, `lm_loss`, `lm_head` and `lm_embed` become FSDP forward
-    methods) and
-    omni-train (`processor` of its modality), besides the nn.Module API.
+    methods) and omni-train (`processor` of its modality), besides the nn.Module API.
 
     Optional, read with getattr: `tower`, the HF module whose `_init_weights` initialises it,
     `checkpoint_keys(name, tensor) -> {checkpoint name: tensor} | None`, as for an Encoder (a decoder's

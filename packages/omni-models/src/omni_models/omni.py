@@ -34,9 +34,7 @@ from omni_models.flops import transformer_flops
 
 @dataclass
 class OmniOutput:
-    loss_sum: (
-        torch.Tensor
-    )  # summed token losses of this rank's tokens (fp32): text + every decoder (weighted)
+    loss_sum: torch.Tensor  # this rank's summed token losses (fp32): text + every decoder, weighted
     label_tokens: int  # tokens that contributed to loss_sum
     parts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)  # "text" / decoder -> (sum, n)
     # MoE foundations: this rank's share of the micro-batch's load-balancing loss (shares add up over
@@ -100,8 +98,8 @@ class OmniModel(nn.Module):
         """`loss_weights`: a decoder's token losses count this much in `loss_sum` (default 1).
 
         `loss_chunk` (set by whoever runs it; 0 by default): the text and decoder heads compute logits
-        for this many positions at a time, recomputed in backward (omni_dist.loss_head), so the loss
-        never holds (labelled tokens x vocab) logits; 0: all at once."""
+        for this many positions at a time (omni_dist.loss_head), so the loss never holds (labelled
+        tokens x vocab) logits; 0: all at once."""
         super().__init__()
         self.loss_weights = dict(loss_weights or {})
         self.loss_chunk = 0

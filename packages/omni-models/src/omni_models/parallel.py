@@ -60,8 +60,8 @@ def parallelize_omni(
 ) -> ParallelizeReport:
     report = parallelize(model, mesh, omni_plan(model, cfg), config)
     if isinstance(model.foundation, FSDPModule):
-        # The chunked loss head calls the foundation's LM head after its forward and again in backward:
-        # its own parameters (LM head, final norm) stay gathered from forward to backward.
+        # The chunked loss head runs the foundation's LM head after the foundation's forward: the unit's
+        # own parameters (LM head, final norm) stay gathered until its backward.
         model.foundation.set_reshard_after_forward(False, recurse=False)
     for encoder in model.encoders.values():
         register_fsdp_forward_method(encoder, "lm_encode")

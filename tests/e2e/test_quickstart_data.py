@@ -46,4 +46,4 @@ def test_quickstart_dataset_builds_and_its_counts_match_training_time_processing
                 seen += 1
     assert seen == expected
     tokens = json.loads(next(r for r in index if r["source"] == "video_qa")["media_tokens"])
-    assert tokens["video"][0][0] == 32  # 4 frames of 32x32: 2 x 8 x 8 patches / 2x2 merge
+    assert tokens["video"][0][0] == 64  # 4 frames of 32x32: 4 x 8 x 8 patches (a patch per frame) / 2x2 merge

@@ -21,7 +21,6 @@ from functools import cached_property
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from omni_dist.attention import SequenceParallel
@@ -193,11 +192,10 @@ class OmniModel(nn.Module):
         positions, labels = batch.position_ids, batch.labels[0]
         if sp is not None:
             positions, labels = slice_for_sp(positions, sp, dim=-1), slice_for_sp(labels, sp)
-        # Logits only where a text label is (media placeholders and prompts have none): the LM head's
-        # memory and FLOPs follow the labelled tokens, not the sequence. Chunked, the foundation returns
-        # no logits and the head runs on the labelled positions' last hidden states here.
+        # Logits only where a text label is (media placeholders and prompts have none): the foundation
+        # returns none, and its LM head runs here on the labelled positions' last hidden states, so the
+        # head's memory and FLOPs follow the labelled tokens (in chunks of `loss_chunk`), not the sequence.
         labelled = torch.nonzero(labels != IGNORE_INDEX).flatten()
-        chunked = self.loss_chunk > 0
         lm = self.foundation(
             inputs_embeds=embeds,
             position_ids=positions,
@@ -207,20 +205,15 @@ class OmniModel(nn.Module):
             max_length_k=batch.max_seqlen,
             use_cache=False,
             sequence_parallel=sp,
-            # Only the last hidden state (the decoders read it). All of them would include the input
+            # Only the last hidden state (the heads read it). All of them would include the input
             # embeddings, which FSDP's pre-forward hands on as a view: returned from the foundation's
             # unit, an in-place op on that view would skip FSDP's pre-backward hook.
-            output_hidden_states=-1 if self.decoders or chunked else False,
-            logits_to_keep=labelled[:0] if chunked else labelled,
+            output_hidden_states=-1,
+            logits_to_keep=labelled[:0],
             **({"output_router_logits": True} if self._moe else {}),
         )
-        targets = labels[labelled].to(embeds.device)
-        if chunked:
-            head = self.foundation.get_output_embeddings()
-            hidden = lm.hidden_states[-1][0, labelled]
-            loss = head_cross_entropy(head, hidden, targets, self.loss_chunk)
-        else:
-            loss = F.cross_entropy(lm.logits[0].float(), targets, reduction="sum")
+        head, targets = self.foundation.get_output_embeddings(), labels[labelled].to(embeds.device)
+        loss = head_cross_entropy(head, lm.hidden_states[-1][0, labelled], targets, self.loss_chunk)
         parts = {"text": (loss, int(labelled.numel()))}
         start = 0 if sp is None else sp.rank * embeds.shape[1]
         for name, decoder in self.decoders.items():

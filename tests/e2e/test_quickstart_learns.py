@@ -1,8 +1,8 @@
 """The quickstart learns what its data teach: the README's recipe, trained as it is (one local process, no
 Ray), then asked about held-out digits it never saw (apps/quickstart/evaluate.py, greedy answers) and to
 draw every digit. Seeded; the bounds sit well above chance and below the lowest of the runs measured with
-this recipe (image 0.86-0.98, video positions 0.53-0.94, audio digits 1.00, arithmetic 0.73-1.00, drawings
-read as the digit asked for: greedy 0.5-1.0, sampled 0.27-0.8): drawing varies most from run to run."""
+this recipe (image 0.86-0.98, video positions 0.53-0.94, audio digits 0.98-1.00, arithmetic 0.73-1.00;
+drawings read as the digit asked for, taught from each digit's typical scans: greedy 1.0, sampled 0.97)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.e2e.conftest import RECIPE, ROOT
 
 # (task, lowest held-out accuracy, chance)
 BOUNDS = [("image_qa", 0.7, 0.1), ("video_qa", 0.3, 0.1), ("audio_qa", 0.8, 0.1), ("text_qa", 0.6, 0.3)]
-DRAW_BOUNDS = {"greedy": 0.3, "sampled": 0.2}  # of 10 drawings each, chance 0.1
+DRAW_BOUNDS = {"greedy": 0.7, "sampled": 0.5}  # of 10 drawings each, chance 0.1
 
 
 def _module(name: str):

@@ -56,6 +56,39 @@ def layout(
 
 
 @app.command()
+def plan(
+    config: str = typer.Argument(..., help="Training recipe (YAML)."),
+    gpus: int = typer.Option(..., "--gpus", min=1, help="Devices to plan for."),
+    gpu_mem: float = typer.Option(None, "--gpu-mem", min=1, help="GiB per device (default: the device's)."),
+    device: str = typer.Option("h100", help="Device rates: h100 or h200."),
+    top: int = typer.Option(5, min=1, help="Layouts to print."),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key: --set data.max_tokens=8192 (repeatable)."),
+    ] = None,
+) -> None:
+    """Predict memory and step time of the recipe's layouts for GPUS devices; print the fastest that fit."""
+    import dataclasses
+
+    from omni_train.config import ConfigError, load_config
+    from omni_train.planner import DEVICES, format_plan
+    from omni_train.planner import plan as plan_layouts
+
+    if device not in DEVICES:
+        raise typer.BadParameter(f"--device {device!r}: one of {', '.join(DEVICES)}")
+    spec = DEVICES[device]
+    if gpu_mem is not None:
+        spec = dataclasses.replace(spec, memory_gib=gpu_mem)
+    try:
+        cfg = load_config(config, overrides or [])
+        feasible, infeasible = plan_layouts(cfg, gpus, spec)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_plan(cfg, feasible, infeasible, gpus, spec, top))
+
+
+@app.command()
 def run(
     config: str = typer.Argument(..., help="Training recipe (YAML)."),
     nproc: int = typer.Option(

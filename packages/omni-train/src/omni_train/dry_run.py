@@ -1,18 +1,15 @@
-"""`--dry-run`: the resolved config, mesh, plan and per-rank memory, without starting any process.
+"""`--dry-run`: the resolved config, mesh, plan, parameters and predicted per-rank memory
+(omni_train.memory), without starting any process.
 
 The model is built on the meta device (no memory), so recipes at real scale validate on a laptop.
-Per-rank memory counts FSDP-sharded parameters (dense over dp_shard x sp; experts split over ep and
-then sharded over the rest, the same total factor), fp32 gradients and AdamW moments for trainable
-parameters; activations are not included.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
 from omni_train.config import TrainConfig, check_layout, dump
+from omni_train.memory import ModelFacts, estimate_memory
 
 
 def describe(cfg: TrainConfig, world_size: int) -> str:
@@ -28,7 +25,6 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         for u in plan.fsdp_units
     )
     shard = dims.dp_shard * dims.sp
-    param_bytes = torch.finfo(getattr(torch, cfg.parallel.param_dtype)).bits // 8
     lines = [
         "# resolved config",
         dump(cfg).rstrip(),
@@ -42,8 +38,7 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
     lines += [f"{part}: {n}" for part, n in sorted(units.items())]
     if plan.expert_params:
         lines.append(f"expert-parallel tensors: {len(plan.expert_params)} ({plan.expert_forward})")
-    lines += ["", "# parameters and per-rank memory (params + fp32 grads + AdamW moments; no activations)"]
-    total_gb = 0.0
+    lines += ["", "# parameters"]
     for part, module in [
         ("foundation", model.foundation),
         *[(f"encoders.{n}", m) for n, m in model.encoders.items()],
@@ -53,12 +48,12 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         if params == 0:  # an identity projector (the tower's own merger projects)
             continue
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        per_rank = (params * 4 + trainable * (4 + 8)) / shard / 2**30  # fp32 master + grads + 2 moments
-        total_gb += per_rank
         state = "trainable" if trainable == params else ("frozen" if trainable == 0 else "partly frozen")
-        lines.append(f"{part}: {params / 1e9:.3f}B params ({state}) -> {per_rank:.2f} GiB per rank")
-    lines.append(
-        f"total: {total_gb:.2f} GiB per rank (compute copies in {cfg.parallel.param_dtype}: "
-        f"{param_bytes} bytes per gathered parameter)"
-    )
+        lines.append(f"{part}: {params / 1e9:.3f}B params ({state})")
+    lines += [
+        "",
+        f"# predicted memory per rank ({cfg.data.max_tokens} tokens per micro-batch, "
+        f"recompute {cfg.parallel.recompute}, compute in {cfg.parallel.param_dtype})",
+        *estimate_memory(cfg, world_size, ModelFacts.of(model, cfg.model_spec)).lines(),
+    ]
     return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The memory model (omni_train.memory) against measured peaks of real CPU training steps.
+
+    uv run python bench/memory_model.py [--only NAME ...]
+
+Each run builds a recipe's model as training does (omni_train.assembly: meta -> parallelize -> materialize,
+AdamW), runs one step, then measures the next step (forward + backward of the trainer's
+`forward_backward`, gradient clipping, optimizer step) under torch's MemTracker: the peak of live tensor
+bytes on rank 0 (parameters, gradients, optimizer states, activations, temporaries), the CPU analogue
+of `torch.cuda.max_memory_allocated`. The runs differ in dims (hidden, layers, vocab, tokens), layout
+(1-2 ranks: FSDP, SP, no resharding) and recompute / loss chunking. Prints a table and one JSON object;
+every run should be within 25% of its prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from omni_dist.spawn import run_ranks
+
+GIB = 2**30
+
+
+MOE = {"name": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256}
+
+
+def _recipe(hidden: int, layers: int, vocab: int, tokens: int, parallel: dict, train: dict) -> dict:
+    foundation = dict(train.pop("foundation", {"name": "qwen2"}))
+    name = foundation.pop("name")
+    micro = train.pop("micro_batches_per_step", 1)
+    return {
+        "model": {
+            "foundation": {
+                "name": name,
+                "config": foundation
+                | {
+                    "vocab_size": vocab,
+                    "hidden_size": hidden,
+                    "intermediate_size": hidden * 11 // 4,
+                    "num_hidden_layers": layers,
+                    "num_attention_heads": hidden // 64,
+                    "num_key_value_heads": 2,
+                    "max_position_embeddings": tokens,
+                    "tie_word_embeddings": False,
+                },
+            }
+        },
+        "data": {
+            "tokenizer": "unused",
+            "sources": [{"kind": "jsonl", "paths": "unused.jsonl"}],
+            "max_tokens": tokens,
+            "micro_batches_per_step": micro,
+        },
+        "parallel": parallel,
+        "train": {"loss_chunk": 1024, **train},
+    }
+
+
+RUNS = {  # name -> (ranks, hidden, layers, vocab, tokens, parallel, train)
+    "h512-l4-1rank": (1, 512, 4, 8192, 2048, {}, {}),
+    "h512-l4-fsdp2": (2, 512, 4, 8192, 2048, {}, {}),
+    "h768-l2-sp2": (2, 768, 2, 8192, 4096, {"sp": 2}, {}),
+    "h512-l6-full-recompute": (1, 512, 6, 8192, 4096, {"recompute": "full"}, {}),
+    "h512-l6-selective": (1, 512, 6, 8192, 4096, {"recompute": "selective"}, {}),
+    "h256-l4-all-logits": (1, 256, 4, 32768, 2048, {}, {"loss_chunk": 0}),
+    "h1024-l2-keep-gathered": (2, 1024, 2, 8192, 2048, {"reshard_after_forward": False}, {}),
+    "h512-l4-2-micro-batches": (1, 512, 4, 8192, 2048, {}, {"micro_batches_per_step": 2}),
+    "moe-h512-l2-ep2": (2, 512, 2, 8192, 2048, {"ep": 2}, {"foundation": MOE}),
+}
+
+
+def _measure(recipe: dict) -> dict:
+    import torch.distributed as dist
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from omni_dist import ParallelMesh
+    from omni_dist.attention import SequenceParallel
+    from omni_dist.grad_norm import clip_grad_norm_
+    from omni_dist.packed import pack, pad_for_sp
+    from omni_train.assembly import build_model, build_optimizer, trainable_parameters
+    from omni_train.config import TrainConfig
+    from omni_train.memory import estimate_memory
+    from omni_train.trainer import forward_backward
+
+    cfg = TrainConfig.model_validate(recipe)
+    world = dist.get_world_size()
+    mesh = ParallelMesh.build(cfg.dims(world), device_type="cpu")
+    sp = SequenceParallel.from_mesh(mesh["sp"]) if cfg.parallel.sp > 1 else None
+    device = torch.device("cpu")
+    model = build_model(cfg, mesh, device).model
+    optimizer, _ = build_optimizer(cfg, model, device)
+    params = trainable_parameters(model)
+    vocab, tokens = model.foundation.config.vocab_size, cfg.data.max_tokens
+    gen = torch.Generator().manual_seed(mesh.dp_rank)
+    lengths = [tokens // 2, tokens // 4, tokens // 4]  # three documents fill the micro-batch
+    batch = pad_for_sp(pack([torch.randint(vocab, (n,), generator=gen) for n in lengths]), cfg.parallel.sp)
+
+    def step(tracker=None) -> None:
+        for _ in range(cfg.data.micro_batches_per_step):  # gradients accumulate over the calls
+            forward_backward(model, [batch], mesh, sp, device)
+            if tracker is not None:
+                tracker.reset_mod_stats()  # MemTracker follows one module call at a time; peaks stay
+        clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # optimizer states exist from here on
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step(tracker)
+    snapshot = tracker.get_tracker_snapshot("peak")[device]
+    peak = snapshot.pop("Total")
+    kinds = {str(getattr(k, "value", k)): round(v / GIB, 4) for k, v in snapshot.items() if v}
+    labelled = batch.num_label_tokens // (cfg.parallel.sp or 1)
+    estimate = estimate_memory(cfg, world, labelled=labelled)
+    return {
+        "measured": peak,
+        "measured_by_kind_gib": kinds,
+        "predicted": estimate.peak,
+        "parts": estimate.lines(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", help="run only these (names from the table)")
+    args = ap.parse_args()
+    rows = []
+    for name, (ranks, hidden, layers, vocab, tokens, parallel, train) in RUNS.items():
+        if args.only and name not in args.only:
+            continue
+        recipe = _recipe(hidden, layers, vocab, tokens, parallel, train)
+        result = run_ranks(_measure, ranks, args=(recipe,), timeout_s=900, threads_per_rank=2 // ranks)[0]
+        ratio = result["predicted"] / result["measured"]
+        rows.append({"run": name, "ranks": ranks, **result, "ratio": round(ratio, 3)})
+        print(
+            f"{name:<26} ranks {ranks}  measured {result['measured'] / GIB:7.3f} GiB  "
+            f"predicted {result['predicted'] / GIB:7.3f} GiB  ratio {ratio:.2f}",
+            flush=True,
+        )
+    worst = max(abs(r["ratio"] - 1) for r in rows)
+    print(json.dumps({"runs": rows, "worst_relative_error": round(worst, 3), "within_25pct": worst <= 0.25}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Predicted peak memory per rank of a recipe on a layout, by part (what `--dry-run` and `plan` print).
+
+    states       parameters, gradients and AdamW moments of the sharded model (fp32 masters): dense
+                 weights over dp_shard x sp ranks, experts over ep and then the rest (the same factor)
+    gathered     FSDP's unsharded copies in param_dtype: the foundation's own unit (LM head, final norm),
+                 kept from forward to backward; in backward the largest unit, the next one (prefetched)
+                 and the largest unit's unsharded gradient (plus a reduce_dtype copy when that differs); without
+                 resharding after forward, every unit from forward's end
+    activations  what autograd saves (omni_models.memory) for this rank's tokens: max_tokens / sp of the
+                 foundation, data.max_encoder_units of each trainable encoder (every SP rank encodes the
+                 micro-batch's media); under recompute one block's worth more while it is recomputed
+    offload      offload_params keeps states on the host; offload_activations keeps the foundation's saved
+                 activations there but for two blocks' worth (one leaving, one coming back)
+    loss head    the labelled rows' hidden states and their fp32 gradient, the fp32 head-weight gradient
+                 and, while a chunk runs, its fp32 logits, probabilities and their gradient (loss_chunk
+                 rows, 0: all)
+
+Backward frees each layer's activations as it makes that layer's gradients, so the peak is at one end
+of it (MemoryEstimate.peak). Checked against measured peaks of real steps: bench/memory_model.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from omni_models.memory import BlockShape, decoder_block, encoder_block
+from omni_train.config import TrainConfig
+
+GIB = 2**30
+# encoder units per micro-batch when data.max_encoder_units is unset: every token a media placeholder
+# merged from 4 units (Qwen2-VL's 2 x 2 patch merge), a bound rather than a typical batch
+UNITS_PER_TOKEN = 4
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank. Backward frees activations as it makes gradients (layer by layer), so the step
+    peaks either where forward ends (activations held) or where backward ends (gradients held);
+    under gradient accumulation the gradients are held throughout."""
+
+    resident: dict[str, float] = field(default_factory=dict)  # held through the step
+    forward_end: dict[str, float] = field(default_factory=dict)  # held when forward ends
+    backward_end: dict[str, float] = field(default_factory=dict)  # held when backward ends
+    transients: dict[str, float] = field(default_factory=dict)  # one at a time, at either end
+    host: dict[str, float] = field(default_factory=dict)  # offloaded to host memory: not in the peak
+
+    @property
+    def peak(self) -> float:
+        spike = max(self.transients.values(), default=0.0)
+        ends = max(sum(self.forward_end.values()), sum(self.backward_end.values()))
+        return sum(self.resident.values()) + ends + spike
+
+    def lines(self) -> list[str]:
+        out = []
+        for when, parts in (
+            ("", self.resident),
+            (" (when forward ends)", self.forward_end),
+            (" (when backward ends)", self.backward_end),
+            (" (transient)", self.transients),
+            (" (on the host)", self.host),
+        ):
+            out += [f"{name}{when}: {b / GIB:.2f} GiB" for name, b in parts.items()]
+        out.append(f"peak: {self.peak / GIB:.2f} GiB per rank")
+        return out
+
+
+def _bytes(dtype: str) -> int:
+    return torch.finfo(getattr(torch, dtype)).bits // 8
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate reads of a model, gathered once (a planner asks for hundreds of layouts, and a
+    30B MoE has ~20K parameter tensors)."""
+
+    params: int
+    trainable: int
+    active_params: int  # of the foundation's blocks, per token (top-k experts of an MoE)
+    total_bytes: int
+    trainable_bytes: int
+    unit_dense: dict[str, int]  # FSDP unit ("" the root) -> its own dense parameters (nested units apart)
+    unit_experts: dict[str, int]  # and its expert parameters (divided over ep)
+    block: BlockShape
+    layers: int
+    encoders: dict[str, tuple[int, BlockShape]]  # trainable encoders: (blocks, block shape)
+    encoder_params: dict[str, tuple[int, bool]]  # every encoder: (parameters, trainable)
+    head: tuple[int, int]  # the LM head's (vocab, hidden)
+
+    @classmethod
+    def of(cls, model: nn.Module, spec) -> ModelFacts:
+        from omni_models.parallel import omni_plan
+
+        plan = omni_plan(model, spec)
+        units = list(plan.fsdp_units)
+        dense, experts = dict.fromkeys(["", *units], 0), dict.fromkeys(["", *units], 0)
+        for name, q in model.named_parameters():
+            owner = max((u for u in units if name.startswith(u + ".")), key=len, default="")
+            expert = any(fnmatchcase(name, g) for g in plan.expert_params)
+            (experts if expert else dense)[owner] += q.numel()
+        config = model.foundation.config
+        return cls(
+            params=sum(q.numel() for q in model.parameters()),
+            trainable=sum(q.numel() for q in model.parameters() if q.requires_grad),
+            active_params=model._active_params,
+            total_bytes=sum(q.numel() * q.element_size() for q in model.parameters()),
+            trainable_bytes=sum(q.numel() * q.element_size() for q in model.parameters() if q.requires_grad),
+            unit_dense=dense,
+            unit_experts=experts,
+            block=decoder_block(config),
+            layers=(getattr(config, "text_config", None) or config).num_hidden_layers,
+            encoders={
+                name: encoder_block(getattr(e, "tower", e).config)
+                for name, e in model.encoders.items()
+                if any(q.requires_grad for q in e.parameters())  # a frozen one saves nothing for backward
+            },
+            encoder_params={
+                name: (sum(q.numel() for q in e.parameters()), any(q.requires_grad for q in e.parameters()))
+                for name, e in model.encoders.items()
+            },
+            head=tuple(model.foundation.get_output_embeddings().weight.shape),
+        )
+
+
+def estimate_memory(
+    cfg: TrainConfig,
+    world_size: int,
+    facts: ModelFacts | None = None,
+    labelled: int | None = None,
+    encoder_units: dict[str, int] | None = None,
+) -> MemoryEstimate:
+    """Predicted memory per rank. `facts`: of the recipe's model (default: built on meta); `labelled`: loss
+    rows per rank (default: every token of its slice); `encoder_units`: per encoder, units per
+    micro-batch (default: data.max_encoder_units, else a bound)."""
+    from omni_train.assembly import meta_model
+
+    dims = cfg.dims(world_size)
+    p = cfg.parallel
+    facts = facts if facts is not None else ModelFacts.of(meta_model(cfg.model_spec), cfg.model_spec)
+    shard = dims.dp_shard * dims.sp
+    pdt, rdt = _bytes(p.param_dtype), _bytes(p.reduce_dtype)
+    est = MemoryEstimate()
+
+    accumulating = cfg.data.micro_batches_per_step > 1
+    states = est.host if p.offload_params else est.resident  # FSDP's CPU offload keeps them on the host
+    states["parameters"] = facts.total_bytes / shard
+    states["optimizer (AdamW)"] = 2 * facts.trainable_bytes / shard
+    (est.host if p.offload_params else est.resident if accumulating else est.backward_end)["gradients"] = (
+        facts.trainable_bytes / shard
+    )
+
+    units = {u: n + facts.unit_experts[u] // dims.ep for u, n in facts.unit_dense.items()}
+    grad_copy = pdt + (rdt if rdt != pdt else 0)
+    largest, second = [*sorted(units.values(), reverse=True), 0, 0][:2]
+    if p.reshard_after_forward:
+        est.resident["gathered foundation unit"] = units.get("foundation", 0) * pdt
+        est.transients["backward unit"] = largest * (pdt + grad_copy) + second * pdt  # + the prefetched
+    else:
+        est.forward_end["gathered units"] = sum(units.values()) * pdt
+        est.transients["backward unit"] = largest * grad_copy
+
+    tokens = cfg.data.max_tokens // dims.sp
+    block = facts.block
+    activations = _activations(block, facts.layers, tokens, p.recompute, pdt, est)
+    if p.offload_activations:  # each block's saved tensors go to the host; one block out, one coming back
+        est.host["activations: foundation"] = activations
+        activations = 2 * block.saved(p.recompute) * tokens * pdt
+    est.forward_end["activations: foundation"] = activations
+    for name, (depth, shape) in facts.encoders.items():
+        units_of = (encoder_units or {}).get(name)
+        units_of = units_of if units_of is not None else cfg.data.max_encoder_units
+        units_of = units_of if units_of is not None else cfg.data.max_tokens * UNITS_PER_TOKEN
+        est.forward_end[f"activations: encoders.{name}"] = _activations(
+            shape, depth, units_of, p.recompute, pdt, est, f"encoders.{name}"
+        )
+
+    rows = tokens if labelled is None else labelled
+    chunk = min(cfg.train.loss_chunk or rows, rows)
+    vocab, hidden = facts.head
+    est.forward_end["loss head"] = rows * hidden * (pdt + 4) + vocab * hidden * 4
+    est.transients["loss head chunk"] = 3 * chunk * vocab * 4  # logits, probabilities, their gradient
+    return est
+
+
+def _activations(
+    shape: BlockShape, blocks: int, tokens: int, recompute: str, dtype_bytes: int, est, name="foundation"
+) -> float:
+    """Saved activations of `blocks` blocks over `tokens` (plus the stack's input and final norm);
+    under recompute, one block's full activations are a transient."""
+    if recompute != "none":
+        est.transients[f"recomputed block ({name})"] = shape.saved("none") * tokens * dtype_bytes
+    return (blocks * shape.saved(recompute) + 4 * shape.hidden) * tokens * dtype_bytes

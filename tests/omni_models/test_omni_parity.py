@@ -1,6 +1,8 @@
-"""The omni model under FSDP2 (2 ranks) and dp_shard=2 x sp=2 (4 ranks) trains as one process does; the
-ranks compute their text and image-code losses in chunks of 2 positions (recomputed in backward), the
-one process all logits at once.
+"""The omni model under FSDP2 (2 ranks), dp_shard=2 x sp=2 and sp=4 (4 ranks) trains as one process does;
+the ranks compute their text and image-code losses in chunks of 2 positions (recomputed in backward),
+the one process all logits at once. Under SP the ranks share the encoders' work (encoder_balance sp:
+each encodes some items, the features travel to the slices holding their placeholders) or each encodes
+all items (none); both train the same model.
 
 Ranks see different modality mixes (some micro-batches lack video, audio or a generation target
 entirely), so the dummy encoder and decoder passes are exercised under real FSDP collectives; the loss
@@ -18,6 +20,7 @@ from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
+from omni_dist.parallelize import ParallelizeConfig
 from omni_dist.weights import materialize_
 from omni_models.config import build_omni_model
 from omni_models.omni_weights import init_omni_weights_
@@ -32,6 +35,13 @@ STEPS = 3
 STREAMS = [
     [[("image", "audio"), ("video",)], [(), "draw"]],
     [[("image",), ()], [("image", "video")]],  # no generation target on this rank: the decoder runs a dummy
+    # video-heavy and uneven: 6 videos of 2-5 frames and 2 images for 4 SP ranks, one micro-batch
+    # without any (every rank encodes the dummy), one with a single image (3 ranks encode nothing)
+    [
+        [("video",), ("video", "image"), ("video",), ("video", "video"), ("video", "image")],
+        [()],
+        [("image",)],
+    ],
 ]
 
 
@@ -74,29 +84,35 @@ def _train(model, batches, params, sp=None, loss_group=None) -> dict:
     return {"loss": losses, "grad_norm": norms}
 
 
-def _single(pad_to: int) -> dict:
+def _single(pad_to: int, streams=(0, 1)) -> dict:
     model, _ = _model()
     materialize_(model, "cpu")
     init_omni_weights_(model, 7)
-    batches = _batches(model, 0, pad_to) + _batches(model, 1, pad_to)
+    batches = [b for s in streams for b in _batches(model, s, pad_to)]
     return _train(model, batches, [p for p in model.parameters() if p.requires_grad])
 
 
-def _parallel_rank(dims: dict) -> dict:
+def _parallel_rank(dims: dict, balances=("sp",), streams=(0, 1)) -> dict:
+    """Per encoder_balance mode, the run of a fresh model on this rank's stream."""
     torch.set_num_threads(1)
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **dims), device_type="cpu")
-    model, cfg = _model()
-    report = parallelize_omni(model, mesh, cfg)
-    materialize_(model, "cpu")
-    init_omni_weights_(model, 7)
-    model.loss_chunk = 2  # the chunked loss heads, against all logits at once in one process
-    sp = SequenceParallel.from_mesh(mesh["sp"]) if mesh.dims.sp > 1 else None
-    batches = _batches(model, mesh.dp_rank, mesh.dims.sp)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = _train(model, batches, [p for p in model.parameters() if p.requires_grad], sp, mesh["loss"])
-    out["units"] = len(report.fsdp_units)
-    out["warnings"] = [str(w.message)[:120] for w in caught if issubclass(w.category, UserWarning)]
+    out = {}
+    for balance in balances:
+        model, cfg = _model()
+        report = parallelize_omni(model, mesh, cfg, ParallelizeConfig(encoder_balance=balance))
+        materialize_(model, "cpu")
+        init_omni_weights_(model, 7)
+        model.loss_chunk = 2  # the chunked loss heads, against all logits at once in one process
+        sp = SequenceParallel.from_mesh(mesh["sp"]) if mesh.dims.sp > 1 else None
+        batches = _batches(model, streams[mesh.dp_rank], mesh.dims.sp)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out[balance] = _train(model, batches, params, sp, mesh["loss"])
+        out[balance]["units"] = len(report.fsdp_units)
+        out[balance]["warnings"] = [
+            str(w.message)[:120] for w in caught if issubclass(w.category, UserWarning)
+        ]
     return out
 
 
@@ -108,7 +124,7 @@ def test_fsdp_two_ranks_match_one_process():
     ref = _single(pad_to=1)
     results = run_ranks(_parallel_rank, 2, {"dp_shard": 2})
     assert ref["loss"][-1] < ref["loss"][0]
-    for r in results:
+    for r in (r["sp"] for r in results):
         assert r["units"] > 8
         # no FSDP unit returns a view (an in-place op on one would skip FSDP's pre-backward hook)
         assert not [w for w in r["warnings"] if "view tensor" in w], r["warnings"]
@@ -118,7 +134,16 @@ def test_fsdp_two_ranks_match_one_process():
 
 def test_fsdp_and_ulysses_four_ranks_match_one_process():
     ref = _single(pad_to=2)
-    results = run_ranks(_parallel_rank, 4, {"dp_shard": 2, "sp": 2})
-    for r in results:
+    results = run_ranks(_parallel_rank, 4, {"dp_shard": 2, "sp": 2}, ("sp", "none"))
+    for r in (r[balance] for r in results for balance in ("sp", "none")):
+        assert _close(r["loss"], ref["loss"]), (r["loss"], ref["loss"])
+        assert _close(r["grad_norm"], ref["grad_norm"]), (r["grad_norm"], ref["grad_norm"])
+
+
+def test_four_sp_ranks_sharing_the_encoders_of_a_video_heavy_batch_match_one_process():
+    ref = _single(pad_to=4, streams=(2,))
+    results = run_ranks(_parallel_rank, 4, {"dp_shard": 1, "sp": 4}, ("sp",), (2,))
+    assert ref["loss"][-1] < ref["loss"][0]
+    for r in (r["sp"] for r in results):
         assert _close(r["loss"], ref["loss"]), (r["loss"], ref["loss"])
         assert _close(r["grad_norm"], ref["grad_norm"]), (r["grad_norm"], ref["grad_norm"])

@@ -97,6 +97,12 @@ class _AllToAllV(torch.autograd.Function):
         return back, None, None, None, None
 
 
+def all_to_all_v(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup):
+    """Rows of `x` (in_splits[r] of them to rank r) exchanged for out_splits[r] rows from each rank r;
+    differentiable: backward sends the gradients back the same way."""
+    return _AllToAllV.apply(x, out_splits, in_splits, group, None)
+
+
 class _WaitAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, handle: _Handle) -> torch.Tensor:

@@ -52,6 +52,26 @@ class MediaBatch:
     def num_items(self) -> int:
         return int(self.llm_tokens.numel())
 
+    def item_positions(self) -> list[torch.Tensor]:
+        """Each item's placeholder positions (its llm_tokens of `positions`, in item order)."""
+        return list(self.positions.split(self.llm_tokens.tolist()))
+
+    def select(self, items: list[int]) -> MediaBatch:
+        """The batch of only these items (in this order): tensors, counts and positions."""
+        tensors = {}
+        for k, t in self.tensors.items():
+            parts = t.split(self.sizes[k])
+            tensors[k] = torch.cat([parts[i] for i in items]) if items else t[:0]
+        positions = self.item_positions()
+        index = torch.tensor(items, dtype=torch.long)
+        return MediaBatch(
+            tensors,
+            {k: [v[i] for i in items] for k, v in self.sizes.items()},
+            self.llm_tokens[index],
+            self.encoder_units[index] if self.encoder_units is not None else None,
+            torch.cat([positions[i] for i in items]) if items else self.positions[:0],
+        )
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MediaBatch:
         return dataclasses.replace(
             self,

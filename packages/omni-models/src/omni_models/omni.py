@@ -25,8 +25,9 @@ from torch import nn
 
 from omni_dist.attention import SequenceParallel
 from omni_dist.loss_head import head_cross_entropy
+from omni_dist.media_split import EncoderRoute
 from omni_dist.moe_loss import load_balancing_loss
-from omni_dist.packed import PackedBatch
+from omni_dist.packed import MediaBatch, PackedBatch
 from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
 from omni_models.flops import transformer_flops
 
@@ -102,6 +103,7 @@ class OmniModel(nn.Module):
         super().__init__()
         self.loss_weights = dict(loss_weights or {})
         self.loss_chunk = 0
+        self.encoder_balance = "none"  # "sp": SP ranks share the encoders' work (set by parallelize_omni)
         self.foundation = foundation
         self.encoders = nn.ModuleDict(dict(encoders))
         self.projectors = nn.ModuleDict(dict(projectors))
@@ -141,6 +143,9 @@ class OmniModel(nn.Module):
         row0 = ids.new_zeros(())  # the batch index of every spliced position
         for name, encoder in self.encoders.items():
             present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
+            if present and sp is not None and self.encoder_balance == "sp":
+                embeds = self._embed_shared(name, present, embeds, sp)
+                continue
             media = present or {m: x.to(ids.device) for m, x in encoder.dummy_media().items()}
             # The same ops in the same order whether or not the media is real (so every rank's backward
             # reaches the FSDP units in the same order; one projector call per encoder for the same
@@ -184,6 +189,24 @@ class OmniModel(nn.Module):
             embeds = embeds.index_put((row0.expand_as(at), at), feats[keep].to(embeds.dtype))
             generated[name] = _Targets(pos, codes[: pos.shape[0]])
         return embeds, generated
+
+    def _embed_shared(
+        self, name: str, media: dict[str, MediaBatch], embeds: torch.Tensor, sp: SequenceParallel
+    ) -> torch.Tensor:
+        """Encoder `name` on this SP rank's share of the micro-batch's items; the features reach the
+        ranks whose slices hold their placeholders (omni_dist.media_split). A rank with no share encodes
+        the dummy input, so every rank's backward reaches the FSDP units in the same order."""
+        encoder, length = self.encoders[name], embeds.shape[1]
+        route = EncoderRoute.plan(media, sp.rank, sp.size, length)
+        mine = route.mine or {m: x.to(embeds.device) for m, x in encoder.dummy_media().items()}
+        feats = encoder.lm_encode(mine)
+        projected = self.projectors[name](torch.cat([feats[m] for m in mine]))
+        if route.mine and projected.shape[0] != route.send_order.shape[0]:
+            raise ValueError(
+                f"{name} gave {projected.shape[0]} embeddings for {route.send_order.shape[0]} placeholders"
+            )
+        rows, at = route.exchange(projected, sp.group)
+        return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
 
     def forward(self, batch: PackedBatch, sequence_parallel: SequenceParallel | None = None) -> OmniOutput:
         sp = sequence_parallel

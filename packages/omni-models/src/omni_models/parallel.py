@@ -59,6 +59,7 @@ def parallelize_omni(
     model: OmniModel, mesh: ParallelMesh, cfg: OmniModelConfig, config: ParallelizeConfig | None = None
 ) -> ParallelizeReport:
     report = parallelize(model, mesh, omni_plan(model, cfg), config)
+    model.encoder_balance = (config or ParallelizeConfig()).encoder_balance
     if isinstance(model.foundation, FSDPModule):
         # The chunked loss head runs the foundation's LM head after the foundation's forward: the unit's
         # own parameters (LM head, final norm) stay gathered until its backward.

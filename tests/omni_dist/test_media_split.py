@@ -64,3 +64,15 @@ def test_routes_deliver_every_row_to_its_slice_once():
         if ("video", 0) in [(m, int(g[0])) for m, b in route.mine.items() for g in b.tensors["grid"]]
     )
     assert sum(b.num_items for b in alone.mine.values()) == 1
+
+
+def test_world_balance_keeps_local_items_under_the_mean_and_hands_the_rest_over():
+    from omni_dist.media_split import _keep_local_then_balance
+
+    # rank 0 offers four items, rank 1 one small item, ranks 2 and 3 none (text-only micro-batches)
+    items = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    costs = [40.0, 30.0, 20.0, 10.0, 5.0]
+    owner = _keep_local_then_balance(items, costs, 4)
+    assert owner[0] == 0 and owner[4] == 1  # under the mean load (26.25): kept where they are
+    assert sorted(owner[1:4]) == [1, 2, 3]  # the rest go to the least loaded ranks, largest first
+    assert owner[1] in (2, 3) and owner[2] in (2, 3)

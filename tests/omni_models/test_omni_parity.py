@@ -42,6 +42,9 @@ STREAMS = [
         [()],
         [("image",)],
     ],
+    # for encoder_balance world: a media-heavy rank and a text-only one beside streams 0 and 1
+    [[("video",), ("video", "image"), ("image", "audio")], [("image", "image"), "draw"]],
+    [[(), ()], [()]],
 ]
 
 
@@ -134,8 +137,18 @@ def test_fsdp_two_ranks_match_one_process():
 
 def test_fsdp_and_ulysses_four_ranks_match_one_process():
     ref = _single(pad_to=2)
-    results = run_ranks(_parallel_rank, 4, {"dp_shard": 2, "sp": 2}, ("sp", "none"))
-    for r in (r[balance] for r in results for balance in ("sp", "none")):
+    results = run_ranks(_parallel_rank, 4, {"dp_shard": 2, "sp": 2}, ("sp", "none", "world"))
+    for r in (r[balance] for r in results for balance in ("sp", "none", "world")):
+        assert _close(r["loss"], ref["loss"]), (r["loss"], ref["loss"])
+        assert _close(r["grad_norm"], ref["grad_norm"]), (r["grad_norm"], ref["grad_norm"])
+
+
+def test_four_ranks_balancing_encoder_work_across_data_parallel_ranks_match_one_process():
+    """encoder_balance world on dp_shard=4: a media-heavy rank hands items to a text-only one."""
+    streams = (3, 4, 0, 1)
+    ref = _single(pad_to=1, streams=streams)
+    results = run_ranks(_parallel_rank, 4, {"dp_shard": 4}, ("world",), streams)
+    for r in (r["world"] for r in results):
         assert _close(r["loss"], ref["loss"]), (r["loss"], ref["loss"])
         assert _close(r["grad_norm"], ref["grad_norm"]), (r["grad_norm"], ref["grad_norm"])
 

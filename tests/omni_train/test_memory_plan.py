@@ -36,6 +36,11 @@ def test_memory_parts_follow_the_layout():
     assert "recomputed block (foundation)" in full.transients
     sp2 = est("parallel.sp=2")
     assert sp2.forward_end["activations: foundation"] == four.forward_end["activations: foundation"] / 2
+    vision = "activations: encoders.vision"  # the SP ranks share the media, or each encodes it all
+    assert sp2.forward_end[vision] == four.forward_end[vision] / 2
+    assert (
+        est("parallel.sp=2", "parallel.encoder_balance=none").forward_end[vision] == four.forward_end[vision]
+    )
     assert est("train.loss_chunk=64").transients["loss head chunk"] < four.transients["loss head chunk"]
     offloaded = est("parallel.offload_params=true")
     assert "parameters" not in offloaded.resident and offloaded.host["parameters"] > 0

@@ -36,7 +36,7 @@ from omni_dist.recompute import ActivationOffloader, apply_activation_offload, a
 log = logging.getLogger(__name__)
 
 Recompute = Literal["none", "full", "selective"]
-EncoderBalance = Literal["none", "sp"]
+EncoderBalance = Literal["none", "sp", "world"]
 RECOMPUTE_MODES: tuple[str, ...] = get_args(Recompute)
 # When gradients are reduced under gradient accumulation: after every micro-batch (sharded gradient
 # memory, one reduce-scatter per micro-batch) or once per optimizer step (each rank keeps the unsharded
@@ -62,8 +62,8 @@ class ParallelizeConfig:
     ep_async: int = 1  # >1: EP dispatch in chunks overlapping expert compute
     expert_compute: ExpertCompute = "auto"  # local experts under EP (omni_dist.expert_compute)
     grad_sync: GradSync = "micro_batch"  # see GradSync; the training loop applies it (set_gradient_sync)
-    # sp: the ranks of an SP group share the encoders' work (omni_dist.media_split); none: each encodes
-    # every item of the micro-batch and keeps the features of its slice
+    # sp: the ranks of an SP group share the encoders' work (omni_dist.media_split); world: all ranks do,
+    # across data-parallel ranks too; none: each SP rank encodes every item of the micro-batch
     encoder_balance: EncoderBalance = "sp"
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ class ParallelizeConfig:
         if self.grad_sync not in GRAD_SYNC_MODES:
             raise ValueError(f"grad_sync={self.grad_sync!r} is not one of {', '.join(GRAD_SYNC_MODES)}.")
         if self.encoder_balance not in get_args(EncoderBalance):
-            raise ValueError(f"encoder_balance={self.encoder_balance!r} is not one of: none, sp.")
+            raise ValueError(f"encoder_balance={self.encoder_balance!r} is not one of: none, sp, world.")
 
 
 @dataclass

@@ -21,11 +21,12 @@ from functools import cached_property
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from omni_dist.attention import SequenceParallel
 from omni_dist.loss_head import head_cross_entropy
-from omni_dist.media_split import EncoderRoute
+from omni_dist.media_split import EncoderRoute, WorldRoute
 from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.packed import MediaBatch, PackedBatch
 from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
@@ -103,7 +104,9 @@ class OmniModel(nn.Module):
         super().__init__()
         self.loss_weights = dict(loss_weights or {})
         self.loss_chunk = 0
-        self.encoder_balance = "none"  # "sp": SP ranks share the encoders' work (set by parallelize_omni)
+        # "sp" / "world": the SP group / all ranks share the encoders' work (set by parallelize_omni)
+        self.encoder_balance = "none"
+        self.encoder_group = None  # the group `world` balances over
         self.foundation = foundation
         self.encoders = nn.ModuleDict(dict(encoders))
         self.projectors = nn.ModuleDict(dict(projectors))
@@ -143,6 +146,9 @@ class OmniModel(nn.Module):
         row0 = ids.new_zeros(())  # the batch index of every spliced position
         for name, encoder in self.encoders.items():
             present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
+            if self.encoder_balance == "world":  # every rank takes part, with media or without
+                embeds = self._embed_world(name, present, embeds, sp)
+                continue
             if present and sp is not None and self.encoder_balance == "sp":
                 embeds = self._embed_shared(name, present, embeds, sp)
                 continue
@@ -206,6 +212,25 @@ class OmniModel(nn.Module):
                 f"{name} gave {projected.shape[0]} embeddings for {route.send_order.shape[0]} placeholders"
             )
         rows, at = route.exchange(projected, sp.group)
+        return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
+
+    def _embed_world(
+        self, name: str, present: dict[str, MediaBatch], embeds: torch.Tensor, sp: SequenceParallel | None
+    ) -> torch.Tensor:
+        """Encoder `name` on the items all ranks assigned this one (omni_dist.media_split.WorldRoute):
+        each offers its SP share of its micro-batch; features go to the ranks holding their slices."""
+        encoder, length, group = self.encoders[name], embeds.shape[1], self.encoder_group
+        offer = present
+        if sp is not None:
+            offer = EncoderRoute.plan(present, sp.rank, sp.size, length).mine if present else {}
+            owners = [dist.get_group_rank(group, r) for r in dist.get_process_group_ranks(sp.group)]
+        else:
+            owners = [dist.get_rank(group)]
+        route = WorldRoute.plan(offer, group, owners, length, embeds.device)
+        mine = route.mine or {m: x.to(embeds.device) for m, x in encoder.dummy_media().items()}
+        feats = encoder.lm_encode(mine)
+        projected = self.projectors[name](torch.cat([feats[m] for m in mine]))
+        rows, at = route.exchange(projected, group)
         return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
 
     def forward(self, batch: PackedBatch, sequence_parallel: SequenceParallel | None = None) -> OmniOutput:

@@ -60,6 +60,7 @@ def parallelize_omni(
 ) -> ParallelizeReport:
     report = parallelize(model, mesh, omni_plan(model, cfg), config)
     model.encoder_balance = (config or ParallelizeConfig()).encoder_balance
+    model.encoder_group = mesh["loss"].get_group()  # every rank: where `world` balances encoder work
     if isinstance(model.foundation, FSDPModule):
         # The chunked loss head runs the foundation's LM head after the foundation's forward: the unit's
         # own parameters (LM head, final norm) stay gathered until its backward.

@@ -7,8 +7,9 @@
                  and the largest unit's unsharded gradient (plus a reduce_dtype copy when that differs); without
                  resharding after forward, every unit from forward's end
     activations  what autograd saves (omni_models.memory) for this rank's tokens: max_tokens / sp of the
-                 foundation, data.max_encoder_units of each trainable encoder (every SP rank encodes the
-                 micro-batch's media); under recompute one block's worth more while it is recomputed
+                 foundation, data.max_encoder_units of each trainable encoder (over sp with
+                 encoder_balance sp, else on every SP rank); under recompute one block's worth more
+                 while it is recomputed
     offload      offload_params keeps states on the host; offload_activations keeps the foundation's saved
                  activations there but for two blocks' worth (one leaving, one coming back)
     loss head    the labelled rows' hidden states and their fp32 gradient, the fp32 head-weight gradient
@@ -173,6 +174,8 @@ def estimate_memory(
         units_of = (encoder_units or {}).get(name)
         units_of = units_of if units_of is not None else cfg.data.max_encoder_units
         units_of = units_of if units_of is not None else cfg.data.max_tokens * UNITS_PER_TOKEN
+        if p.encoder_balance == "sp":  # the SP ranks share the items (balanced by cost)
+            units_of = -(-units_of // dims.sp)
         est.forward_end[f"activations: encoders.{name}"] = _activations(
             shape, depth, units_of, p.recompute, pdt, est, f"encoders.{name}"
         )

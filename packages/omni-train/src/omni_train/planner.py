@@ -7,7 +7,8 @@ sp, ep, recompute, parameter / activation offload and the tokens per micro-batch
 skipped; the rest get a predicted peak memory (omni_train.memory) and a predicted step time:
 
     compute     training FLOPs of the rank's tokens (omni_models.flops) and of the micro-batch's media
-                (2 x params x units per encoder, 6 x when it trains; every SP rank encodes them all);
+                (2 x params x units per encoder, 6 x when it trains; shared by the SP ranks with
+                encoder_balance sp, else paid by each);
                 recompute adds a forward (full: 1/3, selective: 1/30) / (peak FLOP/s x efficiency)
     FSDP        all-gathers (twice when resharding after forward) and the reduce-scatter of each unit per
                 micro-batch, and HSDP's all-reduce across replicas; overlapped with compute (the max)
@@ -166,9 +167,10 @@ def predict(
         / layout.sp
     )
     flops += m * 3.0 * 2 * vocab * hidden * tokens  # the LM head
-    for params, trains in facts.encoder_params.values():  # every SP rank encodes all the media
+    shared = layout.sp if cfg.parallel.encoder_balance == "sp" else 1  # SP ranks share the media
+    for params, trains in facts.encoder_params.values():
         units = cfg.data.max_encoder_units or layout.max_tokens * UNITS_PER_TOKEN
-        flops += m * (6 if trains else 2) * params * units
+        flops += m * (6 if trains else 2) * params * units / shared
     flops *= 1 + RECOMPUTE_EXTRA[layout.recompute]
     compute = flops / (device.flops * device.efficiency)
 

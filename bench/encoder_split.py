@@ -1,0 +1,95 @@
+"""Encoder time per rank with the SP group sharing the encoders' work, against each rank encoding it all.
+
+    uv run python bench/encoder_split.py [--reps 5]
+
+Two processes form one SP group (sp=2, one thread each) and train the quickstart omni model with a wider
+vision tower (embed 256, depth 4) on image-heavy micro-batches of its dataset (built first if missing):
+the 4 micro-batches of 8 with the most vision units. For each micro-batch and `parallel.encoder_balance`
+(`none`: every rank encodes every item, what one rank of sp=1 pays; `sp`: each encodes a cost-balanced
+share and the features travel by all-to-all), rank 0 times the embedding step, forward and backward:
+the encoders, projectors and feature exchange, alone (the foundation does not run). Prints one JSON object
+with the mean seconds per mode and the ratio sp / none (the issue asks <= 0.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "apps/quickstart/recipe.yaml"
+WIDE = [
+    "model.encoders.vision.config.embed_dim=256",
+    "model.encoders.vision.config.num_heads=4",
+    "model.encoders.vision.config.depth=4",
+    "parallel.sp=2",
+    "data.num_workers=0",
+    "logging.console=none",
+    "logging.tensorboard=false",
+    "checkpoint.resume=none",
+    "logging.run_dir=/tmp/omni-bench-encoder-split",
+]
+
+
+def _rank(config: dict, reps: int) -> dict:
+    import torch.distributed as dist
+
+    from omni_train.config import TrainConfig
+    from omni_train.trainer import Trainer
+
+    trainer = Trainer(TrainConfig.model_validate(config))
+    model, sp = trainer.model, trainer.sp
+    steps = iter(trainer.loader)
+    batches = [next(steps).micro_batches[0] for _ in range(8)]
+    units = [int(b.media["image"].encoder_units.sum()) if "image" in b.media else 0 for b in batches]
+    heavy = [b for _, b in sorted(zip(units, range(8), strict=True), reverse=True)[:4]]
+    heavy = [batches[i] for i in heavy]
+    out = {"vision_units": sorted(units, reverse=True)[:4]}
+    for mode in ("none", "sp", "none", "sp"):  # twice, the first pass as warm-up
+        model.encoder_balance = mode
+        times = []
+        for batch in heavy:
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                embeds, _ = model._embed(batch, sp)
+                embeds.float().square().mean().backward()
+                times.append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+        out[mode] = sum(times) / len(times)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    from omni_dist.spawn import run_ranks
+    from omni_train.config import load_config
+
+    if not (ROOT / "data/quickstart/shards/index.parquet").exists():
+        make = ROOT / "apps/quickstart/make_data.py"
+        cmd = [sys.executable, str(make), "--out", "data/quickstart", "--model", str(QUICKSTART)]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    config = load_config(QUICKSTART, WIDE).model_dump(mode="json")
+    r = run_ranks(_rank, 2, args=(config, args.reps), init_process_group=False, timeout_s=900)[0]
+    print(
+        json.dumps(
+            {
+                "bench": "encoder_split",
+                "device": "cpu, 2 ranks x 1 thread",
+                "vision_units_per_micro_batch": r["vision_units"],
+                "encoder_step_s": {"none (each rank encodes all)": r["none"], "sp (shared)": r["sp"]},
+                "ratio_sp_vs_none": r["sp"] / r["none"],
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

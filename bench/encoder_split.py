@@ -15,24 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "apps/quickstart/recipe.yaml"
-WIDE = [
-    "model.encoders.vision.config.embed_dim=256",
-    "model.encoders.vision.config.num_heads=4",
-    "model.encoders.vision.config.depth=4",
-    "parallel.sp=2",
-    "data.num_workers=0",
-    "logging.console=none",
-    "logging.tensorboard=false",
-    "checkpoint.resume=none",
-    "logging.run_dir=/tmp/omni-bench-encoder-split",
-]
+from quickstart_wide import wide_vision_recipe
 
 
 def _rank(config: dict, reps: int) -> dict:
@@ -69,13 +54,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     from omni_dist.spawn import run_ranks
-    from omni_train.config import load_config
 
-    if not (ROOT / "data/quickstart/shards/index.parquet").exists():
-        make = ROOT / "apps/quickstart/make_data.py"
-        cmd = [sys.executable, str(make), "--out", "data/quickstart", "--model", str(QUICKSTART)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    config = load_config(QUICKSTART, WIDE).model_dump(mode="json")
+    config = wide_vision_recipe("/tmp/omni-bench-encoder-split", "parallel.sp=2")
     r = run_ranks(_rank, 2, args=(config, args.reps), init_process_group=False, timeout_s=900)[0]
     print(
         json.dumps(

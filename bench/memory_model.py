@@ -17,28 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+from quickstart_wide import wide_vision_recipe
 
 from omni_dist.spawn import run_ranks
 
 GIB = 2**30
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = ROOT / "apps/quickstart/recipe.yaml"
-# the quickstart model with a vision tower wide enough for its activations to matter
-OMNI = [
-    "model.encoders.vision.config.embed_dim=256",
-    "model.encoders.vision.config.num_heads=4",
-    "model.encoders.vision.config.depth=4",
-    "data.num_workers=0",
-    "logging.console=none",
-    "logging.tensorboard=false",
-    "checkpoint.resume=none",
-    "logging.run_dir=/tmp/omni-bench-memory",
-]
 
 
 MOE = {"name": "qwen3_moe", "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256}
@@ -207,16 +192,6 @@ def _measure_omni(config: dict) -> dict:
     }
 
 
-def _omni_recipe() -> dict:
-    from omni_train.config import load_config
-
-    if not (ROOT / "data/quickstart/shards/index.parquet").exists():
-        make = ROOT / "apps/quickstart/make_data.py"
-        cmd = [sys.executable, str(make), "--out", "data/quickstart", "--model", str(QUICKSTART)]
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    return load_config(QUICKSTART, OMNI).model_dump(mode="json")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", help="run only these (names from the table)")
@@ -232,7 +207,7 @@ def main() -> None:
         result = run_ranks(
             _measure_omni,
             1,
-            args=(_omni_recipe(),),
+            args=(wide_vision_recipe("/tmp/omni-bench-memory"),),
             timeout_s=900,
             threads_per_rank=2,
             init_process_group=False,

@@ -16,7 +16,8 @@ our MFU formula (omni_models.flops) gives for that step are printed beside it. T
 attention as full (non-causal) products (on CPU through the math SDPA, as it has no formula for the CPU
 kernel); torch < 2.13 cannot count grouped-query SDPA (then the counted FLOPs are null).
 --small: small dims in fp32 on CPU (text: hidden 256 x 4 layers, vocab 4096; use --tokens 1024): the
-script's check, and the CPU comparison at those dims.
+script's check, and the CPU comparison at those dims; `--nproc 2` runs both on 2 ranks (gloo, the cores
+shared), each rank's micro-batch `--tokens` long; tokens/s are per rank.
 Prints one JSON object per workload with ours/plain ratios.
 On a machine without the project's environment, run it from the source tree (PYTHONPATH=packages/*/src
 and the repo root) with the pure-Python packages it lacks installed from wheels: pydantic (+ pydantic-core,
@@ -191,7 +192,7 @@ def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, d
     }
     path = work / f"{workload}.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    cmd = [sys.executable, "-m", "omni_train.cli", "run", str(path), "--nproc", "1"]
+    cmd = [sys.executable, "-m", "omni_train.cli", "run", str(path), "--nproc", str(args.nproc)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(
@@ -256,7 +257,11 @@ def _plain(workload: str, args, model_dir: Path | None) -> dict:
     from omni_models.flops import transformer_flops
 
     device = torch.device("cpu") if args.small else torch.device("cuda", 0)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if device.type == "cpu":  # the cores shared by the ranks, as omni-train run shares them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
     dist.init_process_group("gloo" if args.small else "nccl", device_id=None if args.small else device)
     if workload == "text":
         model = Qwen2ForCausalLM(Qwen2Config(**_dims("text", args.small), attn_implementation="sdpa"))
@@ -276,7 +281,7 @@ def _plain(workload: str, args, model_dir: Path | None) -> dict:
     for block in blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)  # as the trainer's
     inputs = _plain_inputs(workload, model, args.tokens, device, model_dir)
 
     def step():
@@ -339,6 +344,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--small", action="store_true")
+    ap.add_argument("--nproc", type=int, default=1, help="ranks of both runs (CPU, --small: gloo)")
     ap.add_argument("--plain", choices=["text", "omni"], help=argparse.SUPPRESS)  # the plain loop's process
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=29517, help=argparse.SUPPRESS)
@@ -372,10 +378,22 @@ def _compare(workload: str, args, work: Path, device: torch.device, result: dict
     cmd = [sys.executable, __file__, "--plain", workload, "--tokens", str(args.tokens)]
     cmd += ["--steps", str(args.steps), *(["--small"] if args.small else [])]
     cmd += ["--model-dir", str(model_dir)] if model_dir else []
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"plain loop failed ({workload}):\n{done.stderr[-6000:]}")
-    result["plain"] = plain = json.loads(done.stdout.strip().splitlines()[-1])
+    ranks = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RANK": str(r), "WORLD_SIZE": str(args.nproc)},
+        )
+        for r in range(args.nproc)
+    ]
+    outputs = [p.communicate() for p in ranks]
+    failed = [(r, err) for r, (p, (_, err)) in enumerate(zip(ranks, outputs, strict=True)) if p.returncode]
+    if failed:
+        raise RuntimeError(f"plain loop failed ({workload}, rank {failed[0][0]}):\n{failed[0][1][-6000:]}")
+    result["plain"] = plain = json.loads(outputs[0][0].strip().splitlines()[-1])
     result["ours_over_plain_tokens_per_s"] = ours["tokens_per_s"] / plain["tokens_per_s"]
 
 

@@ -1,14 +1,17 @@
-"""Encoder work shared by the ranks of an SP group.
+"""Encoder work shared by ranks instead of repeated on each.
 
-The ranks of an SP group hold the same micro-batch and each keeps one contiguous slice of its sequence.
-Instead of every rank encoding every media item and keeping the features of its slice, each rank
-encodes a share of the items (balanced by cost: encoder units squared, as attention grows) and the
-features travel by one all-to-all to the ranks whose slice holds their placeholders; backward sends
-their gradients back the same way. Every rank computes the same assignment from the batch it holds,
-so no metadata is exchanged.
+EncoderRoute (`encoder_balance: sp`): the ranks of an SP group hold the same micro-batch and each keeps
+one contiguous slice of its sequence. Instead of every rank encoding every media item and keeping the
+features of its slice, each encodes a share of the items (balanced by cost: encoder units squared, as
+attention grows) and the features travel by one all-to-all to the ranks whose slices hold their
+placeholders; backward sends their gradients back the same way. Every rank computes the same routes
+from the batch it holds, so nothing but features is exchanged.
+
+WorldRoute (`encoder_balance: world`): the same over all ranks, whose micro-batches differ: the items'
+metadata is gathered, inputs travel to the rank that encodes them, features to their slices.
 
     route = EncoderRoute.plan(media, sp_rank, sp_size, slice_length)
-    feats = encode(route.mine)                      # this rank's items, in route order
+    feats = encode(route.mine or dummy)                # this rank's items, in route order
     rows, at = route.exchange(projected_feats, group)  # the features of this rank's slice, where they go
 """
 
@@ -92,7 +95,6 @@ class WorldRoute:
     send_splits: list[int]
     recv_splits: list[int]
     recv_at: torch.Tensor  # where the received rows go in this rank's slice
-    any_items: bool  # whether any rank has items (else every rank encodes the dummy and nothing moves)
 
     @classmethod
     def plan(
@@ -106,33 +108,12 @@ class WorldRoute:
         """`media`: this rank's offer (its SP share); `slice_owners`: the group ranks holding the slices
         of this rank's sequence, in order; `length`: tokens per slice; `device`: where inputs travel."""
         rank, size = dist.get_rank(group), dist.get_world_size(group)
-        offer = {
-            "owners": slice_owners,
-            "length": length,
-            "items": [
-                {
-                    "m": m,
-                    "i": i,  # its index among the offer's items of modality m
-                    "sizes": {k: b.sizes[k][i] for k in b.tensors},
-                    "tokens": int(b.llm_tokens[i]),
-                    "units": int(b.encoder_units[i]) if b.encoder_units is not None else int(b.llm_tokens[i]),
-                    "cost": _cost(b, i),
-                    "positions": p.tolist(),
-                }
-                for m, b in media.items()
-                for i, p in enumerate(b.item_positions())
-            ],
-            "shapes": {
-                m: {k: (tuple(t.shape[1:]), str(t.dtype)) for k, t in b.tensors.items()}
-                for m, b in media.items()
-            },
-        }
         offers: list = [None] * size
-        dist.all_gather_object(offers, offer, group=group)
+        dist.all_gather_object(offers, _offer(media, slice_owners, length), group=group)
         items = [(o, j) for o in range(size) for j in range(len(offers[o]["items"]))]
         if not items:
             empty = torch.zeros(0, dtype=torch.long)
-            return cls({}, empty, [0] * size, [0] * size, empty, False)
+            return cls({}, empty, [0] * size, [0] * size, empty)
         owner = _keep_local_then_balance(items, [offers[o]["items"][j]["cost"] for o, j in items], size)
         shapes = {m: s for off in offers for m, s in off["shapes"].items()}
 
@@ -195,12 +176,36 @@ class WorldRoute:
             here = [q for q, x in zip(p, d, strict=True) if x == rank]
             recv += here
             recv_splits.append(len(here))
-        return cls(mine, send_order, send_splits, recv_splits, torch.tensor(recv, dtype=torch.long), True)
+        return cls(mine, send_order, send_splits, recv_splits, torch.tensor(recv, dtype=torch.long))
 
     def exchange(self, feats: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows of this rank's slice, their positions in it) from the features of `mine` in order."""
         send = feats[self.send_order.to(feats.device)]
         return all_to_all_v(send, self.recv_splits, self.send_splits, group), self.recv_at.to(feats.device)
+
+
+def _offer(media: Mapping[str, MediaBatch], owners: list[int], length: int) -> dict:
+    """What a rank tells the others of its offered items: enough to route inputs and features."""
+    return {
+        "owners": owners,
+        "length": length,
+        "items": [
+            {
+                "m": m,
+                "i": i,  # its index among the offer's items of modality m
+                "sizes": {k: b.sizes[k][i] for k in b.tensors},
+                "tokens": int(b.llm_tokens[i]),
+                "units": int(b.encoder_units[i]) if b.encoder_units is not None else int(b.llm_tokens[i]),
+                "cost": _cost(b, i),
+                "positions": p.tolist(),
+            }
+            for m, b in media.items()
+            for i, p in enumerate(b.item_positions())
+        ],
+        "shapes": {
+            m: {k: (tuple(t.shape[1:]), str(t.dtype)) for k, t in b.tensors.items()} for m, b in media.items()
+        },
+    }
 
 
 def _cost(batch: MediaBatch, i: int) -> float:

@@ -199,27 +199,16 @@ class OmniModel(nn.Module):
     def _embed_shared(
         self, name: str, media: dict[str, MediaBatch], embeds: torch.Tensor, sp: SequenceParallel
     ) -> torch.Tensor:
-        """Encoder `name` on this SP rank's share of the micro-batch's items; the features reach the
-        ranks whose slices hold their placeholders (omni_dist.media_split). A rank with no share encodes
-        the dummy input, so every rank's backward reaches the FSDP units in the same order."""
-        encoder, length = self.encoders[name], embeds.shape[1]
-        route = EncoderRoute.plan(media, sp.rank, sp.size, length)
-        mine = route.mine or {m: x.to(embeds.device) for m, x in encoder.dummy_media().items()}
-        feats = encoder.lm_encode(mine)
-        projected = self.projectors[name](torch.cat([feats[m] for m in mine]))
-        if route.mine and projected.shape[0] != route.send_order.shape[0]:
-            raise ValueError(
-                f"{name} gave {projected.shape[0]} embeddings for {route.send_order.shape[0]} placeholders"
-            )
-        rows, at = route.exchange(projected, sp.group)
-        return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
+        """Encoder `name` on this SP rank's share of the micro-batch's items (omni_dist.media_split)."""
+        route = EncoderRoute.plan(media, sp.rank, sp.size, embeds.shape[1])
+        return self._encode_routed(name, route, embeds, sp.group)
 
     def _embed_world(
         self, name: str, present: dict[str, MediaBatch], embeds: torch.Tensor, sp: SequenceParallel | None
     ) -> torch.Tensor:
         """Encoder `name` on the items all ranks assigned this one (omni_dist.media_split.WorldRoute):
-        each offers its SP share of its micro-batch; features go to the ranks holding their slices."""
-        encoder, length, group = self.encoders[name], embeds.shape[1], self.encoder_group
+        each offers its SP share of its micro-batch."""
+        length, group = embeds.shape[1], self.encoder_group
         offer = present
         if sp is not None:
             offer = EncoderRoute.plan(present, sp.rank, sp.size, length).mine if present else {}
@@ -227,9 +216,20 @@ class OmniModel(nn.Module):
         else:
             owners = [dist.get_rank(group)]
         route = WorldRoute.plan(offer, group, owners, length, embeds.device)
+        return self._encode_routed(name, route, embeds, group)
+
+    def _encode_routed(self, name: str, route, embeds: torch.Tensor, group) -> torch.Tensor:
+        """Encode the route's items (the dummy input when it has none, so every rank's backward reaches
+        the FSDP units in the same order), project them, send the features to the ranks whose slices
+        hold their placeholders and splice in those that arrive here."""
+        encoder = self.encoders[name]
         mine = route.mine or {m: x.to(embeds.device) for m, x in encoder.dummy_media().items()}
         feats = encoder.lm_encode(mine)
         projected = self.projectors[name](torch.cat([feats[m] for m in mine]))
+        if route.mine and projected.shape[0] != route.send_order.shape[0]:
+            raise ValueError(
+                f"{name} gave {projected.shape[0]} embeddings for {route.send_order.shape[0]} placeholders"
+            )
         rows, at = route.exchange(projected, group)
         return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from omni_models.memory import decoder_block
 from omni_train.config import ConfigError, TrainConfig, check_layout
 from omni_train.memory import GIB, UNITS_PER_TOKEN, ModelFacts, estimate_memory
 
@@ -109,12 +108,12 @@ def _apply(base: dict, layout: Layout) -> TrainConfig:
     return TrainConfig.model_validate(recipe)
 
 
-def layouts(cfg: TrainConfig, devices: int) -> list[Layout]:
+def layouts(cfg: TrainConfig, devices: int, experts: int) -> list[Layout]:
     """Every combination of degrees, recompute, offload and micro-batch size for `devices` ranks that keeps
-    the recipe's tokens per step; validity against the model is checked later."""
+    the recipe's tokens per step (`experts`: the foundation's, 0 for a dense one: which ep divide them);
+    validity against the model's heads is checked later."""
     sp0 = cfg.parallel.sp if devices % cfg.parallel.sp == 0 else 1
     step_tokens = cfg.data.max_tokens * cfg.data.micro_batches_per_step * (devices // sp0)
-    experts = getattr(decoder_block(_foundation_config(cfg)), "experts", 0)
     out = []
     for sp, dp_replicate in itertools.product(_divisors(devices), _divisors(devices)):
         if devices % (sp * dp_replicate):
@@ -134,12 +133,6 @@ def layouts(cfg: TrainConfig, devices: int) -> list[Layout]:
                 )
             )
     return out
-
-
-def _foundation_config(cfg: TrainConfig):
-    from omni_train.assembly import meta_model
-
-    return meta_model(cfg.model_spec).foundation.config
 
 
 def _collective_s(nbytes: float, group: int, device: DeviceSpec, span_nodes: bool) -> float:
@@ -207,15 +200,19 @@ def plan(cfg: TrainConfig, devices: int, device: DeviceSpec) -> tuple[list[Candi
     base = cfg.model_dump(mode="json")
     feasible, infeasible = [], []
     valid: dict[tuple[int, int], bool] = {}  # (sp, ep) -> whether the model allows it
-    for layout in layouts(cfg, devices):
+    for layout in layouts(cfg, devices, facts.block.experts):
         try:
             candidate_cfg = _apply(base, layout)
-            if (layout.sp, layout.ep) not in valid:
-                valid[layout.sp, layout.ep] = True
+        except ValueError:  # a setting the recipe's validation rejects
+            continue
+        key = (layout.sp, layout.ep)
+        if key not in valid:
+            try:
                 check_layout(candidate_cfg, devices)
-        except (ConfigError, ValueError):
-            valid[layout.sp, layout.ep] = False
-        if not valid[layout.sp, layout.ep]:
+                valid[key] = True
+            except ConfigError:
+                valid[key] = False
+        if not valid[key]:
             continue
         memory = estimate_memory(candidate_cfg, devices, facts).peak / GIB
         step_s, times = predict(candidate_cfg, layout, device, facts)

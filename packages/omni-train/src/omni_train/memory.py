@@ -39,9 +39,8 @@ UNITS_PER_TOKEN = 4
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per rank. Backward frees activations as it makes gradients (layer by layer), so the step
-    peaks either where forward ends (activations held) or where backward ends (gradients held);
-    under gradient accumulation the gradients are held throughout."""
+    """Bytes per rank by when they are held; the peak: what is always held, the larger end of backward
+    and the largest transient (under gradient accumulation the gradients are always held)."""
 
     resident: dict[str, float] = field(default_factory=dict)  # held through the step
     forward_end: dict[str, float] = field(default_factory=dict)  # held when forward ends

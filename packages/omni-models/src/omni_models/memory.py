@@ -33,6 +33,7 @@ class BlockShape:
     experts: int = 0  # 0: a dense MLP
     top_k: int = 0
     shared_intermediate: int = 0  # an MoE block's shared expert (Qwen2-MoE), 0: none
+    counted: tuple[int, int] | None = None  # (a, b): measured a h + b i saved per token, else the formula
 
     def saved(self, recompute: str = "none") -> int:
         """Elements saved per token for backward under `recompute` (none | selective | full)."""
@@ -43,6 +44,8 @@ class BlockShape:
         if recompute == "selective":  # input, q/k/v, attention output, o_proj and MLP matmul outputs
             routed = self.top_k * (mlp_matmuls + h) if self.experts else mlp_matmuls + h
             return h + q + 2 * kv + q + h + routed
+        if self.counted is not None:
+            return self.counted[0] * h + self.counted[1] * i
         attention = 3 * h + 2 * q + 2 * kv + (2 * q + 2 * kv if self.qk_norm else 0)
         mlp = 3 * h + (4 if self.gated else 2) * i
         if self.experts:
@@ -82,11 +85,17 @@ def decoder_block(config: Any) -> BlockShape:
     )
 
 
+# Encoder blocks whose saved tensors were counted (saved_tensors_hooks, the HF class at two depths and
+# two MLP widths): Qwen2-VL's vision block also keeps its fused qkv output and quick_gelu's sigmoid.
+COUNTED_ENCODER_BLOCKS = {"qwen2_vl_vision": (11, 3), "whisper": (9, 2)}
+
+
 def encoder_block(config: Any) -> tuple[int, BlockShape]:
     """(blocks, block shape) of a vision or audio tower config (ViT, Qwen2-VL vision, Whisper, SigLIP):
-    pre-norm blocks with full attention and a plain MLP."""
+    pre-norm blocks with full attention and a plain MLP (10 h + 2 i unless counted)."""
     h = _get(config, "embed_dim", "d_model", "hidden_size")
     depth = _get(config, "depth", "encoder_layers", "num_hidden_layers")
     ratio = _get(config, "mlp_ratio")
     i = int(h * ratio) if ratio else _get(config, "encoder_ffn_dim", "intermediate_size", default=4 * h)
-    return depth, BlockShape(hidden=h, q_dim=h, kv_dim=h, intermediate=i, gated=False)
+    counted = COUNTED_ENCODER_BLOCKS.get(getattr(config, "model_type", ""))
+    return depth, BlockShape(hidden=h, q_dim=h, kv_dim=h, intermediate=i, gated=False, counted=counted)

@@ -51,13 +51,7 @@ class EncoderRoute:
     @classmethod
     def plan(cls, media: Mapping[str, MediaBatch], rank: int, size: int, length: int) -> EncoderRoute:
         """`media`: one encoder's modalities in the micro-batch; `length`: tokens per SP slice."""
-        items = [(m, i) for m, b in media.items() for i in range(b.num_items)]
-        costs = [_cost(b, i) for b in media.values() for i in range(b.num_items)]
-        owner = assign(costs, size)
-        share = [
-            {m: [i for (mm, i), o in zip(items, owner, strict=True) if mm == m and o == r] for m in media}
-            for r in range(size)
-        ]
+        share = _shares(media, size)
         positions = {m: b.item_positions() for m, b in media.items()}
         device = next(iter(media.values())).positions.device
 
@@ -65,12 +59,17 @@ class EncoderRoute:
             parts = [positions[m][i] for m, picked in share[r].items() for i in picked]
             return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
-        mine = {m: media[m].select(picked) for m, picked in share[rank].items() if picked}
+        mine = _select(media, share[rank])
         dest = rows_of(rank) // length
         send_order = torch.argsort(dest, stable=True)
         send_splits = torch.bincount(dest, minlength=size).tolist()
         recv = [p[p // length == rank] for p in (rows_of(r) for r in range(size))]
         return cls(mine, send_order, send_splits, [len(p) for p in recv], torch.cat(recv) - rank * length)
+
+    @staticmethod
+    def share(media: Mapping[str, MediaBatch], rank: int, size: int) -> dict[str, MediaBatch]:
+        """The items `plan` gives this rank to encode, without the routes of their features."""
+        return _select(media, _shares(media, size)[rank])
 
     def exchange(self, feats: torch.Tensor, group: ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows of this rank's slice, their positions in it) from this rank's `feats` (rows of `mine`
@@ -182,6 +181,20 @@ class WorldRoute:
         """(rows of this rank's slice, their positions in it) from the features of `mine` in order."""
         send = feats[self.send_order.to(feats.device)]
         return all_to_all_v(send, self.recv_splits, self.send_splits, group), self.recv_at.to(feats.device)
+
+
+def _shares(media: Mapping[str, MediaBatch], size: int) -> list[dict[str, list[int]]]:
+    """Per rank of an SP group, per modality, the indices of the items it encodes (balanced by cost)."""
+    items = [(m, i) for m, b in media.items() for i in range(b.num_items)]
+    owner = assign([_cost(b, i) for b in media.values() for i in range(b.num_items)], size)
+    return [
+        {m: [i for (mm, i), o in zip(items, owner, strict=True) if mm == m and o == r] for m in media}
+        for r in range(size)
+    ]
+
+
+def _select(media: Mapping[str, MediaBatch], picked: Mapping[str, list[int]]) -> dict[str, MediaBatch]:
+    return {m: media[m].select(items) for m, items in picked.items() if items}
 
 
 def _offer(media: Mapping[str, MediaBatch], owners: list[int], length: int) -> dict:

@@ -211,7 +211,7 @@ class OmniModel(nn.Module):
         length, group = embeds.shape[1], self.encoder_group
         offer = present
         if sp is not None:
-            offer = EncoderRoute.plan(present, sp.rank, sp.size, length).mine if present else {}
+            offer = EncoderRoute.share(present, sp.rank, sp.size) if present else {}
             owners = [dist.get_group_rank(group, r) for r in dist.get_process_group_ranks(sp.group)]
         else:
             owners = [dist.get_rank(group)]

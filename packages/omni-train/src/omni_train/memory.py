@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-import torch
 from torch import nn
 
+from omni_dist.dtypes import DTYPES
 from omni_models.memory import BlockShape, decoder_block, encoder_block
 from omni_train.config import TrainConfig
 
@@ -68,8 +68,9 @@ class MemoryEstimate:
         return out
 
 
-def _bytes(dtype: str) -> int:
-    return torch.finfo(getattr(torch, dtype)).bits // 8
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a config dtype name (aliases too: bf16, fp32, ...)."""
+    return DTYPES[name].itemsize
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def estimate_memory(
     p = cfg.parallel
     facts = facts if facts is not None else ModelFacts.of(meta_model(cfg.model_spec), cfg.model_spec)
     shard = dims.dp_shard * dims.sp
-    pdt, rdt = _bytes(p.param_dtype), _bytes(p.reduce_dtype)
+    pdt, rdt = dtype_bytes(p.param_dtype), dtype_bytes(p.reduce_dtype)
     est = MemoryEstimate()
 
     accumulating = cfg.data.micro_batches_per_step > 1

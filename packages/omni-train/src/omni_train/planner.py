@@ -26,7 +26,7 @@ import itertools
 from dataclasses import dataclass
 
 from omni_train.config import ConfigError, TrainConfig, check_layout
-from omni_train.memory import GIB, UNITS_PER_TOKEN, ModelFacts, estimate_memory
+from omni_train.memory import GIB, UNITS_PER_TOKEN, ModelFacts, dtype_bytes, estimate_memory
 
 RECOMPUTE_EXTRA = {"none": 0.0, "selective": 1 / 30, "full": 1 / 3}  # of the training FLOPs
 
@@ -120,7 +120,7 @@ def layouts(cfg: TrainConfig, devices: int, experts: int) -> list[Layout]:
             continue
         dp_shard = devices // (sp * dp_replicate)
         dp = dp_replicate * dp_shard
-        eps = [e for e in _divisors(dp_shard * sp) if experts and experts % e == 0] if experts else [1]
+        eps = [e for e in _divisors(dp_shard * sp) if experts % e == 0] if experts else [1]
         for ep, recompute, offload, split in itertools.product(
             eps, ("none", "selective", "full"), ("none", "params", "activations"), (1, 2, 4)
         ):
@@ -151,7 +151,7 @@ def predict(
 
     block, layers = facts.block, facts.layers
     vocab, hidden = facts.head
-    pdt = 2 if cfg.parallel.param_dtype in ("bfloat16", "float16") else 4
+    pdt = dtype_bytes(cfg.parallel.param_dtype)
     tokens = layout.max_tokens // layout.sp  # per rank per micro-batch
     m = layout.micro_batches
     flops = (

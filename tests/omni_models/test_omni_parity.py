@@ -2,7 +2,8 @@
 the ranks compute their text and image-code losses in chunks of 2 positions (recomputed in backward),
 the one process all logits at once. Under SP the ranks share the encoders' work (encoder_balance sp:
 each encodes some items, the features travel to the slices holding their placeholders) or each encodes
-all items (none); both train the same model.
+all items (none); both train the same model. So does the model whose foundation modules are swapped for
+kernel modules (torch formulas in the kernels' place) with a fused LM-head loss.
 
 Ranks see different modality mixes (some micro-batches lack video, audio or a generation target
 entirely), so the dummy encoder and decoder passes are exercised under real FSDP collectives; the loss
@@ -28,6 +29,7 @@ from omni_models.parallel import parallelize_omni
 from omni_train.trainer import local_label_tokens
 from tests.harness import run_ranks
 from tests.omni_dist.tiny import RTOL
+from tests.omni_models.kernel_refs import TORCH_FORMULAS
 from tests.omni_models.omni_fixtures import chat_processor, draw_sample, micro_batch, omni_config, sample
 
 STEPS = 3
@@ -96,13 +98,17 @@ def _single(pad_to: int, streams=(0, 1)) -> dict:
 
 
 def _parallel_rank(dims: dict, balances=("sp",), streams=(0, 1)) -> dict:
-    """Per encoder_balance mode, the run of a fresh model on this rank's stream."""
+    """Per encoder_balance mode, the run of a fresh model on this rank's stream. "kernels": sp, with the
+    foundation's norms, MLPs and attention swapped for kernel modules and the LM head's loss fused (torch
+    formulas in the kernels' place)."""
     torch.set_num_threads(1)
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **dims), device_type="cpu")
     out = {}
     for balance in balances:
         model, cfg = _model()
-        report = parallelize_omni(model, mesh, cfg, ParallelizeConfig(encoder_balance=balance))
+        kernels = TORCH_FORMULAS if balance == "kernels" else None
+        config = ParallelizeConfig(encoder_balance="sp" if kernels else balance)
+        report = parallelize_omni(model, mesh, cfg, config, kernels)
         materialize_(model, "cpu")
         init_omni_weights_(model, 7)
         model.loss_chunk = 2  # the chunked loss heads, against all logits at once in one process
@@ -113,6 +119,7 @@ def _parallel_rank(dims: dict, balances=("sp",), streams=(0, 1)) -> dict:
             warnings.simplefilter("always")
             out[balance] = _train(model, batches, params, sp, mesh["loss"])
         out[balance]["units"] = len(report.fsdp_units)
+        out[balance]["kernels"] = sorted(set(report.kernels.values()))
         out[balance]["warnings"] = [
             str(w.message)[:120] for w in caught if issubclass(w.category, UserWarning)
         ]
@@ -125,9 +132,11 @@ def _close(a: list[float], b: list[float]) -> bool:
 
 def test_fsdp_two_ranks_match_one_process():
     ref = _single(pad_to=1)
-    results = run_ranks(_parallel_rank, 2, {"dp_shard": 2})
+    results = run_ranks(_parallel_rank, 2, {"dp_shard": 2}, ("sp", "kernels"))
     assert ref["loss"][-1] < ref["loss"][0]
-    for r in (r["sp"] for r in results):
+    assert [r["kernels"]["kernels"] for r in results] == [["rms_norm", "rope", "swiglu"]] * 2
+    assert [r["sp"]["kernels"] for r in results] == [[], []]  # auto on CPU: no kernels
+    for r in (r[mode] for r in results for mode in ("sp", "kernels")):
         assert r["units"] > 8
         # no FSDP unit returns a view (an in-place op on one would skip FSDP's pre-backward hook)
         assert not [w for w in r["warnings"] if "view tensor" in w], r["warnings"]

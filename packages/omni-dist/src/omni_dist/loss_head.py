@@ -20,10 +20,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 Head = Callable[[torch.Tensor], torch.Tensor]
+# (hidden, weight, bias or None, targets) -> summed fp32 cross-entropy, e.g. a fused linear CE kernel
+LinearCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
 def head_cross_entropy(
-    head: Head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 0
+    head: Head,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 0,
+    fused: LinearCrossEntropy | None = None,
 ) -> torch.Tensor:
     """Summed fp32 cross-entropy of `head(hidden)` (rows, vocab) against `targets` (rows,).
 
@@ -31,7 +37,10 @@ def head_cross_entropy(
     whose logits autograd keeps, as a plain `F.cross_entropy(head(hidden).float())`. Same loss and
     gradients either way (only the order of the sums differs). Under FSDP, call it inside the unit that
     owns the head (or a registered forward method), or keep that unit gathered until backward: the head
-    is called per chunk, in forward and (non-linear heads) again in backward."""
+    is called per chunk, in forward and (non-linear heads) again in backward. `fused`: computes a linear
+    head's loss instead (it chunks on its own)."""
+    if fused is not None and isinstance(head, nn.Linear) and hidden.shape[0] > 0:
+        return fused(hidden, head.weight, head.bias, targets)
     if chunk > 0 and isinstance(head, nn.Linear):
         return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
     if chunk <= 0 or hidden.shape[0] <= chunk:

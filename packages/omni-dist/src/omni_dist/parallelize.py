@@ -1,6 +1,7 @@
-"""Apply a ParallelPlan to a model: expert parallelism, recompute/offload wrappers, then FSDP2 units.
+"""Apply a ParallelPlan to a model: kernel swaps, expert parallelism, recompute/offload wrappers, then
+FSDP2 units.
 
-Order is fixed: expert parallelism -> activation recompute / offload -> (compile) ->
+Order is fixed: kernel swaps -> expert parallelism -> activation recompute / offload -> (compile) ->
 FSDP. Works on a meta-device model (nothing is allocated until `materialize_`). Data parallelism is
 decided by the mesh: dp_replicate == 1 shards over the `fsdp` view (FSDP); dp_replicate > 1 uses the
 2-D `hsdp` view (HSDP), which is pure replication (DDP) when dp_shard x sp == 1.
@@ -13,6 +14,7 @@ makes every layout train the same model as one process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -29,6 +31,7 @@ from torch.distributed.fsdp import (
 from omni_dist.dtypes import resolve_dtype
 from omni_dist.expert_compute import ExpertCompute, check_expert_compute
 from omni_dist.expert_parallel import apply_expert_parallel
+from omni_dist.kernel_swap import KernelSwap, swap_kernels
 from omni_dist.mesh import ParallelMesh
 from omni_dist.plan import ParallelPlan, PlanError
 from omni_dist.recompute import ActivationOffloader, apply_activation_offload, apply_recompute
@@ -43,6 +46,9 @@ RECOMPUTE_MODES: tuple[str, ...] = get_args(Recompute)
 # fp32 gradients of its FSDP units between micro-batches: no collective until the last one).
 GradSync = Literal["micro_batch", "step"]
 GRAD_SYNC_MODES: tuple[str, ...] = get_args(GradSync)
+# Which kernels replace the plan.kernels modules: liger's (CUDA, the `gpu` extra), none (torch: the
+# model's own modules), or auto: liger where it runs, with one log line saying why (omni_models.kernels).
+Kernels = Literal["auto", "liger", "torch"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class ParallelizeConfig:
     # sp: the ranks of an SP group share the encoders' work (omni_dist.media_split); world: all ranks do,
     # across data-parallel ranks too; none: each SP rank encodes every item of the micro-batch
     encoder_balance: EncoderBalance = "sp"
+    kernels: Kernels = "auto"
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -78,6 +85,8 @@ class ParallelizeConfig:
             raise ValueError(f"grad_sync={self.grad_sync!r} is not one of {', '.join(GRAD_SYNC_MODES)}.")
         if self.encoder_balance not in get_args(EncoderBalance):
             raise ValueError(f"encoder_balance={self.encoder_balance!r} is not one of: none, sp, world.")
+        if self.kernels not in get_args(Kernels):
+            raise ValueError(f"kernels={self.kernels!r} is not one of: {', '.join(get_args(Kernels))}.")
 
 
 @dataclass
@@ -90,12 +99,18 @@ class ParallelizeReport:
     offloaded: dict[str, ActivationOffloader] = field(default_factory=dict)
     mesh_dims: tuple[str, ...] = ()
     expert_parallel: list[str] = field(default_factory=list)
+    kernels: dict[str, str] = field(default_factory=dict)  # swapped module -> kernel name
 
 
 def parallelize(
-    model: nn.Module, mesh: ParallelMesh, plan: ParallelPlan, config: ParallelizeConfig | None = None
+    model: nn.Module,
+    mesh: ParallelMesh,
+    plan: ParallelPlan,
+    config: ParallelizeConfig | None = None,
+    kernels: Mapping[str, KernelSwap] | None = None,
 ) -> ParallelizeReport:
-    """Apply `plan` to `model` in place on `mesh`; returns what was applied."""
+    """Apply `plan` to `model` in place on `mesh`; returns what was applied. `kernels`: the selected
+    kernel set's swaps (kernel name -> builder) for plan.kernels; None keeps the model's modules."""
     config = config or ParallelizeConfig()
     device_type = mesh.world.device_type
     param_dtype = resolve_dtype(config.param_dtype, device_type, "param_dtype")
@@ -112,6 +127,7 @@ def parallelize(
     offload = plan.match_modules(model, "offload")
     experts = plan.match_modules(model, "experts")
     expert_params = plan.match_expert_params(model)
+    swapped = plan.match_kernels(model)
     if config.recompute == "none":
         recompute = []
     if not config.offload_activations:
@@ -119,6 +135,13 @@ def parallelize(
     if param_dtype == torch.float32:
         fp32 = []  # everything already computes in fp32: no separate units needed
     _check_combination(units, fp32, recompute, offload, config)
+    wrapped = sorted(
+        {f for f, _, _ in swapped} & {f for f, _ in units + fp32 + recompute + offload + experts}
+    )
+    if wrapped:
+        raise PlanError(
+            f"{wrapped[:3]} are in plan.kernels and in another plan list; a swapped module is a leaf."
+        )
     if mesh.dims.ep > 1:
         overlap = sorted({f for f, _ in experts} & {f for f, _ in units + fp32})
         if overlap:
@@ -127,6 +150,8 @@ def parallelize(
             )
 
     report = ParallelizeReport()
+    if kernels is not None:
+        report.kernels = swap_kernels(model, swapped, kernels)
     if mesh.dims.ep > 1:
         apply_expert_parallel(
             model, mesh, plan, experts, expert_params, config.ep_async, config.expert_compute
@@ -193,9 +218,9 @@ def parallelize(
     if mesh.world.get_local_rank() == 0:
         log.info(
             "parallelize: %d FSDP units on mesh %s, %d fp32 units, recompute=%s on %d modules, "
-            "activation offload on %d modules, param offload=%s",
+            "activation offload on %d modules, param offload=%s, %d modules swapped for kernels",
             len(report.fsdp_units), report.mesh_dims, len(report.fp32_units), config.recompute,
-            len(report.recomputed), len(report.offloaded), config.offload_params,
+            len(report.recomputed), len(report.offloaded), config.offload_params, len(report.kernels),
         )  # fmt: skip
     return report
 

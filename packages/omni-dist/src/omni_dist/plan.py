@@ -38,6 +38,8 @@ class ParallelPlan:
     offload:        modules whose saved activations go to CPU (when activation offload is enabled).
     fp32_modules:   modules that keep fp32 parameters and compute under a lower-precision policy
                     (norms, routers); each becomes its own FSDP unit.
+    kernels:        module pattern -> kernel name ("rms_norm", "swiglu", "rope"): the modules a kernel
+                    set (omni_models.kernels) replaces when the run selects one.
     """
 
     fsdp_units: tuple[str, ...] = ()
@@ -47,6 +49,7 @@ class ParallelPlan:
     fp32_modules: tuple[str, ...] = ()
     experts: tuple[str, ...] = ()
     expert_forward: str = ""
+    kernels: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts"):
@@ -55,6 +58,7 @@ class ParallelPlan:
                 raise PlanError(f"ParallelPlan.{name} must be a list of patterns, got the string {value!r}.")
             object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "expert_params", MappingProxyType(dict(self.expert_params)))
+        object.__setattr__(self, "kernels", MappingProxyType(dict(self.kernels)))
         bad = {k: v for k, v in self.expert_params.items() if v != "shard0"}
         if bad:
             raise PlanError(
@@ -77,24 +81,11 @@ class ParallelPlan:
 
         Raises PlanError when a pattern matches no module, or two patterns match the same module.
         """
-        patterns: tuple[str, ...] = getattr(self, attr)
-        named = [(fqn, m) for fqn, m in model.named_modules() if fqn]
-        hits: dict[str, str] = {}
-        for pattern in patterns:
-            matched = [fqn for fqn, m in named if type(m).__name__ == pattern or fnmatchcase(fqn, pattern)]
-            if not matched:
-                raise PlanError(
-                    f"plan.{attr} pattern {pattern!r} matches no module of {type(model).__name__}."
-                    + _closest(pattern, [f for f, _ in named] + sorted({type(m).__name__ for _, m in named}))
-                )
-            for fqn in matched:
-                if fqn in hits:
-                    raise PlanError(
-                        f"plan.{attr}: module {fqn!r} is matched by both {hits[fqn]!r} and {pattern!r}; "
-                        "each module may be listed once."
-                    )
-                hits[fqn] = pattern
-        return [(fqn, m) for fqn, m in named if fqn in hits]
+        return [(fqn, m) for fqn, m, _ in _match(model, getattr(self, attr), f"plan.{attr}")]
+
+    def match_kernels(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+        """(qualified name, module, kernel name) for every module a `kernels` pattern matches."""
+        return [(f, m, self.kernels[p]) for f, m, p in _match(model, tuple(self.kernels), "plan.kernels")]
 
     def match_expert_params(self, model: nn.Module) -> dict[str, str]:
         """Parameter name -> placement for the expert-sharded parameters; every glob must match."""
@@ -125,6 +116,7 @@ def compose_plans(
         f: [] for f in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts")
     }
     expert_params: dict[str, str] = {}
+    kernels: dict[str, str] = {}
     forwards = {p.expert_forward for p in parts.values() if p.expert_forward}
     if len(forwards) > 1:
         raise PlanError(
@@ -135,9 +127,32 @@ def compose_plans(
         for attr in out:
             out[attr] += [f"{prefix}.{fqn}" for fqn, _ in plan.match_modules(sub, attr)]
         expert_params.update({f"{prefix}.{n}": p for n, p in plan.match_expert_params(sub).items()})
+        kernels.update({f"{prefix}.{fqn}": k for fqn, _, k in plan.match_kernels(sub)})
         if part_units:
             out["fsdp_units"].append(prefix)
-    return ParallelPlan(expert_params=expert_params, expert_forward=forwards.pop() if forwards else "", **out)
+    forward = forwards.pop() if forwards else ""
+    return ParallelPlan(expert_params=expert_params, expert_forward=forward, kernels=kernels, **out)
+
+
+def _match(model: nn.Module, patterns: tuple[str, ...], where: str) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, module, its pattern) per matched module, in model order; see match_modules."""
+    named = [(fqn, m) for fqn, m in model.named_modules() if fqn]
+    hits: dict[str, str] = {}
+    for pattern in patterns:
+        matched = [fqn for fqn, m in named if type(m).__name__ == pattern or fnmatchcase(fqn, pattern)]
+        if not matched:
+            raise PlanError(
+                f"{where} pattern {pattern!r} matches no module of {type(model).__name__}."
+                + _closest(pattern, [f for f, _ in named] + sorted({type(m).__name__ for _, m in named}))
+            )
+        for fqn in matched:
+            if fqn in hits:
+                raise PlanError(
+                    f"{where}: module {fqn!r} is matched by both {hits[fqn]!r} and {pattern!r}; "
+                    "each module may be listed once."
+                )
+            hits[fqn] = pattern
+    return [(fqn, m, hits[fqn]) for fqn, m in named if fqn in hits]
 
 
 def _closest(pattern: str, candidates: list[str]) -> str:

@@ -1,6 +1,7 @@
 """Parallel plans for HF decoder-only language models, declared as data beside the model families.
 
-Each transformer block is an FSDP unit and the unit of recompute/offload. RMSNorms are not fp32
+Each transformer block is an FSDP unit and the unit of recompute/offload; RMSNorms, SwiGLU MLPs and
+RoPE attention are where a kernel set (liger) may stand in. RMSNorms are not fp32
 units: HF norms already compute in fp32 internally, a tiny unit per norm would cost an all-gather
 each, and units nested in a block cannot be selectively recomputed. Nothing here touches HF code.
 """
@@ -12,11 +13,22 @@ from torch import nn
 from omni_dist.plan import ParallelPlan, PlanError
 
 
-def decoder_plan(block: str) -> ParallelPlan:
-    return ParallelPlan(fsdp_units=(block,), recompute=(block,), offload=(block,))
+def kernels(norm: str, mlp: str | None = None, attention: str | None = None) -> dict[str, str]:
+    """The modules a kernel set replaces (omni_models.kernels): the RMSNorms, the dense SwiGLU MLPs, and
+    the self-attention where RoPE is the plain 1-D one (M-RoPE families keep theirs)."""
+    out = {norm: "rms_norm"}
+    if mlp:
+        out[mlp] = "swiglu"
+    if attention:
+        out[attention] = "rope"
+    return out
 
 
-def moe_decoder_plan(block: str, experts: str) -> ParallelPlan:
+def decoder_plan(block: str, kernels: dict[str, str] | None = None) -> ParallelPlan:
+    return ParallelPlan(fsdp_units=(block,), recompute=(block,), offload=(block,), kernels=kernels or {})
+
+
+def moe_decoder_plan(block: str, experts: str, kernels: dict[str, str] | None = None) -> ParallelPlan:
     """Blocks as units; fused expert tensors (E, ...) split over ep by the fused-experts EP forward."""
     return ParallelPlan(
         fsdp_units=(block,),
@@ -25,17 +37,31 @@ def moe_decoder_plan(block: str, experts: str) -> ParallelPlan:
         experts=(experts,),
         expert_params={"*.mlp.experts.gate_up_proj": "shard0", "*.mlp.experts.down_proj": "shard0"},
         expert_forward="fused_gate_up",
+        kernels=kernels or {},
     )
 
 
+# Class names are per family (each HF file defines its own copies).
 HF_DECODER_PLANS: dict[str, ParallelPlan] = {
-    "LlamaForCausalLM": decoder_plan("LlamaDecoderLayer"),
-    "Qwen3MoeForCausalLM": moe_decoder_plan("Qwen3MoeDecoderLayer", "Qwen3MoeExperts"),
-    "Qwen2ForCausalLM": decoder_plan("Qwen2DecoderLayer"),
-    "Qwen3ForCausalLM": decoder_plan("Qwen3DecoderLayer"),
-    "Qwen2VLTextForCausalLM": decoder_plan("Qwen2VLDecoderLayer"),
-    "Qwen2_5_VLTextForCausalLM": decoder_plan("Qwen2_5_VLDecoderLayer"),
-    "Qwen2_5OmniThinkerTextForCausalLM": decoder_plan("Qwen2_5OmniDecoderLayer"),
+    "LlamaForCausalLM": decoder_plan(
+        "LlamaDecoderLayer", kernels("LlamaRMSNorm", "LlamaMLP", "LlamaAttention")
+    ),
+    "Qwen3MoeForCausalLM": moe_decoder_plan(
+        "Qwen3MoeDecoderLayer", "Qwen3MoeExperts", kernels("Qwen3MoeRMSNorm", None, "Qwen3MoeAttention")
+    ),
+    "Qwen2ForCausalLM": decoder_plan(
+        "Qwen2DecoderLayer", kernels("Qwen2RMSNorm", "Qwen2MLP", "Qwen2Attention")
+    ),
+    "Qwen3ForCausalLM": decoder_plan(
+        "Qwen3DecoderLayer", kernels("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention")
+    ),
+    "Qwen2VLTextForCausalLM": decoder_plan("Qwen2VLDecoderLayer", kernels("Qwen2VLRMSNorm", "Qwen2MLP")),
+    "Qwen2_5_VLTextForCausalLM": decoder_plan(
+        "Qwen2_5_VLDecoderLayer", kernels("Qwen2_5_VLRMSNorm", "Qwen2MLP")
+    ),
+    "Qwen2_5OmniThinkerTextForCausalLM": decoder_plan(
+        "Qwen2_5OmniDecoderLayer", kernels("Qwen2_5OmniRMSNorm", "Qwen2MLP")
+    ),
 }
 
 

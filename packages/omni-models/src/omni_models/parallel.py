@@ -15,6 +15,7 @@ from omni_dist.parallelize import ParallelizeConfig, ParallelizeReport, parallel
 from omni_dist.plan import ParallelPlan, compose_plans
 from omni_models.config import OmniModelConfig
 from omni_models.hf_plans import plan_for
+from omni_models.kernels import KernelSet, select_kernels
 from omni_models.omni import OmniModel
 
 
@@ -51,15 +52,27 @@ def _fields(plan: ParallelPlan) -> dict:
             "fp32_modules",
             "experts",
             "expert_forward",
+            "kernels",
         )
     }
 
 
 def parallelize_omni(
-    model: OmniModel, mesh: ParallelMesh, cfg: OmniModelConfig, config: ParallelizeConfig | None = None
+    model: OmniModel,
+    mesh: ParallelMesh,
+    cfg: OmniModelConfig,
+    config: ParallelizeConfig | None = None,
+    kernels: KernelSet | None = None,
 ) -> ParallelizeReport:
-    report = parallelize(model, mesh, omni_plan(model, cfg), config)
-    model.encoder_balance = (config or ParallelizeConfig()).encoder_balance
+    """`kernels`: a kernel set to use instead of the one `config.kernels` selects."""
+    config = config or ParallelizeConfig()
+    if kernels is None:
+        kernels = select_kernels(config.kernels, mesh.world.device_type, announce=mesh.world.get_rank() == 0)
+    report = parallelize(
+        model, mesh, omni_plan(model, cfg), config, None if kernels is None else kernels.swaps()
+    )
+    model.linear_cross_entropy = None if kernels is None else kernels.linear_cross_entropy
+    model.encoder_balance = config.encoder_balance
     model.encoder_group = mesh["loss"].get_group()  # every rank: where `world` balances encoder work
     if isinstance(model.foundation, FSDPModule):
         # The chunked loss head runs the foundation's LM head after the foundation's forward: the unit's

@@ -94,9 +94,9 @@ def test_a_swap_keeps_the_parameter_objects_and_refuses_other_layouts():
     with pytest.raises(ValueError, match=r"rms_norm kernel replaces .* has parameters \['bias', 'weight'\]"):
         KernelRMSNorm(nn.LayerNorm(4), TORCH_FORMULAS.rms_norm)
     model = nn.Sequential(nn.LayerNorm(4))
-    with pytest.raises(PlanError, match="asks for \\['swiglu'\\], which the kernel set lacks"):
+    with pytest.raises(PlanError, match=r"asks for \['swiglu'\], which the kernel set lacks"):
         swap_kernels(model, ParallelPlan(kernels={"LayerNorm": "swiglu"}).match_kernels(model), {})
-    with pytest.raises(PlanError, match="plan.kernels pattern 'RMSNorm' matches no module"):
+    with pytest.raises(PlanError, match=r"plan.kernels pattern 'RMSNorm' matches no module"):
         ParallelPlan(kernels={"RMSNorm": "rms_norm"}).match_kernels(model)
 
 
@@ -109,6 +109,6 @@ def test_kernel_selection_says_what_it_chose_and_why(caplog):
         "kernels: torch (requested)",
     ]
     with pytest.raises(
-        ValueError, match="parallel.kernels=liger cannot run: .* device is cpu. Use parallel.kernels=auto"
+        ValueError, match=r"parallel.kernels=liger cannot run: .* device is cpu. Use parallel.kernels=auto"
     ):
         select_kernels("liger", "cpu")

@@ -1,0 +1,78 @@
+"""liger's kernels against the torch path on a GPU (skipped without CUDA and liger-kernel): a Qwen2 and a
+Qwen3 decoder with their norms, MLPs and attention swapped compute HF's loss and gradients within bf16
+tolerances; the fused linear cross-entropy equals the chunked loss head; `auto` picks liger."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+from omni_dist.kernel_swap import swap_kernels
+from omni_dist.loss_head import head_cross_entropy
+from omni_models.hf_plans import plan_for
+from omni_models.kernels import liger_status, select_kernels
+
+pytestmark = pytest.mark.gpu
+
+DIMS = dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def liger():
+    status = liger_status("cuda" if torch.cuda.is_available() else "cpu")
+    if status != "ok":
+        pytest.skip(status)
+    return select_kernels("liger", "cuda")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("config_cls", [Qwen2Config, Qwen3Config])
+def test_liger_swapped_decoder_matches_hf(liger, config_cls):
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config_cls(**DIMS)).to("cuda", torch.bfloat16)
+    ours = copy.deepcopy(hf)
+    swapped = swap_kernels(ours, plan_for(ours).match_kernels(ours), liger.swaps())
+    assert sorted(set(swapped.values())) == ["rms_norm", "rope", "swiglu"]
+    ids = torch.randint(0, DIMS["vocab_size"], (1, 512), device="cuda")
+    results = []
+    for model in (hf, ours):
+        logits = model(input_ids=ids).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want, want_grads), (got, grads) = results
+    assert abs(got.item() - want.item()) <= 1e-2 * abs(want.item())
+    worst = max((_rel(grads[n], g), n) for n, g in want_grads.items())
+    assert worst[0] < 5e-2, worst
+
+
+def test_liger_fused_linear_cross_entropy_matches_the_chunked_head(liger):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(256, 32000, bias=False, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(3000, 256, device="cuda", dtype=torch.bfloat16)
+    targets = torch.randint(0, 32000, (3000,), device="cuda")
+    out = []
+    for fused in (None, liger.linear_cross_entropy):
+        h = hidden.clone().requires_grad_()
+        head.weight.grad = None
+        loss = head_cross_entropy(head, h, targets, chunk=1024, fused=fused)
+        loss.backward()
+        out.append((loss.detach(), h.grad, head.weight.grad.clone()))
+    (want, want_h, want_w), (got, got_h, got_w) = out
+    assert got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= 1e-3 * abs(want.item())
+    assert _rel(got_h, want_h) < 2e-2 and _rel(got_w, want_w) < 2e-2
+
+
+def test_auto_picks_liger_on_cuda(liger, caplog):
+    with caplog.at_level(logging.INFO, logger="omni_models.kernels"):
+        assert select_kernels("auto", "cuda").name == "liger"
+    assert caplog.messages == ["kernels: liger (auto: CUDA and liger-kernel)"]

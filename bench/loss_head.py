@@ -1,18 +1,24 @@
 """The loss head's peak memory and time on CPU: all logits at once vs `train.loss_chunk` positions at a time.
 
-    uv run python bench/loss_head.py [--vocab 152064] [--rows 4096] [--hidden 512] [--chunk 256]
+    uv run python bench/loss_head.py [--vocab 152064] [--rows 8192] [--large-rows 16384] [--hidden 512]
+                                     [--chunk 256] [--check-rows 2048]
 
 Each variant runs forward + backward of the summed cross-entropy through an LM head (a linear layer of
 vocab x hidden, fp32) in a fresh process; its peak is the process's peak resident memory (ru_maxrss) less
 its resident memory once the inputs exist, measured, not estimated. Prints one JSON object with the
-ratios chunked / all logits (memory and time) and the largest difference of loss and gradients. All
-logits at 16K rows need ~30 GB (logits, their log-softmax and gradient at 152K x 16K x 4 B each) and do
-not fit a 23 GB machine: the default is 4K rows; the chunked path's peak depends on the chunk, not rows.
+ratios chunked / all logits (memory and time) and the largest difference of loss and gradients at
+`--rows`, and the chunked path's own peak and time at `--large-rows`.
+All logits at 16K rows need ~28 GiB (logits, their log-softmax and its gradient at 152K x 16K x 4 B each),
+more than this 23 GB machine has. For `--large-rows` both paths also run under torch's MemTracker (the
+peak of live tensor bytes, by op) on fake tensors (FakeTensorMode: every op and autograd buffer of the
+real program, no storage); at `--check-rows` they run under it on real and on fake tensors, which must
+agree, so the fake run's peak is that of the real program.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import resource
@@ -53,10 +59,33 @@ def _variant(args: dict, chunk: int, out: mp.Queue) -> None:
     )
 
 
-def _run(args: dict, chunk: int) -> dict:
+def _tracked(args: dict, rows: int, fake: bool, chunk: int, out: mp.Queue) -> None:
+    """MemTracker's peak of live tensor bytes above the inputs (head weight and its gradient, hidden
+    states, targets), on real or fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from omni_dist.loss_head import head_cross_entropy
+
+    torch.set_num_threads(args["threads"])
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        head = torch.nn.Linear(args["hidden"], args["vocab"], bias=False)
+        hidden = torch.randn(rows, args["hidden"]).requires_grad_(True)
+        targets = torch.randint(args["vocab"], (rows,))
+        head.weight.grad = torch.zeros_like(head.weight)
+        inputs = 2 * head.weight.nbytes + hidden.nbytes + targets.nbytes
+        tracker = MemTracker()
+        tracker.track_external(head, hidden)
+        with tracker:
+            head_cross_entropy(head, hidden, targets, chunk).backward()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    out.put({"peak_gb": (peak - inputs) / 2**30})
+
+
+def _run(args: dict, chunk: int, target=_variant, *extra) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_variant, args=(args, chunk, out))
+    proc = ctx.Process(target=target, args=(args, *extra, chunk, out))
     proc.start()
     result = out.get()
     proc.join()
@@ -66,12 +95,25 @@ def _run(args: dict, chunk: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=152064)
-    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--large-rows", type=int, default=16384)
+    ap.add_argument("--check-rows", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     args = vars(ap.parse_args())
     full, chunked = _run(args, 0), _run(args, args["chunk"])
+    large = _run({**args, "rows": args["large_rows"]}, args["chunk"])
+    paths = {"all_logits": 0, "chunked": args["chunk"]}
+
+    def tracked(rows: int, fake: bool) -> dict:
+        return {name: round(_run(args, c, _tracked, rows, fake)["peak_gb"], 3) for name, c in paths.items()}
+
+    check, big = args["check_rows"], args["large_rows"]
+    memtracker = {
+        "real": {check: tracked(check, False)},
+        "fake": {check: tracked(check, True), big: tracked(big, True)},
+    }
     err = max(
         abs(chunked["loss"] - full["loss"]) / abs(full["loss"]),
         *(
@@ -89,6 +131,14 @@ def main() -> None:
                 "memory_ratio": round(chunked["peak_gb"] / full["peak_gb"], 4),
                 "time_ratio": round(chunked["seconds"] / full["seconds"], 3),
                 "max_rel_diff": err,
+                f"chunked_at_{args['large_rows']}_rows": {
+                    "peak_gb": round(large["peak_gb"], 3),
+                    "seconds": round(large["seconds"], 2),
+                },
+                "memtracker_gib": memtracker,
+                f"memtracker_memory_ratio_at_{big}_rows": round(
+                    memtracker["fake"][big]["chunked"] / memtracker["fake"][big]["all_logits"], 4
+                ),
             },
             indent=1,
         )

@@ -56,13 +56,18 @@ def liger_kernels() -> KernelSet:
         # out of place: in place, liger overwrites the incoming gradient, which the residual branch shares
         return liger_rms_norm(x, weight, eps, 0.0, "llama", False)
 
+    def rope(q, k, cos, sin):
+        # liger rotates in the storage it is given: here the q/k projections' outputs, which selective
+        # recompute keeps for backward; a copy keeps them as they were
+        return liger_rope(q.clone(), k.clone(), cos, sin)
+
     def linear_cross_entropy(hidden, weight, bias, targets):
         loss = liger_fused_linear_cross_entropy(
             hidden, weight, targets, bias, reduction="sum", accum_dtype=torch.float32
         )
         return loss.float()
 
-    return KernelSet("liger", rms_norm, liger_swiglu, liger_rope, linear_cross_entropy)
+    return KernelSet("liger", rms_norm, liger_swiglu, rope, linear_cross_entropy)
 
 
 def liger_status(device_type: str) -> str:

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 
 from omni_dist.kernel_swap import swap_kernels
 from omni_dist.plan import ParallelPlan, PlanError
+from omni_dist.recompute import apply_recompute
+from omni_models.attention import register_packed_attention
 from omni_models.hf_plans import plan_for
 from omni_models.kernel_modules import KernelRMSNorm, RotaryAttention, SwiGLUMLP
 from omni_models.kernels import select_kernels
@@ -46,8 +48,8 @@ def _text_lm(name: str) -> nn.Module:
     return cls(cfg(**SMALL, rope_parameters=mrope, bos_token_id=None, eos_token_id=None))
 
 
-def _loss_and_grads(model: nn.Module, ids: torch.Tensor):
-    logits = model(input_ids=ids).logits[0]
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor, **packed):
+    logits = model(input_ids=ids, **packed).logits[0]
     loss = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
@@ -73,6 +75,30 @@ def test_swapped_modules_compute_what_hf_computes(family):
     want_loss, want_grads = _loss_and_grads(hf, ids)
     loss, grads = _loss_and_grads(ours, ids)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_swapped_blocks_recompute_what_hf_computes(recompute):
+    """On the training path: two documents packed, attention per document (omni_sdpa)."""
+    register_packed_attention()
+    torch.manual_seed(0)
+    hf = _text_lm("qwen3").float()
+    hf.config._attn_implementation = "omni_sdpa"
+    ours = copy.deepcopy(hf)
+    plan = plan_for(ours)
+    swap_kernels(ours, plan.match_kernels(ours), TORCH_FORMULAS.swaps())
+    for fqn, block in plan.match_modules(ours, "recompute"):
+        apply_recompute(block, fqn, recompute)
+    ids, cu = torch.randint(0, 96, (1, 24)), torch.tensor([0, 10, 24], dtype=torch.int32)
+    packed = dict(position_ids=torch.cat([torch.arange(10), torch.arange(14)])[None], cu_seq_lens_q=cu,
+                  cu_seq_lens_k=cu, max_length_q=14, max_length_k=14)  # fmt: skip
+    (want, want_grads), (got, grads) = (
+        _loss_and_grads(hf, ids, **packed),
+        _loss_and_grads(ours, ids, **packed),
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     for name, g in want_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -1,6 +1,6 @@
 """liger's kernels against the torch path on a GPU (skipped without CUDA and liger-kernel): a Qwen2 and a
 Qwen3 decoder with their norms, MLPs and attention swapped compute HF's loss and gradients within bf16
-tolerances; the fused linear cross-entropy equals the chunked loss head; `auto` picks liger."""
+tolerances (also under selective recompute); the fused linear cross-entropy equals the chunked loss head; `auto` picks liger."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
 from omni_dist.kernel_swap import swap_kernels
 from omni_dist.loss_head import head_cross_entropy
+from omni_dist.recompute import apply_recompute
+from omni_models.attention import register_packed_attention
 from omni_models.hf_plans import plan_for
 from omni_models.kernels import liger_status, select_kernels
 
@@ -34,17 +36,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective"])
 @pytest.mark.parametrize("config_cls", [Qwen2Config, Qwen3Config])
-def test_liger_swapped_decoder_matches_hf(liger, config_cls):
+def test_liger_swapped_decoder_matches_hf(liger, config_cls, recompute):
+    """Selective recompute keeps the projections' outputs, which liger's in-place kernels must not touch."""
+    register_packed_attention()
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config_cls(**DIMS)).to("cuda", torch.bfloat16)
+    hf.config._attn_implementation = "omni_sdpa"  # the training path: packed documents
     ours = copy.deepcopy(hf)
-    swapped = swap_kernels(ours, plan_for(ours).match_kernels(ours), liger.swaps())
+    plan = plan_for(ours)
+    swapped = swap_kernels(ours, plan.match_kernels(ours), liger.swaps())
     assert sorted(set(swapped.values())) == ["rms_norm", "rope", "swiglu"]
+    if recompute != "none":
+        for fqn, block in plan.match_modules(ours, "recompute"):
+            apply_recompute(block, fqn, recompute)
     ids = torch.randint(0, DIMS["vocab_size"], (1, 512), device="cuda")
+    cu = torch.tensor([0, 200, 512], dtype=torch.int32, device="cuda")
+    positions = torch.cat([torch.arange(200), torch.arange(312)]).to("cuda")[None]
+    packed = dict(
+        position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=312, max_length_k=312
+    )
     results = []
     for model in (hf, ours):
-        logits = model(input_ids=ids).logits[0]
+        logits = model(input_ids=ids, **packed).logits[0]
         loss = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:])
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))

@@ -8,6 +8,8 @@ method so its unit gathers parameters around it.
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
 from omni_dist.mesh import ParallelMesh
@@ -27,11 +29,7 @@ def omni_plan(model: OmniModel, cfg: OmniModelConfig) -> ParallelPlan:
     embedding = next(
         n for n, m in model.foundation.named_modules() if m is model.foundation.get_input_embeddings()
     )
-    parts = {
-        "foundation": ParallelPlan.from_dict(
-            {**_fields(foundation), "fsdp_units": (*foundation.fsdp_units, embedding)}
-        )
-    }
+    parts = {"foundation": dataclasses.replace(foundation, fsdp_units=(*foundation.fsdp_units, embedding))}
     for name, e in cfg.encoders.items():
         parts[f"encoders.{name}"] = ParallelPlan.from_dict(e.plan) if e.plan else model.encoders[name].plan()
         if any(True for _ in model.projectors[name].parameters()):  # an identity projector needs no unit
@@ -39,22 +37,6 @@ def omni_plan(model: OmniModel, cfg: OmniModelConfig) -> ParallelPlan:
     for name, d in cfg.decoders.items():
         parts[f"decoders.{name}"] = ParallelPlan.from_dict(d.plan) if d.plan else model.decoders[name].plan()
     return compose_plans(model, parts)
-
-
-def _fields(plan: ParallelPlan) -> dict:
-    return {
-        k: getattr(plan, k)
-        for k in (
-            "fsdp_units",
-            "expert_params",
-            "recompute",
-            "offload",
-            "fp32_modules",
-            "experts",
-            "expert_forward",
-            "kernels",
-        )
-    }
 
 
 def parallelize_omni(

@@ -65,15 +65,18 @@ def test_swapped_modules_compute_what_hf_computes(family):
     plan = plan_for(ours)
     swapped = swap_kernels(ours, plan.match_kernels(ours), TORCH_FORMULAS.swaps())
     kinds = {type(ours.get_submodule(f)) for f in swapped}
-    want = {KernelRMSNorm, SwiGLUMLP if family != "qwen3_moe" else KernelRMSNorm}
-    want |= {RotaryAttention} if family in ("llama", "qwen2", "qwen3", "qwen3_moe") else set()
+    want = {KernelRMSNorm, RotaryAttention} | ({SwiGLUMLP} if family != "qwen3_moe" else set())
     assert kinds == want, kinds
     norms = sum(isinstance(m, KernelRMSNorm) for m in ours.modules())
     assert norms == 2 * 2 + 1 + (2 * 2 if family in ("qwen3", "qwen3_moe") else 0)  # + q/k norms
     assert ours.state_dict().keys() == hf.state_dict().keys()
     ids = torch.randint(0, 96, (1, 24))
-    want_loss, want_grads = _loss_and_grads(hf, ids)
-    loss, grads = _loss_and_grads(ours, ids)
+    # M-RoPE families: distinct temporal/height/width positions, as an image's tokens have
+    mrope = family in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni")
+    t = torch.arange(24)
+    positions = {"position_ids": torch.stack([t, t % 5, t // 5])[:, None]} if mrope else {}
+    want_loss, want_grads = _loss_and_grads(hf, ids, **positions)
+    loss, grads = _loss_and_grads(ours, ids, **positions)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
     for name, g in want_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)

@@ -14,8 +14,8 @@ from omni_dist.plan import ParallelPlan, PlanError
 
 
 def kernels(norm: str, mlp: str | None = None, attention: str | None = None) -> dict[str, str]:
-    """The modules a kernel set replaces (omni_models.kernels): the RMSNorms, the dense SwiGLU MLPs, and
-    the self-attention where RoPE is the plain 1-D one (M-RoPE families keep theirs)."""
+    """The modules a kernel set replaces (omni_models.kernels): the RMSNorms, the dense SwiGLU MLPs and the
+    self-attention around RoPE (M-RoPE families too: transformers folds the sections into cos/sin)."""
     out = {norm: "rms_norm"}
     if mlp:
         out[mlp] = "swiglu"
@@ -55,12 +55,14 @@ HF_DECODER_PLANS: dict[str, ParallelPlan] = {
     "Qwen3ForCausalLM": decoder_plan(
         "Qwen3DecoderLayer", kernels("Qwen3RMSNorm", "Qwen3MLP", "Qwen3Attention")
     ),
-    "Qwen2VLTextForCausalLM": decoder_plan("Qwen2VLDecoderLayer", kernels("Qwen2VLRMSNorm", "Qwen2MLP")),
+    "Qwen2VLTextForCausalLM": decoder_plan(
+        "Qwen2VLDecoderLayer", kernels("Qwen2VLRMSNorm", "Qwen2MLP", "Qwen2VLAttention")
+    ),
     "Qwen2_5_VLTextForCausalLM": decoder_plan(
-        "Qwen2_5_VLDecoderLayer", kernels("Qwen2_5_VLRMSNorm", "Qwen2MLP")
+        "Qwen2_5_VLDecoderLayer", kernels("Qwen2_5_VLRMSNorm", "Qwen2MLP", "Qwen2_5_VLAttention")
     ),
     "Qwen2_5OmniThinkerTextForCausalLM": decoder_plan(
-        "Qwen2_5OmniDecoderLayer", kernels("Qwen2_5OmniRMSNorm", "Qwen2MLP")
+        "Qwen2_5OmniDecoderLayer", kernels("Qwen2_5OmniRMSNorm", "Qwen2MLP", "Qwen2_5OmniAttention")
     ),
 }
 

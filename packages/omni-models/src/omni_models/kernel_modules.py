@@ -73,8 +73,9 @@ class SwiGLUMLP(nn.Module):
 
 
 class RotaryAttention(nn.Module):
-    """The self-attention of HF's Llama, Qwen2, Qwen3 and Qwen3-MoE decoders (q/k/v/o projections, Qwen3's
-    per-head q/k norms, then RoPE and the configured attention function), its RoPE done by `rope`."""
+    """The self-attention of HF's Llama, Qwen2, Qwen3(-MoE) decoders and the Qwen2-VL, Qwen2.5-VL and
+    Qwen2.5-Omni text models (q/k/v/o projections, Qwen3's per-head q/k norms, then RoPE and the configured
+    attention function), its RoPE done by `rope`. M-RoPE arrives as cos/sin with its sections folded in."""
 
     _COPIED = (
         "config",

@@ -6,7 +6,7 @@ Workloads (random weights, bf16 compute, fp32 master weights and reduction, Adam
 - text: a ~1.3B dense Qwen2-like foundation (hidden 2048, 16 layers, GQA 16/2, vocab 151,936).
 - omni: a Qwen2-VL-2B-sized model (text 1536 x 28 layers; vision tower 1280 x 32 blocks) with 448x448
   images (256 LLM tokens each), written by HF's save_pretrained and trained through `model.pretrained`.
-Ours: `omni-train run RECIPE --nproc 1` on generated JSONL documents of 300-3000 tokens packed into
+Ours: `omni-train run RECIPE --nproc 1` (`--kernels`: its parallel.kernels, default auto) on generated JSONL documents of 300-3000 tokens packed into
 `--tokens`-token micro-batches, attention per document (flash_attn > varlen > sdpa, whichever runs);
 metrics.jsonl gives tokens/s, MFU and peak memory (medians after 3 warm-up steps).
 Plain: HF's own class with fully_shard on every decoder layer / vision block and the root, one
@@ -185,7 +185,7 @@ def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, d
             "num_workers": 1,
             "shuffle_buffer": 16,
         },
-        "parallel": {"param_dtype": "float32" if args.small else "bfloat16"},
+        "parallel": {"param_dtype": "float32" if args.small else "bfloat16", "kernels": args.kernels},
         "train": {"steps": WARMUP + args.steps, "lr": 1e-5, "warmup_steps": 1, "eval_every": 0},
         "checkpoint": {"interval": 0, "resume": "none"},
         "logging": {"run_dir": str(run_dir), "console": "none", "tensorboard": False},
@@ -204,6 +204,7 @@ def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, d
     med = lambda key: statistics.median(r[key] for r in timed) if timed[0].get(key) is not None else None  # noqa: E731
     return {
         "attention": backend,
+        "kernels": args.kernels,
         "tokens_per_step": med("tokens"),
         "tokens_per_s": med("tokens_per_s_per_device"),
         "mfu": med("mfu"),
@@ -345,6 +346,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--nproc", type=int, default=1, help="ranks of both runs (CPU, --small: gloo)")
+    ap.add_argument(
+        "--kernels", choices=["auto", "liger", "torch"], default="auto", help="ours: parallel.kernels"
+    )
     ap.add_argument("--plain", choices=["text", "omni"], help=argparse.SUPPRESS)  # the plain loop's process
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=29517, help=argparse.SUPPRESS)

@@ -48,8 +48,8 @@ def _text_lm(name: str) -> nn.Module:
     return cls(cfg(**SMALL, rope_parameters=mrope, bos_token_id=None, eos_token_id=None))
 
 
-def _loss_and_grads(model: nn.Module, ids: torch.Tensor, **packed):
-    logits = model(input_ids=ids, **packed).logits[0]
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor, **inputs):
+    logits = model(input_ids=ids, **inputs).logits[0]
     loss = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}

@@ -141,3 +141,31 @@ def test_kernel_selection_says_what_it_chose_and_why(caplog):
         ValueError, match=r"parallel.kernels=liger cannot run: .* device is cpu. Use parallel.kernels=auto"
     ):
         select_kernels("liger", "cpu")
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_vision", "qwen2_5_omni_vision"])
+def test_swapped_vision_tower_encodes_what_hf_computes(name):
+    """Qwen2.5-VL's and Qwen2.5-Omni's towers (RMSNorm, SwiGLU blocks; the merger's RMSNorm too)."""
+    from omni_dist.packed import MediaBatch
+    from omni_models.registry import ENCODERS
+    from tests.omni_models.test_contracts import TINY
+
+    spec = TINY["encoders"][name]
+    torch.manual_seed(0)
+    hf = ENCODERS[name](dict(spec["config"]), modalities=tuple(spec["modalities"]), **spec["options"])
+    ours = copy.deepcopy(hf)
+    swapped = swap_kernels(ours, hf.plan().match_kernels(ours), TORCH_FORMULAS.swaps())
+    assert sorted(set(swapped.values())) == ["rms_norm", "swiglu"]
+    cfg = hf.tower.config
+    rows = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    grid = torch.tensor([[1, 4, 4]])
+    media = {"image": MediaBatch.of([{"pixel_values": torch.randn(16, rows), "grid_thw": grid}], [4])}
+    outs = []
+    for encoder in (hf, ours):
+        features = encoder.lm_encode(media)["image"]
+        features.square().sum().backward()
+        outs.append((features.detach(), {n: p.grad for n, p in encoder.named_parameters()}))
+    (want, want_grads), (got, grads) = outs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-7, msg=n)

@@ -29,6 +29,8 @@ class Qwen2VLVisionEncoder(nn.Module):
     config_class: type = Qwen2VLVisionConfig
     tower_class: type = Qwen2VisionTransformerPretrainedModel
     block = "Qwen2VLVisionBlock"
+    # modules a kernel set may replace (plan.kernels): none in Qwen2-VL's LayerNorm + QuickGELU blocks
+    block_kernels: tuple[tuple[str, str], ...] = ()
     video_rate_requested = False  # video seconds per temporal patch at the asked fps, not the sampled one
 
     def __init__(
@@ -118,7 +120,9 @@ class Qwen2VLVisionEncoder(nn.Module):
         return {self.modalities[0]: MediaBatch.of([tensors], [1])}
 
     def plan(self) -> ParallelPlan:
-        return ParallelPlan(fsdp_units=(self.block,), recompute=(self.block,))
+        return ParallelPlan(
+            fsdp_units=(self.block,), recompute=(self.block,), kernels=dict(self.block_kernels)
+        )
 
     @cached_property
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch
@@ -140,6 +144,7 @@ class Qwen2_5_VLVisionEncoder(Qwen2VLVisionEncoder):
     config_class = Qwen2_5_VLVisionConfig
     tower_class = Qwen2_5_VisionTransformerPretrainedModel
     block = "Qwen2_5_VLVisionBlock"
+    block_kernels = (("Qwen2_5_VLRMSNorm", "rms_norm"), ("Qwen2_5_VLMLP", "swiglu"))
 
     @staticmethod
     def _output_size(cfg: Any) -> int:
@@ -160,6 +165,7 @@ class Qwen2_5OmniVisionTower(Qwen2_5_VLVisionEncoder):
     config_class = Qwen2_5OmniVisionEncoderConfig
     tower_class = Qwen2_5OmniVisionEncoder
     block = "Qwen2_5OmniVisionBlock"
+    block_kernels = (("Qwen2_5OmniRMSNorm", "rms_norm"), ("Qwen2_5OmniMLP", "swiglu"))
     video_rate_requested = True  # as Qwen2_5OmniProcessor computes video_second_per_grid
 
     def __init__(

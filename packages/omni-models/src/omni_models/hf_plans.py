@@ -1,9 +1,9 @@
 """Parallel plans for HF decoder-only language models, declared as data beside the model families.
 
-Each transformer block is an FSDP unit and the unit of recompute/offload; RMSNorms, SwiGLU MLPs and
-RoPE attention are where a kernel set (liger) may stand in. RMSNorms are not fp32
-units: HF norms already compute in fp32 internally, a tiny unit per norm would cost an all-gather
-each, and units nested in a block cannot be selectively recomputed. Nothing here touches HF code.
+Each transformer block is an FSDP unit and the unit of recompute/offload. RMSNorms are not fp32 units:
+HF norms already compute in fp32 internally, a tiny unit per norm would cost an all-gather each, and
+units nested in a block cannot be selectively recomputed. RMSNorms, SwiGLU MLPs and RoPE attention are
+where a kernel set (liger) may stand in. Nothing here touches HF code.
 """
 
 from __future__ import annotations

@@ -68,6 +68,11 @@ class MemoryEstimate:
         return out
 
 
+def micro_batch_encoder_units(cfg: TrainConfig) -> int:
+    """Encoder units of one micro-batch: data.max_encoder_units, else the bound UNITS_PER_TOKEN per token."""
+    return cfg.data.max_encoder_units or cfg.data.max_tokens * UNITS_PER_TOKEN
+
+
 def dtype_bytes(name: str) -> int:
     """Bytes per element of a config dtype name (aliases too: bf16, fp32, ...)."""
     return DTYPES[name].itemsize
@@ -172,8 +177,7 @@ def estimate_memory(
     est.forward_end["activations: foundation"] = activations
     for name, (depth, shape) in facts.encoders.items():
         units_of = (encoder_units or {}).get(name)
-        units_of = units_of if units_of is not None else cfg.data.max_encoder_units
-        units_of = units_of if units_of is not None else cfg.data.max_tokens * UNITS_PER_TOKEN
+        units_of = units_of if units_of is not None else micro_batch_encoder_units(cfg)
         if p.encoder_balance == "sp":  # the SP ranks share the items (balanced by cost)
             units_of = -(-units_of // dims.sp)
         est.forward_end[f"activations: encoders.{name}"] = _activations(

@@ -26,7 +26,7 @@ import itertools
 from dataclasses import dataclass
 
 from omni_train.config import ConfigError, TrainConfig, check_layout
-from omni_train.memory import GIB, UNITS_PER_TOKEN, ModelFacts, dtype_bytes, estimate_memory
+from omni_train.memory import GIB, ModelFacts, dtype_bytes, estimate_memory, micro_batch_encoder_units
 
 RECOMPUTE_EXTRA = {"none": 0.0, "selective": 1 / 30, "full": 1 / 3}  # of the training FLOPs
 
@@ -161,8 +161,8 @@ def predict(
     )
     flops += m * 3.0 * 2 * vocab * hidden * tokens  # the LM head
     shared = layout.sp if cfg.parallel.encoder_balance == "sp" else 1  # SP ranks share the media
+    units = micro_batch_encoder_units(cfg)  # cfg is the layout's: its max_tokens and encoder units
     for params, trains in facts.encoder_params.values():
-        units = cfg.data.max_encoder_units or layout.max_tokens * UNITS_PER_TOKEN
         flops += m * (6 if trains else 2) * params * units / shared
     flops *= 1 + RECOMPUTE_EXTRA[layout.recompute]
     compute = flops / (device.flops * device.efficiency)

@@ -151,7 +151,7 @@ def _accumulation_rank(data: str) -> tuple[list[float], list[float]]:
             model = build_omni_model(cfg)
         materialize_(model, "cpu")
         init_omni_weights_(model, 0)
-        loss, _, _, _ = forward_backward(model, micro, mesh, None, torch.device("cpu"))
+        loss = forward_backward(model, micro, mesh, None, torch.device("cpu")).loss
         norm = clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1e9).item()
         results.append([float(loss), norm])
     return results[0], results[1]

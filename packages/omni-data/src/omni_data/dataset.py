@@ -12,6 +12,7 @@ cursor's position, re-reads those samples (one seek each) and continues the iden
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Iterator
@@ -60,6 +61,11 @@ class WorkerItem:
     dropped: int  # over-budget samples dropped
     truncated: int
     abort: str | None = None
+
+    def pin_memory(self) -> WorkerItem:
+        """The batch in page-locked memory (torch's DataLoader pins with pin_memory=True), so its copy to
+        the GPU is asynchronous."""
+        return self if self.batch is None else dataclasses.replace(self, batch=self.batch.pin_memory())
 
 
 @dataclass

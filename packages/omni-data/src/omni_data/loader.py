@@ -59,7 +59,9 @@ def _worker_init(rank_pid: int, worker_id: int) -> None:
 class _Stream:
     """One data stream: its dataset (a slot layout of its own) and its StatefulDataLoader."""
 
-    def __init__(self, config: DataConfig, processor: Processor, index: int, total: int, pad_id: int):
+    def __init__(
+        self, config: DataConfig, processor: Processor, index: int, total: int, pad_id: int, pin: bool
+    ):
         self.index = index  # this stream's global number of `total`
         self.dataset = StreamingDataset(config, processor, dp_rank=index, dp_size=total, pad_id=pad_id)
         with warnings.catch_warnings():  # torchdata 0.11 calls a deprecated torch API here
@@ -70,6 +72,7 @@ class _Stream:
                 num_workers=config.num_workers,
                 collate_fn=_identity,
                 prefetch_factor=2 if config.num_workers else None,
+                pin_memory=pin,  # batches bound for a GPU: page-locked, so their copies do not block
                 # torch's own check of the parent never runs while a worker is blocked in a read (a hung
                 # mount, a FIFO): tie the workers' lives to this process instead
                 worker_init_fn=functools.partial(_worker_init, os.getpid()),
@@ -156,7 +159,10 @@ class OmniLoader:
             mine = range(self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank)
         else:
             mine = range(self.dp_rank, total, self.dp_size)
-        self._streams = [_Stream(self.config, self.processor, s, total, self.pad_id) for s in mine]
+        self._streams = [
+            _Stream(self.config, self.processor, s, total, self.pad_id, self.device.type == "cuda")
+            for s in mine
+        ]
 
     # -- stats ---------------------------------------------------------------------------------
     @property

@@ -73,11 +73,26 @@ class MediaBatch:
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MediaBatch:
+        """Floating-point tensors (pixels, features) to `device`; integer ones (grids, frame counts), the
+        placeholder positions and counts stay on the host, where the model reads them without waiting on
+        the device (see PackedBatch.to)."""
         return dataclasses.replace(
             self,
-            tensors={k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()},
-            positions=self.positions.to(device, non_blocking=non_blocking),
+            tensors={
+                k: v.to(device, non_blocking=non_blocking) if v.is_floating_point() else v
+                for k, v in self.tensors.items()
+            },
         )
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The tensors `to` leaves on the host."""
+        kept = [v for v in self.tensors.values() if not v.is_floating_point()]
+        return [*kept, self.llm_tokens, self.positions] + (
+            [self.encoder_units] if self.encoder_units is not None else []
+        )
+
+    def pin_memory(self) -> MediaBatch:
+        return dataclasses.replace(self, tensors={k: v.pin_memory() for k, v in self.tensors.items()})
 
 
 @dataclass
@@ -113,19 +128,48 @@ class PackedBatch:
         units = [b.encoder_units for b in (*self.media.values(), *self.targets.values())]
         return self.num_tokens + sum(int((u.long() ** 2).sum()) for u in units if u is not None)
 
-    def to(self, device: torch.device | str) -> PackedBatch:
-        """The batch on `device` (itself when already there); cu_seqlens moves too (kernels read it)."""
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> PackedBatch:
+        """The batch on `device` (itself when already there). What the device computes with moves
+        (ids, positions, cu_seqlens, media pixels/features); what only decides which rows go where stays
+        on the host (labels, media positions and grids): the model builds its index tensors there and sends
+        them over without a data-dependent op on the device, so a step never waits on it. Copies are
+        asynchronous: from pinned memory (`pin_memory`, the loader's) they overlap compute."""
         if torch.device(device) == self.input_ids.device:
             return self
-        move = {"non_blocking": True}
+        move = {"non_blocking": non_blocking}
         return dataclasses.replace(
             self,
             input_ids=self.input_ids.to(device, **move),
             position_ids=self.position_ids.to(device, **move),
-            labels=self.labels.to(device, **move),
             cu_seqlens=self.cu_seqlens.to(device, **move),
             media={k: v.to(device, **move) for k, v in self.media.items()},
             targets={k: v.to(device, **move) for k, v in self.targets.items()},
+        )
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        """The tensors `to` leaves on the host."""
+        media = [t for m in (*self.media.values(), *self.targets.values()) for t in m.host_tensors()]
+        return [self.labels, *media]
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """The tensors `to` moves."""
+        media = [
+            t
+            for m in (*self.media.values(), *self.targets.values())
+            for t in m.tensors.values()
+            if t.is_floating_point()
+        ]
+        return [self.input_ids, self.position_ids, self.cu_seqlens, *media]
+
+    def pin_memory(self) -> PackedBatch:
+        """Page-locked copies (torch's DataLoader calls this with pin_memory=True)."""
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids.pin_memory(),
+            position_ids=self.position_ids.pin_memory(),
+            cu_seqlens=self.cu_seqlens.pin_memory(),
+            media={k: v.pin_memory() for k, v in self.media.items()},
+            targets={k: v.pin_memory() for k, v in self.targets.items()},
         )
 
 

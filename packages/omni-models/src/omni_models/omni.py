@@ -160,21 +160,23 @@ class OmniModel(nn.Module):
             # reason); a dummy's features are spliced in at no position.
             feats = encoder.lm_encode(media)
             projected = self.projectors[name](torch.cat(list(feats.values())))
+            # Which rows go where is worked out on the host (positions stay there: PackedBatch.to), so
+            # no data-dependent op waits on the device; the indices go over asynchronously.
             rows, targets, offset = [], [], 0
             for m, f in feats.items():
-                pos = media[m].positions.to(ids.device) - start
+                pos = media[m].positions - start
                 if not present:
                     pos = pos[:0]
                 elif f.shape[0] != pos.shape[0]:
                     raise ValueError(
                         f"{name} gave {f.shape[0]} {m} embeddings for {pos.shape[0]} placeholders"
                     )
-                keep = torch.nonzero((pos >= 0) & (pos < length)).flatten()
+                keep = _where((pos >= 0) & (pos < length)) if present else pos
                 rows.append(keep + offset)
                 targets.append(pos[keep])
                 offset += f.shape[0]
-            at = torch.cat(targets)
-            embeds = embeds.index_put((row0.expand_as(at), at), projected[torch.cat(rows)].to(embeds.dtype))
+            at, picked = (_to(torch.cat(x), ids.device) for x in (targets, rows))
+            embeds = embeds.index_put((row0.expand_as(at), at), projected[picked].to(embeds.dtype))
         generated: dict[str, _Targets] = {}
         batch_targets = batch.targets
         for name, decoder in self.decoders.items():
@@ -187,13 +189,13 @@ class OmniModel(nn.Module):
                 else {m: x.to(ids.device) for m, x in decoder.dummy_media().items()}
             )
             feats, codes = decoder.lm_encode(media)[m]
-            pos = media[m].positions.to(ids.device)
+            pos = media[m].positions  # on the host
             if not present:
                 pos = pos[:0]
             elif feats.shape[0] != pos.shape[0]:
                 raise ValueError(f"{name} gave {feats.shape[0]} {m} tokens for {pos.shape[0]} placeholders")
-            keep = torch.nonzero((pos >= start) & (pos < start + length)).flatten()
-            at = pos[keep] - start
+            keep = _where((pos >= start) & (pos < start + length)) if present else pos
+            at, keep = _to(pos[keep] - start, ids.device), _to(keep, ids.device)
             embeds = embeds.index_put((row0.expand_as(at), at), feats[keep].to(embeds.dtype))
             generated[name] = _Targets(pos, codes[: pos.shape[0]])
         return embeds, generated
@@ -245,7 +247,9 @@ class OmniModel(nn.Module):
         # Logits only where a text label is (media placeholders and prompts have none): the foundation
         # returns none, and its LM head runs here on the labelled positions' last hidden states, so the
         # head's memory and FLOPs follow the labelled tokens (in chunks of `loss_chunk`), not the sequence.
-        labelled = torch.nonzero(labels != IGNORE_INDEX).flatten()
+        # The labels are on the host (PackedBatch.to): the positions are found there.
+        labelled_host = _where(labels != IGNORE_INDEX)
+        labelled = _to(labelled_host, embeds.device)
         lm = self.foundation(
             inputs_embeds=embeds,
             position_ids=positions,
@@ -262,19 +266,23 @@ class OmniModel(nn.Module):
             logits_to_keep=labelled[:0],
             **({"output_router_logits": True} if self._moe else {}),
         )
-        head, targets = self.foundation.get_output_embeddings(), labels[labelled].to(embeds.device)
+        head, targets = self.foundation.get_output_embeddings(), _to(labels[labelled_host], embeds.device)
         hidden = lm.hidden_states[-1][0, labelled]
         loss = head_cross_entropy(head, hidden, targets, self.loss_chunk, self.linear_cross_entropy)
-        parts = {"text": (loss, int(labelled.numel()))}
+        parts = {"text": (loss, int(labelled_host.numel()))}
         start = 0 if sp is None else sp.rank * embeds.shape[1]
         for name, decoder in self.decoders.items():
             # Token k of an image is predicted from the hidden state one position before it; that
             # position may sit on this SP rank even when the token itself does not.
             t = generated[name]
-            before = t.positions - 1 - start
-            keep = torch.nonzero(_predicted_here(t.positions, start, embeds.shape[1])).flatten()
-            hidden = lm.hidden_states[-1][0, before[keep]]
-            part = decoder.lm_loss(hidden, t.codes[keep].to(hidden.device), self.loss_chunk)
+            before = t.positions - 1 - start  # on the host
+            keep = (
+                _where(_predicted_here(t.positions, start, embeds.shape[1]))
+                if t.positions.numel()
+                else t.positions
+            )
+            hidden = lm.hidden_states[-1][0, _to(before[keep], embeds.device)]
+            part = decoder.lm_loss(hidden, t.codes[_to(keep, t.codes.device)], self.loss_chunk)
             parts[name] = (part, int(keep.numel()))  # reported unweighted: nats per code
             loss = loss + self.loss_weights.get(name, 1.0) * part
         out = OmniOutput(loss, sum(n for _, n in parts.values()), parts)
@@ -324,6 +332,16 @@ class OmniModel(nn.Module):
             present = {m: targets[m] for m in decoder.modalities if m in targets}
             out[name] = decoder.flops(present) if present else 0.0
         return out
+
+
+def _where(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of a host mask (a data-dependent size: only ever on the host; dummies skip it)."""
+    return torch.nonzero(mask).flatten()
+
+
+def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-computed index tensor on `device`, copied without waiting for the device."""
+    return index.to(device, non_blocking=True)
 
 
 def _owners(parts: nn.ModuleDict, verb: str) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from omni_data.preflight import merge_reports, summary
 from omni_dist import ParallelMesh, destroy_distributed, init_distributed
 from omni_dist.attention import SequenceParallel
 from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RNGPart
+from omni_dist.device_feed import DeviceFeed
 from omni_dist.gather import all_gather_json
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
@@ -100,6 +100,46 @@ def local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
     return sum(loss_tokens(b, sp) for b in micro_batches)
 
 
+@dataclass
+class StepResult:
+    """A step's numbers, still on the device until `read` (once per step, after the optimizer step):
+    nothing in forward, backward or the optimizer step waits for them."""
+
+    loss: torch.Tensor  # the step's global mean loss (0-d, float64)
+    counts: torch.Tensor  # global [loss tokens, real micro-batches, real tokens, FLOPs] (all-reduced)
+    parts: torch.Tensor  # global [summed loss per part..., count per part...] (all-reduced)
+    names: list[str]  # the parts, in `parts` order
+    sp_size: int
+
+    def read(self, *extra: torch.Tensor) -> tuple[dict[str, Any], list[float]]:
+        """One device-to-host transfer: the step's metrics, and the values of `extra` (0-d tensors)."""
+        device = self.loss.device
+        values = torch.cat(
+            [
+                self.loss.view(1),
+                self.counts,
+                self.parts,
+                *(t.to(device, torch.float64).view(1) for t in extra),
+            ]
+        ).tolist()
+        loss, (tokens, _, real, flops) = values[0], values[1:5]
+        n = len(self.names)
+        sums, counts = values[5 : 5 + n], values[5 + n : 5 + 2 * n]
+        # A part with no tokens in this step (e.g. no generation target) has no loss, not a zero loss.
+        parts = {
+            name: (sums[i] / counts[i] if counts[i] > 0 else None, counts[i])
+            for i, name in enumerate(self.names)
+        }
+        record = {
+            "loss": loss,
+            "label_tokens": int(tokens),
+            "tokens": int(real) // self.sp_size,  # SP ranks share a micro-batch
+            "parts": parts,
+            "flops": flops / self.sp_size,
+        }
+        return record, values[5 + 2 * n :]
+
+
 def forward_backward(
     model,
     micro_batches,
@@ -108,34 +148,41 @@ def forward_backward(
     device: torch.device,
     backward: bool = True,
     sync_once: bool = False,
-) -> tuple[torch.Tensor, float, float, dict[str, tuple[float | None, float]]]:
+    feed: DeviceFeed | None = None,
+) -> StepResult:
     """One step's micro-batches: token-weighted loss over all of them and all ranks.
 
-    Returns (the step's global mean loss, global loss tokens, this rank's FLOPs, per part ("text", every
-    decoder and, for MoE foundations, "moe_aux") its global mean loss and what it is averaged over: tokens,
-    or sequences for moe_aux). Gradients accumulate over the micro-batches; dividing every micro-batch by
-    the global token count makes k micro-batches equal one holding the same samples. A MoE foundation's load-balancing loss is HF's per sequence: each
-    micro-batch's, averaged over the step's micro-batches (fillers excluded), times its coefficient.
+    Everything the host needs to know of the batches (loss tokens, FLOPs) is counted from them before the
+    first launch, and the loss and per-part sums stay on the device (StepResult.read), so the step never
+    waits on the device. Parts: "text", every decoder and, for MoE foundations, "moe_aux", each averaged
+    over its tokens (sequences for moe_aux). Gradients accumulate over the micro-batches; dividing every
+    micro-batch by the global token count makes k micro-batches equal one holding the same samples. A MoE
+    foundation's load-balancing loss is HF's per sequence: each micro-batch's, averaged over the step's
+    micro-batches (fillers excluded), times its coefficient.
     `sync_once`: FSDP reduces the gradients after the last micro-batch only (`grad_sync: step`).
     """
-    real = sum(not b.is_padding for b in micro_batches)
-    counts = global_token_count(torch.tensor([local_label_tokens(micro_batches, sp), real]), mesh["loss"])
-    tokens = counts[0]
+    local = [
+        local_label_tokens(micro_batches, sp),
+        sum(not b.is_padding for b in micro_batches),
+        sum(b.num_tokens for b in micro_batches),
+        sum(sum(model.flops(b).values()) for b in micro_batches),  # from the host's cu_seqlens and grids
+    ]
+    counts = global_token_count(torch.tensor(local, dtype=torch.float64), mesh["loss"])
+    tokens = counts[0].clamp(min=1)
     sp_size = sp.size if sp is not None else 1
-    sequences = counts[1] / sp_size  # the SP ranks of a group count the same micro-batch
+    sequences = (counts[1] / sp_size).clamp(min=1)  # the SP ranks of a group count the same micro-batch
     total = torch.zeros((), dtype=torch.float64, device=device)
     part_sums: dict[str, torch.Tensor] = {}  # name -> summed loss; part_counts: name -> its token count
     part_counts: dict[str, float] = {}
-    flops = 0.0
-    for i, batch in enumerate(micro_batches):
+    feed = feed or DeviceFeed(device)
+    for i, batch in enumerate(feed(micro_batches)):
         if backward and sync_once:
             set_gradient_sync(model, i == len(micro_batches) - 1)
-        batch = batch.to(device)
         out = model(batch, sequence_parallel=sp)
-        loss = out.loss_sum / tokens.clamp(min=1).to(out.loss_sum.dtype)
+        loss = out.loss_sum / tokens.to(out.loss_sum.dtype)
         parts = dict(out.parts)
         if out.aux_loss is not None:
-            loss = loss + out.aux_loss_coef * out.aux_loss / sequences.clamp(min=1).to(out.aux_loss.dtype)
+            loss = loss + out.aux_loss_coef * out.aux_loss / sequences.to(out.aux_loss.dtype)
             # reported as the mean over the step's sequences: each SP rank holds 1/sp of one
             parts["moe_aux"] = (out.aux_loss, 0.0 if batch.is_padding else 1 / sp_size)
         if backward:
@@ -144,18 +191,12 @@ def forward_backward(
         for name, (value, n) in parts.items():
             part_sums[name] = part_sums.get(name, 0.0) + value.detach().double()
             part_counts[name] = part_counts.get(name, 0.0) + n
-        flops += sum(model.flops(batch).values())
     names = sorted(part_sums)  # the same parts on every rank (the same model)
-    counts = torch.tensor([part_counts[n] for n in names], dtype=torch.float64, device=device)
-    packed = torch.cat([total.view(1), *(part_sums[n].view(1) for n in names), counts])
+    # counts are host numbers: an asynchronous copy, not a blocking one
+    n = torch.tensor([part_counts[k] for k in names], dtype=torch.float64).to(device, non_blocking=True)
+    packed = torch.cat([total.view(1), *(part_sums[k].view(1) for k in names), n])
     dist.all_reduce(packed, group=mesh["loss"].get_group())
-    sums, counts = packed[1 : 1 + len(names)], packed[1 + len(names) :]
-    # A part with no tokens in this step (e.g. no generation target) has no loss, not a zero loss.
-    parts = {
-        n: (float(sums[i] / counts[i]) if counts[i] > 0 else None, float(counts[i]))
-        for i, n in enumerate(names)
-    }
-    return packed[0], float(tokens), flops, parts
+    return StepResult(packed[0], counts, packed[1:], names, sp_size)
 
 
 class Trainer:
@@ -172,6 +213,7 @@ class Trainer:
         built = build_model(cfg, self.mesh, self.device)
         self.model, self.report = built.model, built.report
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.device)
+        self.feed = DeviceFeed(self.device)
         self.peak = peak_flops(self.device, getattr(torch, p.param_dtype))
         tok = tokenizer(cfg, self.model)
         self.pad_id = tok.pad_token_id or 0
@@ -193,10 +235,10 @@ class Trainer:
     def _loader(self, sources=None, epochs=None) -> OmniLoader:
         return build_loader(self.cfg, self.processor, self.mesh, self.device, self.pad_id, sources, epochs)
 
-    def _forward_backward(self, step: Step, backward: bool = True) -> tuple[torch.Tensor, float, float, dict]:
+    def _forward_backward(self, step: Step, backward: bool = True) -> StepResult:
         sync_once = self.cfg.parallel.grad_sync == "step"
         return forward_backward(
-            self.model, step.micro_batches, self.mesh, self.sp, self.device, backward, sync_once
+            self.model, step.micro_batches, self.mesh, self.sp, self.device, backward, sync_once, self.feed
         )
 
     def train(self) -> Counters:
@@ -281,13 +323,17 @@ class Trainer:
         return open(path, "a")  # closed at the end of train()
 
     def _step(self, step: Step) -> dict[str, Any]:
-        loss, tokens, flops, parts = self._forward_backward(step)
+        """Forward/backward, clip and the optimizer step, all launched without waiting on the device (a
+        non-finite loss or norm skips the update on the device); then one read of the step's numbers."""
+        result = self._forward_backward(step)
         lr = self.scheduler.get_last_lr()[0]
-        params = trainable_parameters(self.model)
-        norm = clip_grad_norm_(params, self.cfg.train.grad_clip).item()
-        finite = math.isfinite(loss.item()) and math.isfinite(norm)
+        norm = clip_grad_norm_(trainable_parameters(self.model), self.cfg.train.grad_clip)
+        finite = torch.isfinite(result.loss) & torch.isfinite(norm)
+        self.optimizer.step(skip=~finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        record, (norm, finite) = result.read(norm, finite)
+        finite = bool(finite)
         if finite:
-            self.optimizer.step()
             self.scheduler.step()
             self.counters.bad_in_a_row = 0
         else:
@@ -297,7 +343,7 @@ class Trainer:
                 log.warning(
                     "step %d: non-finite loss %s / grad norm %s: update skipped",
                     self.counters.step + 1,
-                    loss.item(),
+                    record["loss"],
                     norm,
                 )
             if self.counters.bad_in_a_row >= self.cfg.train.max_bad_steps:
@@ -305,25 +351,18 @@ class Trainer:
                     f"{self.counters.bad_in_a_row} steps in a row had a non-finite loss or "
                     "gradient norm: lower train.lr, check the data, or use fp32"
                 )
-        self.optimizer.zero_grad(set_to_none=True)
-        # Real tokens (labelled or not) and FLOPs of the step, over all ranks; SP ranks share a batch.
-        sums = torch.tensor(
-            [sum(b.num_tokens for b in step.micro_batches), flops], dtype=torch.float64, device=self.device
-        )
-        dist.all_reduce(sums, group=self.mesh["loss"].get_group())
-        real_tokens, total_flops = int(sums[0]) // self.mesh.dims.sp, float(sums[1]) / self.mesh.dims.sp
-        self.counters.tokens_seen += real_tokens
-        self.counters.losses.append(loss.item())
+        self.counters.tokens_seen += record["tokens"]
+        self.counters.losses.append(record["loss"])
         return {
             "step": self.counters.step + 1,
-            "loss": loss.item(),
+            "loss": record["loss"],
             "grad_norm": norm,
             "lr": lr,
-            **{f"loss_{name}": value for name, (value, _) in parts.items()},
-            "tokens": real_tokens,
-            "label_tokens": int(tokens),
+            **{f"loss_{name}": value for name, (value, _) in record["parts"].items()},
+            "tokens": record["tokens"],
+            "label_tokens": record["label_tokens"],
             "skipped": not finite,
-            "_flops": total_flops,
+            "_flops": record["flops"],
         }
 
     def _rates(self, record: dict[str, Any], seconds: float, waited: float, start: float) -> dict[str, Any]:
@@ -353,9 +392,10 @@ class Trainer:
             for i, step in enumerate(loader):
                 if limit and i >= limit:
                     break
-                loss, tokens, _, parts = self._forward_backward(step, backward=False)
-                total, weight = total + float(loss) * tokens, weight + tokens
-                for name, (mean, n) in parts.items():
+                record, _ = self._forward_backward(step, backward=False).read()
+                tokens = record["label_tokens"]
+                total, weight = total + record["loss"] * tokens, weight + tokens
+                for name, (mean, n) in record["parts"].items():
                     if mean is not None:
                         sums[name] = sums.get(name, 0.0) + mean * n
                         counts[name] = counts.get(name, 0.0) + n

@@ -15,6 +15,8 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVi
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+from transformers.utils.generic import is_flash_attention_requested
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
@@ -106,12 +108,29 @@ class Qwen2VLVisionEncoder(nn.Module):
         pixels = torch.cat([media[m].tensors["pixel_values"] for m in names])
         grid = torch.cat([media[m].tensors["grid_thw"] for m in names])
         dtype = self.tower.patch_embed.proj.weight.dtype
-        merged = self.tower(pixels.to(dtype), grid_thw=grid).pooler_output
+        merged = self.tower(
+            pixels.to(dtype), grid_thw=grid, **self._index_inputs(grid, pixels.device)
+        ).pooler_output
         if len(names) == 1:
             return {names[0]: merged}
         counts = [int(media[m].llm_tokens.sum()) for m in names]
         # Copies, not views: FSDP hooks the outputs of lm_encode for backward.
         return {m: part.clone() for m, part in zip(names, merged.split(counts), strict=True)}
+
+    def _index_inputs(self, grid: torch.Tensor, device: torch.device) -> dict[str, Any]:
+        """The tower's index tensors, made by transformers' own functions from the grids on the host (they
+        stay there: MediaBatch.to), so the tower never reads the device to build them. Sequence
+        boundaries stay on the host too: HF's non-flash vision attention splits by them there."""
+        cfg = self.tower.config
+        cu = get_vision_cu_seqlens(grid)
+        flash = is_flash_attention_requested(cfg)
+        return {
+            "position_ids": get_vision_position_ids(grid, cfg.spatial_merge_size).to(
+                device, non_blocking=True
+            ),
+            "cu_seqlens": cu.to(device, non_blocking=True) if flash else cu,
+            "max_seqlen": int((cu[1:] - cu[:-1]).max()),
+        }
 
     def dummy_media(self) -> dict[str, MediaBatch]:
         cfg = self.tower.config  # one merge group of zero patches: a single LLM token
@@ -149,6 +168,19 @@ class Qwen2_5_VLVisionEncoder(Qwen2VLVisionEncoder):
     @staticmethod
     def _output_size(cfg: Any) -> int:
         return cfg.out_hidden_size
+
+    def _index_inputs(self, grid: torch.Tensor, device: torch.device) -> dict[str, Any]:
+        out = super()._index_inputs(grid, device)
+        tower = self.tower
+        window, cu = get_vision_window_index(
+            grid, tower.spatial_merge_size, tower.window_size, tower.patch_size
+        )
+        flash = is_flash_attention_requested(tower.config)
+        return out | {
+            "window_index": window.to(device, non_blocking=True),
+            "cu_window_seqlens": cu.to(device, non_blocking=True) if flash else cu,
+            "max_window_seqlen": int((cu[1:] - cu[:-1]).max()),
+        }
 
     @staticmethod
     def _width(cfg: Any) -> int:

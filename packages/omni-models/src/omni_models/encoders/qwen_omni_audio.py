@@ -112,7 +112,7 @@ class QwenOmniAudioEncoder(nn.Module):
         (name,) = [m for m in self.modalities if m in media]
         batch = media[name]
         feats = batch.tensors["input_features"].T.to(self.tower.conv1.weight.dtype)  # (mel, sum L)
-        lens = batch.tensors["feature_lens"].to(feats.device)
+        lens = batch.tensors["feature_lens"].to(feats.device, non_blocking=True)
         after_cnn, _ = self.tower._get_feat_extract_output_lengths(lens)
         return {name: self.tower(feats, feature_lens=lens, aftercnn_lens=after_cnn).last_hidden_state}
 

@@ -11,7 +11,7 @@ time ratio liger / torch and the largest relative difference of output and input
 - decoder layer: a Qwen2-7B-shaped layer, HF's vs all three swapped, sdpa attention.
 Loss head at each `--head-tokens` (all rows labelled, vocab `--vocab`, bf16 weights): peak memory above
 the inputs (torch.cuda.max_memory_allocated) and time of all logits at once, the chunked head
-(omni_dist.loss_head, chunk 4096) and liger's fused linear cross-entropy; a path that runs out of memory
+(omni_dist.loss_head, chunk 4096) with torch's and with liger's chunk kernel; a path that runs out of memory
 is reported as such. Prints one JSON object; needs CUDA and liger-kernel (the `gpu` extra).
 """
 
@@ -137,7 +137,7 @@ def _loss_head(args, kernels, rows: int) -> dict:
     paths = {
         "all_logits": lambda h: F.cross_entropy(head(h).float(), targets, reduction="sum"),
         "chunked_4096": lambda h: head_cross_entropy(head, h, targets, 4096),
-        "liger_fused": lambda h: head_cross_entropy(head, h, targets, 4096, kernels.linear_cross_entropy),
+        "liger_chunked_4096": lambda h: head_cross_entropy(head, h, targets, 4096, kernels.chunk_cross_entropy),
     }
     out = {"rows": rows, "logits_fp32_gib": round(rows * args.vocab * 4 / 2**30, 2)}
     for name, loss_fn in paths.items():
@@ -160,7 +160,7 @@ def _loss_head(args, kernels, rows: int) -> dict:
             "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3),
             "ms": round(seconds * 1e3, 2),
         }
-    for name in ("chunked_4096", "liger_fused"):
+    for name in ("chunked_4096", "liger_chunked_4096"):
         if isinstance(out[name], dict) and isinstance(out["all_logits"], dict):
             out[f"{name}_over_all_logits"] = {
                 "memory": round(out[name]["peak_gib"] / out["all_logits"]["peak_gib"], 4),

@@ -16,8 +16,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _linear_cross_entropy(hidden, weight, bias, targets):
-    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+def _chunk_cross_entropy(logits, targets, grad):
+    """F.cross_entropy and its autograd gradient with respect to the chunk's logits."""
+    x = logits.detach().float().requires_grad_(grad)
+    with torch.enable_grad():
+        loss = F.cross_entropy(x, targets, reduction="sum")
+        g = torch.autograd.grad(loss, x)[0].to(logits.dtype) if grad else None
+    return loss.detach(), g
 
 
 TORCH_FORMULAS = KernelSet(
@@ -25,5 +30,5 @@ TORCH_FORMULAS = KernelSet(
     rms_norm=_rms_norm,
     silu_mul=lambda a, b: F.silu(a) * b,
     rope=apply_rotary_pos_emb,
-    linear_cross_entropy=_linear_cross_entropy,
+    chunk_cross_entropy=_chunk_cross_entropy,
 )

@@ -1,6 +1,6 @@
 """liger's kernels against the torch path on a GPU (skipped without CUDA and liger-kernel): a Qwen2 and a
 Qwen3 decoder with their norms, MLPs and attention swapped compute HF's loss and gradients within bf16
-tolerances (also under selective recompute); the fused linear cross-entropy equals the chunked loss head; `auto` picks liger."""
+tolerances (also under selective recompute); liger's cross-entropy kernel in the chunked loss head equals torch's chunks; `auto` measures each kernel."""
 
 from __future__ import annotations
 
@@ -69,16 +69,16 @@ def test_liger_swapped_decoder_matches_hf(liger, config_cls, recompute):
     assert worst[0] < 5e-2, worst
 
 
-def test_liger_fused_linear_cross_entropy_matches_the_chunked_head(liger):
+def test_liger_chunk_cross_entropy_matches_the_torch_chunks(liger):
     torch.manual_seed(0)
     head = torch.nn.Linear(256, 32000, bias=False, device="cuda", dtype=torch.bfloat16)
     hidden = torch.randn(3000, 256, device="cuda", dtype=torch.bfloat16)
     targets = torch.randint(0, 32000, (3000,), device="cuda")
     out = []
-    for fused in (None, liger.linear_cross_entropy):
+    for kernel in (None, liger.chunk_cross_entropy):
         h = hidden.clone().requires_grad_()
         head.weight.grad = None
-        loss = head_cross_entropy(head, h, targets, chunk=1024, fused=fused)
+        loss = head_cross_entropy(head, h, targets, chunk=1024, chunk_ce=kernel)
         loss.backward()
         out.append((loss.detach(), h.grad, head.weight.grad.clone()))
     (want, want_h, want_w), (got, got_h, got_w) = out
@@ -87,7 +87,16 @@ def test_liger_fused_linear_cross_entropy_matches_the_chunked_head(liger):
     assert _rel(got_h, want_h) < 2e-2 and _rel(got_w, want_w) < 2e-2
 
 
-def test_auto_picks_liger_on_cuda(liger, caplog):
+def test_auto_measures_each_kernel_on_cuda(liger, caplog):
+    from omni_models.kernel_timing import KernelShapes, measure_kernels
+
+    shapes = KernelShapes(2048, 1024, 2816, 16, 2, 64, 32000, 1024)
+    measure = lambda k: measure_kernels(shapes, k, torch.device("cuda"), torch.bfloat16, repeats=3)  # noqa: E731
     with caplog.at_level(logging.INFO, logger="omni_models.kernels"):
-        assert select_kernels("auto", "cuda").name == "liger"
-    assert caplog.messages == ["kernels: liger (auto: CUDA and liger-kernel)"]
+        chosen = select_kernels("auto", "cuda", measure=measure)
+    (line,) = caplog.messages
+    assert line.startswith("kernels: auto, measured torch/liger on this device: rms_norm ")
+    for kernel in ("rms_norm", "swiglu", "rope", "cross_entropy"):
+        assert f"{kernel} " in line
+    if chosen is not None:
+        assert chosen.name == "liger"

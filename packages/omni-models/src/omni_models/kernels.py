@@ -1,56 +1,72 @@
-"""Kernel sets: which functions compute RMSNorm, SwiGLU, RoPE and the LM head's cross-entropy.
+"""Kernel sets: which functions compute RMSNorm, SwiGLU, RoPE and the LM head's cross-entropy chunks.
 
-`parallel.kernels` (omni_dist.parallelize.Kernels) picks one at parallelize time:
-- `torch`: none; the model's own modules and the chunked loss head (omni_dist.loss_head) run;
-- `liger`: liger-kernel's Triton kernels (CUDA, the `gpu` extra); the plan's `kernels` modules are swapped
-  for omni_models.kernel_modules around them, and the LM head's loss is liger's fused linear cross-entropy;
-- `auto`: liger where it can run (a CUDA device and liger-kernel importable), else torch; one log line says
-  which and why.
+`parallel.kernels` (omni_dist.parallelize.Kernels) picks them at parallelize time:
+- `torch`: none; the model's own modules and the chunked loss head with torch's ops (omni_dist.loss_head);
+- `liger`: liger-kernel's Triton kernels (CUDA, the `gpu` extra) for all four: the plan's `kernels` modules
+  are swapped for omni_models.kernel_modules around them, and each chunk of the LM head's loss runs
+  liger's cross-entropy kernel in place on the chunk's logits (omni_dist.loss_head chunks; its backward
+  scales by the incoming gradient on the device, where liger's own fused function compares it with 1.0
+  on the host);
+- `auto`: per kernel, whichever of liger and torch is faster, measured on this device at the model's widths
+  (omni_models.kernel_timing); torch where liger cannot run, and for the block kernels of compiled blocks
+  (inductor fuses those itself). One log line says what was chosen and why.
 Nothing is patched: the swaps are module replacements on the meta model (omni_dist.kernel_swap).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from omni_dist.kernel_swap import KernelSwap
+from omni_dist.loss_head import ChunkCrossEntropy
 from omni_models.kernel_modules import KernelRMSNorm, RMSNormFn, RopeFn, RotaryAttention, SiluMulFn, SwiGLUMLP
 
 log = logging.getLogger(__name__)
 
-# (hidden (rows, H), weight (V, H), bias (V,) or None, targets (rows,)) -> summed fp32 cross-entropy
-LinearCrossEntropyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+KERNELS = ("rms_norm", "swiglu", "rope", "cross_entropy")
 
 
 @dataclass(frozen=True)
 class KernelSet:
+    """A kernel per name; None keeps torch's (the model's own module, or the torch chunk kernel)."""
+
     name: str
-    rms_norm: RMSNormFn
-    silu_mul: SiluMulFn
-    rope: RopeFn
-    linear_cross_entropy: LinearCrossEntropyFn
+    rms_norm: RMSNormFn | None = None
+    silu_mul: SiluMulFn | None = None
+    rope: RopeFn | None = None
+    chunk_cross_entropy: ChunkCrossEntropy | None = None
 
     def swaps(self) -> dict[str, KernelSwap]:
-        """Kernel name (as plans write it) -> the replacement of a module."""
-        return {
-            "rms_norm": lambda m: KernelRMSNorm(m, self.rms_norm),
-            "swiglu": lambda m: SwiGLUMLP(m, self.silu_mul),
-            "rope": lambda m: RotaryAttention(m, self.rope),
+        """Kernel name (as plans write it) -> the replacement of a module, for the kernels this set has."""
+        swaps: dict[str, KernelSwap] = {}
+        if self.rms_norm is not None:
+            swaps["rms_norm"] = lambda m: KernelRMSNorm(m, self.rms_norm)
+        if self.silu_mul is not None:
+            swaps["swiglu"] = lambda m: SwiGLUMLP(m, self.silu_mul)
+        if self.rope is not None:
+            swaps["rope"] = lambda m: RotaryAttention(m, self.rope)
+        return swaps
+
+    def only(self, kernels: set[str]) -> KernelSet | None:
+        """This set with only `kernels` (names of KERNELS); None when that leaves none."""
+        fields = {
+            "rms_norm": "rms_norm",
+            "swiglu": "silu_mul",
+            "rope": "rope",
+            "cross_entropy": "chunk_cross_entropy",
         }
+        if not kernels:
+            return None
+        return dataclasses.replace(self, **{f: None for k, f in fields.items() if k not in kernels})
 
 
 def liger_kernels() -> KernelSet:
     """liger-kernel's functions (raises ImportError without it)."""
-    from liger_kernel.transformers.functional import (
-        liger_fused_linear_cross_entropy,
-        liger_rms_norm,
-        liger_rope,
-        liger_swiglu,
-    )
+    from liger_kernel.transformers.functional import liger_rms_norm, liger_rope, liger_swiglu
+
+    from omni_models.liger_ce import liger_chunk_cross_entropy
 
     def rms_norm(x, weight, eps):
         # out of place: in place, liger overwrites the incoming gradient, which the residual branch shares
@@ -61,13 +77,7 @@ def liger_kernels() -> KernelSet:
         # recompute keeps for backward; a copy keeps them as they were
         return liger_rope(q.clone(), k.clone(), cos, sin)
 
-    def linear_cross_entropy(hidden, weight, bias, targets):
-        loss = liger_fused_linear_cross_entropy(
-            hidden, weight, targets, bias, reduction="sum", accum_dtype=torch.float32
-        )
-        return loss.float()
-
-    return KernelSet("liger", rms_norm, liger_swiglu, rope, linear_cross_entropy)
+    return KernelSet("liger", rms_norm, liger_swiglu, rope, liger_chunk_cross_entropy)
 
 
 def liger_status(device_type: str) -> str:
@@ -81,23 +91,52 @@ def liger_status(device_type: str) -> str:
     return "ok"
 
 
-def select_kernels(choice: str, device_type: str, announce: bool = True) -> KernelSet | None:
-    """The kernel set `choice` (auto | liger | torch) names on `device_type`; None: torch's own modules."""
+def select_kernels(
+    choice: str,
+    device_type: str,
+    announce: bool = True,
+    measure=None,
+    compiled: bool = False,
+) -> KernelSet | None:
+    """The kernel set `choice` (auto | liger | torch) names on `device_type`; None: torch's own modules.
+
+    `measure`: for `auto` where liger runs, a function (KernelSet) -> {kernel: (torch ms, liger ms)}
+    (omni_models.kernel_timing.measure_kernels bound to the model's shapes); `compiled`: the blocks are
+    compiled, so the block kernels stay torch's."""
+    say = log.info if announce else (lambda *a: None)
     if choice == "torch":
-        reason = "requested"
-    else:
-        status = liger_status(device_type)
-        if status == "ok":
-            if announce:
-                log.info(
-                    "kernels: liger (%s)", "requested" if choice == "liger" else "auto: CUDA and liger-kernel"
-                )
-            return liger_kernels()
+        say("kernels: torch (requested)")
+        return None
+    status = liger_status(device_type)
+    if status != "ok":
         if choice == "liger":
             raise ValueError(
                 f"parallel.kernels=liger cannot run: {status}. Use parallel.kernels=auto or torch."
             )
-        reason = f"auto: {status}"
-    if announce:
-        log.info("kernels: torch (%s)", reason)
-    return None
+        say("kernels: torch (auto: %s)", status)
+        return None
+    liger = liger_kernels()
+    if choice == "liger":
+        say("kernels: liger (requested)")
+        return liger
+    return auto_kernels(liger, measure, compiled, say)
+
+
+def auto_kernels(candidate: KernelSet, measure, compiled: bool, say=log.info) -> KernelSet | None:
+    """`candidate`'s kernels that measured faster than torch's (block kernels only when the blocks are not
+    compiled); None: torch's everywhere."""
+    wanted = {"cross_entropy"} if compiled else set(KERNELS)
+    subset = candidate.only(wanted)
+    times = measure(subset) if measure is not None and subset is not None else {}
+    chosen = {k for k, (torch_ms, other_ms) in times.items() if other_ms < torch_ms}
+    detail = ", ".join(
+        f"{k} {t:.3f}/{o:.3f} ms -> {candidate.name if k in chosen else 'torch'}"
+        for k, (t, o) in times.items()
+    )
+    say(
+        "kernels: auto, measured torch/%s on this device%s: %s",
+        candidate.name,
+        " (compiled blocks: inductor fuses the block kernels)" if compiled else "",
+        detail or "nothing measured -> torch",
+    )
+    return candidate.only(chosen)

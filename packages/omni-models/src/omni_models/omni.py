@@ -104,8 +104,8 @@ class OmniModel(nn.Module):
         super().__init__()
         self.loss_weights = dict(loss_weights or {})
         self.loss_chunk = 0
-        # a fused kernel for the LM head's loss (omni_models.kernels; set by parallelize_omni), else chunks
-        self.linear_cross_entropy = None
+        # the chunk kernel of the LM head's loss (omni_models.kernels; set by parallelize_omni), else torch's
+        self.chunk_cross_entropy = None
         # "sp" / "world": the SP group / all ranks share the encoders' work (set by parallelize_omni)
         self.encoder_balance = "none"
         self.encoder_group = None  # the group `world` balances over
@@ -268,7 +268,7 @@ class OmniModel(nn.Module):
         )
         head, targets = self.foundation.get_output_embeddings(), _to(labels[labelled_host], embeds.device)
         hidden = lm.hidden_states[-1][0, labelled]
-        loss = head_cross_entropy(head, hidden, targets, self.loss_chunk, self.linear_cross_entropy)
+        loss = head_cross_entropy(head, hidden, targets, self.loss_chunk, self.chunk_cross_entropy)
         parts = {"text": (loss, int(labelled_host.numel()))}
         start = 0 if sp is None else sp.rank * embeds.shape[1]
         for name, decoder in self.decoders.items():

@@ -9,14 +9,19 @@ method so its unit gathers parameters around it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
+from omni_dist.dtypes import resolve_dtype
 from omni_dist.mesh import ParallelMesh
 from omni_dist.parallelize import ParallelizeConfig, ParallelizeReport, parallelize
 from omni_dist.plan import ParallelPlan, compose_plans
 from omni_models.config import OmniModelConfig
 from omni_models.hf_plans import plan_for
+from omni_models.kernel_timing import KernelShapes, measure_kernels
 from omni_models.kernels import KernelSet, select_kernels
 from omni_models.omni import OmniModel
 
@@ -45,15 +50,24 @@ def parallelize_omni(
     cfg: OmniModelConfig,
     config: ParallelizeConfig | None = None,
     kernels: KernelSet | None = None,
+    tokens: int = 8192,
+    loss_chunk: int = 4096,
 ) -> ParallelizeReport:
-    """`kernels`: a kernel set to use instead of the one `config.kernels` selects."""
+    """`kernels`: a kernel set to use instead of the one `config.kernels` selects; `tokens` and
+    `loss_chunk`: the rows per micro-batch and per loss-head chunk, the shapes `auto` measures kernels at."""
     config = config or ParallelizeConfig()
     if kernels is None:
-        kernels = select_kernels(config.kernels, mesh.world.device_type, announce=mesh.world.get_rank() == 0)
+        kernels = select_kernels(
+            config.kernels,
+            mesh.world.device_type,
+            announce=mesh.world.get_rank() == 0,
+            measure=functools.partial(_measure, model, mesh, config, tokens, loss_chunk),
+            compiled=getattr(config, "compile", False),
+        )
     report = parallelize(
         model, mesh, omni_plan(model, cfg), config, None if kernels is None else kernels.swaps()
     )
-    model.linear_cross_entropy = None if kernels is None else kernels.linear_cross_entropy
+    model.chunk_cross_entropy = None if kernels is None else kernels.chunk_cross_entropy
     model.encoder_balance = config.encoder_balance
     model.encoder_group = mesh["loss"].get_group()  # every rank: where `world` balances encoder work
     if isinstance(model.foundation, FSDPModule):
@@ -66,3 +80,18 @@ def parallelize_omni(
         for method in ("lm_encode", "lm_loss", "lm_head", "lm_embed"):
             register_fsdp_forward_method(decoder, method)
     return report
+
+
+def _measure(
+    model: OmniModel, mesh: ParallelMesh, config: ParallelizeConfig, tokens: int, chunk: int, kernels
+):
+    """Kernel times measured on rank 0's device and given to every rank, so all ranks run the same kernels."""
+    times = [None]
+    if mesh.world.get_rank() == 0:
+        shapes = KernelShapes.of(model.foundation.config, tokens, chunk)
+        device = torch.device("cuda", torch.cuda.current_device())
+        dtype = resolve_dtype(config.param_dtype, "cuda", "param_dtype")
+        times = [measure_kernels(shapes, kernels, device, dtype)]
+    group = mesh.world.get_group()
+    dist.broadcast_object_list(times, src=dist.get_global_rank(group, 0), group=group)
+    return times[0]

@@ -53,7 +53,9 @@ def build_model(cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> B
     """Training: meta build -> parallelize on `mesh` -> materialize local shards -> part weights -> init."""
     spec, pcfg = cfg.model_spec, cfg.parallelize_config()
     model = meta_model(spec)
-    report = parallelize_omni(model, mesh, spec, pcfg)
+    report = parallelize_omni(
+        model, mesh, spec, pcfg, tokens=cfg.data.max_tokens, loss_chunk=cfg.train.loss_chunk
+    )
     materialize_(model, device, offload_params=pcfg.offload_params)
     loaded = load_part_weights_(model, spec)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

@@ -19,10 +19,19 @@ import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from omni_data.config import DataConfig, DataConfigError
 from omni_dist import ParallelDims
@@ -85,6 +94,20 @@ _DIMS_KEYS = {f.name for f in dataclasses.fields(ParallelDims)} - DERIVED["paral
 _PARALLELIZE_KEYS = {f.name for f in dataclasses.fields(ParallelizeConfig)}
 
 
+class ProfileSection(_Section):
+    """train.profile: a torch profiler trace and summary of optimizer steps [a, b) (omni_train.profiling)."""
+
+    steps: tuple[int, int]  # 1-based step numbers as the trainer counts them: a inclusive, b exclusive
+    dir: str | None = None  # default RUN_DIR/profile; a relative path is relative to the run dir
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, steps: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= steps[0] < steps[1]:
+            raise ValueError("[a, b] must satisfy 1 <= a < b (steps a..b-1 are profiled)")
+        return steps
+
+
 class TrainSection(_Section):
     steps: int = Field(100, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -101,6 +124,7 @@ class TrainSection(_Section):
     # Positions whose logits the loss heads compute at once (recomputed in backward): memory
     # O(chunk x vocab), not O(labelled tokens x vocab); 0: all logits at once.
     loss_chunk: int = Field(4096, ge=0)
+    profile: ProfileSection | None = None  # None: no profiling
 
 
 class CheckpointSection(_Section):
@@ -228,7 +252,10 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
-        current = field.annotation
+        # an optional section (`X | None`): its keys are X's
+        current = next(
+            (a for a in get_args(field.annotation) if hasattr(a, "model_fields")), field.annotation
+        )
     return list(getattr(current, "model_fields", {}))
 
 

@@ -42,6 +42,7 @@ from omni_train.config import TrainConfig, dump
 from omni_train.errors import TrainingError
 from omni_train.hardware import peak_flops, peak_memory_gb
 from omni_train.metrics import Metrics
+from omni_train.profiling import StepProfiler
 
 log = logging.getLogger("omni_train")
 
@@ -265,10 +266,12 @@ class Trainer:
             cfg.logging.console,
             enabled=self.rank0,
         )
+        profiler = StepProfiler(cfg.train.profile, cfg.run_dir, self.device, self.env.rank)
         start = time.perf_counter()
         try:
             steps = iter(self.loader)
             while self.counters.step < cfg.train.steps:
+                profiler.step_started(self.counters.step + 1)
                 t0 = time.perf_counter()
                 step = next(steps, None)
                 if step is None:
@@ -276,6 +279,7 @@ class Trainer:
                 waited = time.perf_counter() - t0
                 record = self._step(step)
                 elapsed_step = time.perf_counter() - t0
+                profiler.step_ended(self.counters.step + 1)
                 self.counters.step += 1
                 record.update(self._rates(record, elapsed_step, waited, start))
                 self.on_progress(self.counters.step, record["loss"])
@@ -301,6 +305,7 @@ class Trainer:
             self._data_report()
             self.checkpoints.wait()
         finally:
+            profiler.close()
             metrics.close()
             if samples_log is not None:
                 samples_log.close()

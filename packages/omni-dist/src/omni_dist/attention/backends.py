@@ -5,8 +5,12 @@ are delimited by `cu_seqlens` (int, [0, ..., T]), and returns (T, Hq, D). Hq mus
 (grouped-query attention). Tokens attend only within their own sample (causally when `causal`).
 
     sdpa        F.scaled_dot_product_attention per document (equal lengths batched): any device, the reference
-    varlen      torch.nn.attention.varlen.varlen_attn (CUDA, torch builds that ship it)
+    varlen      torch.nn.attention.varlen.varlen_attn (CUDA, torch builds that ship it): FlashAttention-2
     flash_attn  flash_attn.flash_attn_varlen_func (CUDA, with the flash-attn package)
+    cudnn       cuDNN's ragged SDPA graph (CUDA, Hopper+, see _torch_cudnn_varlen for the torch versions)
+    flex        compiled flex_attention with a document block mask built on the device (CUDA, triton)
+
+On the GPU path no backend waits on the device: `max_seqlen` comes from the collator as a Python int.
 """
 
 from __future__ import annotations
@@ -20,10 +24,20 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from omni_dist.attention import _torch_cudnn_varlen
+from omni_dist.attention._torch_cudnn_varlen import cudnn_varlen
+from omni_dist.attention.flex_document import flex_varlen
+
 log = logging.getLogger(__name__)
 
 AttentionFn = Callable[..., torch.Tensor]
-AUTO_ORDER = ("flash_attn", "varlen", "sdpa")
+# `auto` takes the first backend that can run. The order is a prior until bench/attention.py has run on
+# the target GPU: cuDNN's fused kernels are the fastest per FLOP on Hopper (one long sequence through
+# SDPA picks them), FlashAttention-2 (flash_attn, varlen) next, flex's Triton kernels after it, and the
+# per-document SDPA loop (host sync, one launch per length) last. Re-order by measured TFLOP/s.
+AUTO_ORDER = ("cudnn", "flash_attn", "varlen", "flex", "sdpa")
+CUDNN_MIN_CAPABILITY = (9, 0)  # Hopper: cuDNN's ragged SDPA kernels beat FA2 there, not on Ampere
+FLEX_MIN_CAPABILITY = (8, 0)
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int, causal: bool = True) -> torch.Tensor:
@@ -123,22 +137,53 @@ BACKENDS: dict[str, AttentionFn] = {
     "sdpa": sdpa_varlen,
     "varlen": torch_varlen,
     "flash_attn": flash_attn_varlen,
+    "cudnn": cudnn_varlen,
+    "flex": flex_varlen,
 }
 
 
 def backend_status(device_type: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
     """Why each backend can or cannot run here for `dtype`: 'ok' or the reason."""
-    cuda = device_type == "cuda" and torch.cuda.is_available()
     status = {"sdpa": "ok"}
-    if not cuda:
-        status["varlen"] = status["flash_attn"] = "needs a CUDA device"
+    gpu_backends = ("varlen", "flash_attn", "cudnn", "flex")
+    if not (device_type == "cuda" and torch.cuda.is_available()):
+        status.update(dict.fromkeys(gpu_backends, "needs a CUDA device"))
         return status
+    capability = torch.cuda.get_device_capability()
+    status["flex"] = _flex_status(capability)
     if dtype not in (torch.float16, torch.bfloat16):
-        status["varlen"] = status["flash_attn"] = f"its kernels need float16/bfloat16, not {dtype}"
+        status.update(
+            dict.fromkeys(
+                ("varlen", "flash_attn", "cudnn"), f"its kernels need float16/bfloat16, not {dtype}"
+            )
+        )
         return status
     status["varlen"] = _importable("torch.nn.attention.varlen", "varlen_attn")
     status["flash_attn"] = _importable("flash_attn", "flash_attn_varlen_func")
+    if capability < CUDNN_MIN_CAPABILITY:
+        status["cudnn"] = f"compute capability {capability} is below {CUDNN_MIN_CAPABILITY} (Hopper)"
+    else:
+        status["cudnn"] = _torch_cudnn_varlen.unusable_reason() or "ok"
     return status
+
+
+def _flex_status(capability: tuple[int, int]) -> str:
+    if capability < FLEX_MIN_CAPABILITY:
+        return f"compute capability {capability} is below {FLEX_MIN_CAPABILITY}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (torch.compile of flex_attention needs it)"
+    return _importable("torch.nn.attention.flex_attention", "BlockMask")
+
+
+def device_summary(device_type: str) -> str:
+    """The facts the automatic choice rests on, for its log line."""
+    if not (device_type == "cuda" and torch.cuda.is_available()):
+        return f"{device_type}, torch {torch.__version__}"
+    major, minor = torch.cuda.get_device_capability()
+    return (
+        f"{torch.cuda.get_device_name()} sm{major}{minor}, torch {torch.__version__}, "
+        f"cuDNN {torch.backends.cudnn.version()}"
+    )
 
 
 def _importable(module: str, name: str) -> str:
@@ -152,14 +197,16 @@ def _importable(module: str, name: str) -> str:
 def resolve_backend(
     name: str, device_type: str, dtype: torch.dtype = torch.bfloat16
 ) -> tuple[str, AttentionFn]:
-    """The backend for `dtype`: `name`, or with 'auto' the fastest available (flash_attn > varlen > sdpa)."""
+    """The backend for `dtype`: `name`, or with 'auto' the first of AUTO_ORDER that can run here."""
     status = backend_status(device_type, dtype)
     if name == "auto":
         chosen = next(n for n in AUTO_ORDER if status[n] == "ok")
         skipped = [f"{n}: {status[n]}" for n in AUTO_ORDER[: AUTO_ORDER.index(chosen)]]
         log.info(
-            "attention backend: %s (auto%s)", chosen, f"; skipped {'; '.join(skipped)}" if skipped else ""
-        )
+            "attention backend: %s (auto, order %s, on %s%s)",
+            chosen, " > ".join(AUTO_ORDER), device_summary(device_type),
+            f"; skipped {'; '.join(skipped)}" if skipped else "",
+        )  # fmt: skip
         return chosen, BACKENDS[chosen]
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}.")

@@ -84,7 +84,7 @@ def _measure(recipe: dict) -> dict:
     from omni_dist.packed import pack, pad_for_sp
     from omni_train.assembly import build_model, build_optimizer, trainable_parameters
     from omni_train.config import TrainConfig
-    from omni_train.memory import estimate_memory
+    from omni_train.memory import estimate_memory, loss_head
     from omni_train.trainer import forward_backward
 
     cfg = TrainConfig.model_validate(recipe)
@@ -118,7 +118,7 @@ def _measure(recipe: dict) -> dict:
     peak = snapshot.pop("Total")
     kinds = {str(getattr(k, "value", k)): round(v / GIB, 4) for k, v in snapshot.items() if v}
     labelled = batch.num_label_tokens // (cfg.parallel.sp or 1)
-    estimate = estimate_memory(cfg, world, labelled=labelled)
+    estimate = estimate_memory(cfg, world, labelled=labelled, head=loss_head(cfg, liger=False))  # CPU: torch
     return {
         "measured": peak,
         "measured_by_kind_gib": kinds,
@@ -151,7 +151,7 @@ def _measure_omni(config: dict) -> dict:
     from omni_dist.grad_norm import clip_grad_norm_
     from omni_train.assembly import trainable_parameters
     from omni_train.config import TrainConfig
-    from omni_train.memory import estimate_memory
+    from omni_train.memory import estimate_memory, loss_head
     from omni_train.trainer import Trainer, forward_backward, local_label_tokens
 
     cfg = TrainConfig.model_validate(config)
@@ -182,7 +182,8 @@ def _measure_omni(config: dict) -> dict:
     snapshot = tracker.get_tracker_snapshot("peak")[device]
     peak = snapshot.pop("Total")
     kinds = {str(getattr(k, "value", k)): round(v / GIB, 4) for k, v in snapshot.items() if v}
-    estimate = estimate_memory(cfg, 1, labelled=local_label_tokens([batch], None), encoder_units=units(batch))
+    labelled, head = local_label_tokens([batch], None), loss_head(cfg, liger=False)  # CPU: torch kernels
+    estimate = estimate_memory(cfg, 1, labelled=labelled, encoder_units=units(batch), head=head)
     return {
         "measured": peak,
         "measured_by_kind_gib": kinds,

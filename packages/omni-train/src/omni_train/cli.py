@@ -62,6 +62,19 @@ def plan(
     gpu_mem: float = typer.Option(None, "--gpu-mem", min=1, help="GiB per device (default: the device's)."),
     device: str = typer.Option("h100", help="Device rates: h100 or h200."),
     top: int = typer.Option(5, min=1, help="Layouts to print."),
+    doc_tokens: str = typer.Option(
+        None,
+        "--doc-tokens",
+        help="Tokens per document instead of sampling the data: N, A-B (uniform) or a comma list.",
+    ),
+    doc_sample: int = typer.Option(
+        256, "--doc-sample", min=0, help="Documents to read from data.sources for their lengths (0: none)."
+    ),
+    calibrate: str = typer.Option(
+        None,
+        "--calibrate",
+        help="A run directory (or its metrics.jsonl): fit the device's efficiency to its measured steps.",
+    ),
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a key: --set data.max_tokens=8192 (repeatable)."),
@@ -79,13 +92,60 @@ def plan(
     spec = DEVICES[device]
     if gpu_mem is not None:
         spec = dataclasses.replace(spec, memory_gib=gpu_mem)
+    if doc_tokens is not None:
+        from omni_train.documents import given_lengths
+
+        try:
+            given_lengths(doc_tokens)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
     try:
         cfg = load_config(config, overrides or [])
-        feasible, infeasible = plan_layouts(cfg, gpus, spec)
+        model, facts, docs = _plan_inputs(cfg, doc_tokens, doc_sample)
+        notes = [f"document lengths: {docs.summary()}"]
+        if docs.warning:
+            notes.append(
+                f"warning: {docs.warning}; attention is counted as one document per micro-batch, which "
+                "overstates it for shorter documents (give --doc-tokens)"
+            )
+        if calibrate is not None:
+            fit = _calibration(calibrate, cfg, spec, doc_tokens, doc_sample, model, facts)
+            spec = fit.device
+            notes.append(fit.describe())
+        feasible, infeasible = plan_layouts(cfg, gpus, spec, docs, facts=facts)
     except ConfigError as e:
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(format_plan(cfg, feasible, infeasible, gpus, spec, top))
+    typer.echo(format_plan(cfg, feasible, infeasible, gpus, spec, top, notes))
+
+
+def _plan_inputs(cfg, doc_tokens: str | None, doc_sample: int):
+    """The recipe's model on meta, its facts and the document lengths `plan` uses."""
+    from omni_train.assembly import meta_model
+    from omni_train.memory import ModelFacts
+
+    model = meta_model(cfg.model_spec)
+    return model, ModelFacts.of(model, cfg.model_spec), _document_lengths(cfg, doc_tokens, doc_sample, model)
+
+
+def _document_lengths(cfg, doc_tokens: str | None, doc_sample: int, model):
+    from omni_train.documents import DocumentLengths, given_lengths, sample_lengths
+
+    if doc_tokens is not None:
+        return given_lengths(doc_tokens)
+    if doc_sample == 0:
+        return DocumentLengths.fallback("--doc-sample 0")
+    return sample_lengths(cfg, doc_sample, model)
+
+
+def _calibration(path: str, cfg, spec, doc_tokens: str | None, doc_sample: int, model, facts):
+    """The device fitted to the run at `path` (its documents: --doc-tokens, else sampled from its data)."""
+    from omni_train.calibrate import calibrate, read_run
+
+    run = read_run(path)
+    if run.cfg.model != cfg.model:  # another model: calibrate and the sampler build its own
+        model, facts = None, None
+    return calibrate(run, spec, _document_lengths(run.cfg, doc_tokens, doc_sample, model), facts)
 
 
 @app.command()

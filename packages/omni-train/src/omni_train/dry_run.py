@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 from omni_train.config import TrainConfig, check_layout, dump
-from omni_train.memory import ModelFacts, estimate_memory
+from omni_train.memory import ModelFacts, estimate_memory, loss_head
 
 
 def describe(cfg: TrainConfig, world_size: int) -> str:
@@ -50,10 +50,12 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         state = "trainable" if trainable == params else ("frozen" if trainable == 0 else "partly frozen")
         lines.append(f"{part}: {params / 1e9:.3f}B params ({state})")
+    # the fused CE runs with `kernels: liger`; `auto` resolves on the run's device (counted as chunked)
+    head = loss_head(cfg, liger=cfg.parallel.kernels == "liger")
     lines += [
         "",
         f"# predicted memory per rank ({cfg.data.max_tokens} tokens per micro-batch, "
         f"recompute {cfg.parallel.recompute}, compute in {cfg.parallel.param_dtype})",
-        *estimate_memory(cfg, world_size, ModelFacts.of(model, cfg.model_spec)).lines(),
+        *estimate_memory(cfg, world_size, ModelFacts.of(model, cfg.model_spec), head=head).lines(),
     ]
     return "\n".join(lines)

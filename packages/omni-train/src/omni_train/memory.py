@@ -12,9 +12,12 @@
                  while it is recomputed
     offload      offload_params keeps states on the host; offload_activations keeps the foundation's saved
                  activations there but for two blocks' worth (one leaving, one coming back)
-    loss head    the labelled rows' hidden states and their fp32 gradient, the fp32 head-weight gradient
-                 and, while a chunk runs, its fp32 logits, probabilities and their gradient (loss_chunk
-                 rows, 0: all)
+    loss head    the head that runs (LossHead, passed by the caller): the labelled rows' hidden states and
+                 their gradient (made in forward), and
+                 chunked (omni_dist.loss_head): the fp32 head-weight gradient; while a chunk runs, its
+                   logits (torch's chunk kernel: in fp32 and the param dtype next to the previous chunk's,
+                   3 x 4 bytes per logit; liger's: in the param dtype, in place), loss_chunk rows (0: all);
+                   in backward, the scaled weight gradient
 
 Backward frees each layer's activations as it makes that layer's gradients, so the peak is at one end
 of it (MemoryEstimate.peak). Checked against measured peaks of real steps: bench/memory_model.py.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Literal
 
 from torch import nn
 
@@ -131,16 +135,51 @@ class ModelFacts:
         )
 
 
+@dataclass(frozen=True)
+class LossHead:
+    """The LM head's loss as a run computes it (omni_dist.loss_head): `chunk` rows of logits at a time (0: all
+    rows), each chunk's cross-entropy by the `kernel` a run's kernel set picks: torch's ops (fp32 logits,
+    their softmax in place, the param-dtype gradient) or liger-kernel's (in place on the param-dtype logits)."""
+
+    chunk: int = 0
+    kernel: Literal["torch", "liger"] = "torch"
+
+    def memory(self, rows: int, vocab: int, hidden: int, dtype_bytes: int) -> tuple[float, float]:
+        """(bytes held from the head's forward to backward, its largest transient above them) for `rows`
+        labelled rows, a (vocab, hidden) head computed in a `dtype_bytes` param dtype."""
+        pdt = dtype_bytes
+        rows_and_grad = 2 * rows * hidden * pdt  # the rows' hidden states; their gradient, made in forward
+        chunk = min(self.chunk or rows, rows)
+        # torch: a chunk's fp32 logits (softmax in their memory) beside the param-dtype logits and gradient of
+        # the previous chunk; liger: the param-dtype logits, overwritten by their gradient
+        per_logit = 3 * 4 if self.kernel == "torch" else pdt
+        # backward scales the fp32 weight gradient (a new fp32 tensor) and casts it to the param dtype
+        return rows_and_grad + vocab * hidden * 4, max(chunk * vocab * per_logit, vocab * hidden * (4 + pdt))
+
+    def describe(self) -> str:
+        rows = f"{self.chunk} rows" if self.chunk else "all rows at once"
+        return f"chunked, {rows}, {self.kernel} chunk kernel"
+
+
+def loss_head(cfg: TrainConfig, liger: bool) -> LossHead:
+    """The head a run of `cfg` computes its LM loss with: train.loss_chunk rows a chunk, by liger's chunk kernel
+    where the run's kernel set has it (`liger`), else torch's."""
+    return LossHead(cfg.train.loss_chunk, "liger" if liger else "torch")
+
+
 def estimate_memory(
     cfg: TrainConfig,
     world_size: int,
     facts: ModelFacts | None = None,
     labelled: int | None = None,
     encoder_units: dict[str, int] | None = None,
+    *,
+    head: LossHead,
 ) -> MemoryEstimate:
     """Predicted memory per rank. `facts`: of the recipe's model (default: built on meta); `labelled`: loss
     rows per rank (default: every token of its slice); `encoder_units`: per encoder, units per
-    micro-batch (default: data.max_encoder_units, else a bound)."""
+    micro-batch (default: data.max_encoder_units, else a bound); `head`: the loss head the run computes
+    (loss_head)."""
     from omni_train.assembly import meta_model
 
     dims = cfg.dims(world_size)
@@ -185,10 +224,10 @@ def estimate_memory(
         )
 
     rows = tokens if labelled is None else labelled
-    chunk = min(cfg.train.loss_chunk or rows, rows)
     vocab, hidden = facts.head
-    est.forward_end["loss head"] = rows * hidden * (pdt + 4) + vocab * hidden * 4
-    est.transients["loss head chunk"] = 3 * chunk * vocab * 4  # logits, probabilities, their gradient
+    saved, transient = head.memory(rows, vocab, hidden, pdt)
+    est.forward_end[f"loss head ({head.describe()})"] = saved
+    est.transients["loss head chunk"] = transient
     return est
 
 

@@ -7,7 +7,7 @@ Workloads (random weights, bf16 compute, fp32 master weights and reduction, Adam
 - omni: a Qwen2-VL-2B-sized model (text 1536 x 28 layers; vision tower 1280 x 32 blocks) with 448x448
   images (256 LLM tokens each), written by HF's save_pretrained and trained through `model.pretrained`.
 Ours: `omni-train run RECIPE --nproc 1` (`--kernels`: its parallel.kernels, default auto) on generated JSONL documents of 300-3000 tokens packed into
-`--tokens`-token micro-batches, attention per document (flash_attn > varlen > sdpa, whichever runs);
+`--tokens`-token micro-batches, attention per document (the backend `auto` picks: omni_dist.attention.AUTO_ORDER);
 metrics.jsonl gives tokens/s, MFU and peak memory (medians after 3 warm-up steps).
 Plain: HF's own class with fully_shard on every decoder layer / vision block and the root, one
 `--tokens`-long sequence per step (SDPA causal over the whole sequence; omni: the same number of images
@@ -15,14 +15,17 @@ in it), timed with CUDA synchronisation. One step of it runs under torch's FlopC
 our MFU formula (omni_models.flops) gives for that step are printed beside it. The counter counts
 attention as full (non-causal) products (on CPU through the math SDPA, as it has no formula for the CPU
 kernel); torch < 2.13 cannot count grouped-query SDPA (then the counted FLOPs are null).
+--kernels auto torch: one run of ours per setting, all against one plain run (one JSON object each).
+--profile DIR: ours runs 2 profiled steps after the timed ones (train.profile: trace and
+summary_rank0.json in DIR/WORKLOAD_KERNELS); the summary goes into the JSON object as ours' "profile".
 --small: small dims in fp32 on CPU (text: hidden 256 x 4 layers, vocab 4096; use --tokens 1024): the
 script's check, and the CPU comparison at those dims; `--nproc 2` runs both on 2 ranks (gloo, the cores
 shared), each rank's micro-batch `--tokens` long; tokens/s are per rank.
-Prints one JSON object per workload with ours/plain ratios.
+Prints one JSON object per workload and kernel setting with ours/plain ratios.
 On a machine without the project's environment, run it from the source tree (PYTHONPATH=packages/*/src
 and the repo root) with the pure-Python packages it lacks installed from wheels: pydantic (+ pydantic-core,
 annotated-types, typing-inspection, typing-extensions), torchdata, webdataset, braceexpand, and the locked
-transformers.
+transformers: bench/gpu_wheels.py downloads them, bench/gpu_pass.py installs them and runs this bench.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +96,7 @@ SMALL_VISION = {
 }
 IMAGE_PX = 448  # 32 x 32 patches of 14 px -> 256 tokens after the 2x2 merge
 WARMUP = 3
+PROFILED = 2  # --profile: steps after the timed ones
 
 
 def _dims(workload: str, small: bool) -> dict:
@@ -157,13 +160,15 @@ def _omni_dir(root: Path, small: bool, device: torch.device) -> Path:
 
 # -- ours: the CLI on a recipe -------------------------------------------------------------------
 def _backend(device: torch.device) -> str:
-    from omni_dist.attention import backend_status
+    """The packed-attention backend `auto` picks on this device (omni_dist.attention.AUTO_ORDER)."""
+    from omni_dist.attention.backends import resolve_backend
 
-    status = backend_status(device.type)
-    return next(n for n in ("flash_attn", "varlen", "sdpa") if status[n] == "ok")
+    return resolve_backend("auto", device.type)[0]
 
 
-def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, device: torch.device) -> dict:
+def _ours(
+    workload: str, kernels: str, args, work: Path, data: Path, model_dir: Path | None, device: torch.device
+) -> dict:
     import yaml
 
     backend = _backend(device)
@@ -175,7 +180,13 @@ def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, d
         tokenizer = str(_tokenizer_dir(work))
     else:
         model, tokenizer = {"pretrained": str(model_dir), "attention": backend}, str(model_dir)
-    run_dir = work / f"ours_{workload}"
+    run_dir = work / f"ours_{workload}_{kernels}"
+    timed_steps = WARMUP + args.steps
+    train = {"steps": timed_steps, "lr": 1e-5, "warmup_steps": 1, "eval_every": 0}
+    profile_dir = args.profile / f"{workload}_{kernels}" if args.profile else None
+    if profile_dir:  # profiled steps after the timed ones: the profiler does not touch the timing
+        train["steps"] = timed_steps + PROFILED  # train.profile.steps [a, b): 1-based, b exclusive
+        train["profile"] = {"steps": [timed_steps + 1, timed_steps + 1 + PROFILED], "dir": str(profile_dir)}
     recipe = {
         "model": model,
         "data": {
@@ -185,12 +196,12 @@ def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, d
             "num_workers": 1,
             "shuffle_buffer": 16,
         },
-        "parallel": {"param_dtype": "float32" if args.small else "bfloat16", "kernels": args.kernels},
-        "train": {"steps": WARMUP + args.steps, "lr": 1e-5, "warmup_steps": 1, "eval_every": 0},
-        "checkpoint": {"interval": 0, "resume": "none"},
+        "parallel": {"param_dtype": "float32" if args.small else "bfloat16", "kernels": kernels},
+        "train": train,
+        "checkpoint": {"interval": 0, "resume": "none", "save_final": False},
         "logging": {"run_dir": str(run_dir), "console": "none", "tensorboard": False},
     }
-    path = work / f"{workload}.yaml"
+    path = work / f"{workload}_{kernels}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "omni_train.cli", "run", str(path), "--nproc", str(args.nproc)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -198,18 +209,30 @@ def _ours(workload: str, args, work: Path, data: Path, model_dir: Path | None, d
         raise RuntimeError(
             f"omni-train run failed ({workload}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
         )
-    shutil.rmtree(run_dir / "checkpoints")  # the final save (tens of GB at these sizes) is not timed
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if "tokens_per_s" in r and r["step"] > WARMUP]
+    timed = [r for r in records if "tokens_per_s" in r and WARMUP < r["step"] <= timed_steps]
     med = lambda key: statistics.median(r[key] for r in timed) if timed[0].get(key) is not None else None  # noqa: E731
-    return {
+    out = {
         "attention": backend,
-        "kernels": args.kernels,
+        "kernels": kernels,
         "tokens_per_step": med("tokens"),
         "tokens_per_s": med("tokens_per_s_per_device"),
         "mfu": med("mfu"),
         "peak_mem_gb": max(r["mem_gb"] for r in timed),
     }
+    if profile_dir:
+        summary = profile_dir / "summary_rank0.json"
+        missing = {"missing": f"the run wrote no {summary}"}
+        out["profile"] = json.loads(summary.read_text()) if summary.exists() else missing
+    if args.predict:  # the planner's step for this recipe and layout vs the timed steps
+        from omni_train.calibrate import compare_run
+
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "h100"
+        try:
+            out["planner"] = compare_run(run_dir, name, (WARMUP + 1, timed_steps))
+        except (ValueError, OSError, RuntimeError) as e:  # the measurements stand without it
+            out["planner"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 # -- plain: HF class + fully_shard, one long sequence ---------------------------------------------
@@ -347,7 +370,21 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--nproc", type=int, default=1, help="ranks of both runs (CPU, --small: gloo)")
     ap.add_argument(
-        "--kernels", choices=["auto", "liger", "torch"], default="auto", help="ours: parallel.kernels"
+        "--kernels",
+        nargs="+",
+        choices=["auto", "liger", "torch"],
+        default=["auto"],
+        help="ours: parallel.kernels; several: one run of ours each, against one plain run",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="ours: profile 2 steps after the timed ones (train.profile), trace and summary in "
+        "DIR/WORKLOAD_KERNELS, the summary in the JSON",
+    )
+    ap.add_argument(
+        "--predict", action="store_true", help="ours: the planner's predicted step beside the measured one"
     )
     ap.add_argument("--plain", choices=["text", "omni"], help=argparse.SUPPRESS)  # the plain loop's process
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -363,22 +400,21 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     work = Path(tempfile.mkdtemp(prefix="omni-gpu-step-"))
     for workload in args.workload:
-        result = {
+        head = {
             "bench": f"gpu_step {workload}: omni-train run vs plain FSDP2 + HF loop",
+            "workload": workload,
             "device": name,
             "tokens_per_micro_batch": args.tokens,
         }
-        try:
-            _compare(workload, args, work, device, result)
-        except RuntimeError as e:  # report it and go on with the next workload
-            result["error"] = str(e)
-        print(json.dumps(result), flush=True)
+        results = {k: dict(head) for k in args.kernels}  # one JSON object per setting of ours, one plain run
+        _compare(workload, args, work, device, results)  # prints each result as it comes
 
 
-def _compare(workload: str, args, work: Path, device: torch.device, result: dict) -> None:
+def _compare(workload: str, args, work: Path, device: torch.device, results: dict[str, dict]) -> None:
+    """The plain loop first, then ours per kernel setting, each result printed as soon as it is known (a
+    run cut short by a time limit still reports what finished)."""
     model_dir = _omni_dir(work, args.small, device) if workload == "omni" else None
     data = _write_data(work / f"data_{workload}", workload)
-    result["ours"] = ours = _ours(workload, args, work, data, model_dir, device)
     cmd = [sys.executable, __file__, "--plain", workload, "--tokens", str(args.tokens)]
     cmd += ["--steps", str(args.steps), *(["--small"] if args.small else [])]
     cmd += ["--model-dir", str(model_dir)] if model_dir else []
@@ -395,10 +431,25 @@ def _compare(workload: str, args, work: Path, device: torch.device, result: dict
     ]
     outputs = [p.communicate() for p in ranks]
     failed = [(r, err) for r, (p, (_, err)) in enumerate(zip(ranks, outputs, strict=True)) if p.returncode]
+    plain = None
     if failed:
-        raise RuntimeError(f"plain loop failed ({workload}, rank {failed[0][0]}):\n{failed[0][1][-6000:]}")
-    result["plain"] = plain = json.loads(outputs[0][0].strip().splitlines()[-1])
-    result["ours_over_plain_tokens_per_s"] = ours["tokens_per_s"] / plain["tokens_per_s"]
+        error = f"plain loop failed ({workload}, rank {failed[0][0]}):\n{failed[0][1][-6000:]}"
+    else:
+        plain = json.loads(outputs[0][0].strip().splitlines()[-1])
+    for kernels, result in results.items():
+        if plain is None:
+            result["error"] = error
+        else:
+            result["plain"] = plain
+        try:
+            result["ours"] = _ours(workload, kernels, args, work, data, model_dir, device)
+            if plain is not None:
+                result["ours_over_plain_tokens_per_s"] = (
+                    result["ours"]["tokens_per_s"] / plain["tokens_per_s"]
+                )
+        except RuntimeError as e:  # the other settings still run
+            result["error"] = str(e)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
     async_save: bool = True
     resume: str = "auto"  # auto | none | a checkpoint directory
+    save_final: bool = True  # save when training ends (benchmarks turn it off: no tens of GB written)
 
 
 class LauncherSection(_Section):

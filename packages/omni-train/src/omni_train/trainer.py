@@ -300,7 +300,8 @@ class Trainer:
                 interval = cfg.checkpoint.interval
                 if interval and self.counters.step % interval == 0 and self.counters.step < cfg.train.steps:
                     self.checkpoints.save(self.counters.step, self.parts)
-            if self.counters.step > resumed_at:  # nothing new to save when resumed at the end
+            # nothing new to save when resumed at the end
+            if cfg.checkpoint.save_final and self.counters.step > resumed_at:
                 self.checkpoints.save(self.counters.step, self.parts)
             self._data_report()
             self.checkpoints.wait()

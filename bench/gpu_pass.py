@@ -66,15 +66,14 @@ class Part:
     skip: str | None = None  # why it does not run
 
 
-def plan(small: bool, work: Path) -> list[Part]:
+def plan(small: bool, work: Path, kernels: tuple[str, ...] = ("auto", "torch")) -> list[Part]:
     """The parts and their timeouts: GPU numbers sized to end within 8 minutes on one H200."""
     # ours with both kernel settings against one plain loop; 2 profiled steps after the timed ones; the
     # planner's predicted step beside the measured one
     step = (
         "bench/gpu_step.py",
         "--kernels",
-        "auto",
-        "torch",
+        *kernels,
         "--predict",
         "--profile",
         str(work / "profile"),
@@ -372,6 +371,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_pass_out"))
     ap.add_argument("--only", nargs="+", choices=PARTS, help="run these parts (the others: skipped)")
+    ap.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto", "torch"],
+        help="the step benches' settings of ours (gpu_step.py)",
+    )
+    ap.add_argument(
+        "--timeout", nargs="+", default=[], metavar="PART=S", help="a part's own time limit, instead of its default"
+    )
     ap.add_argument("--budget-s", type=float, help="all parts together (default 450; --small 400)")
     ap.add_argument("--small", action="store_true", help="the CPU check (CI): no GPU, no install")
     ap.add_argument("--wheels", type=Path, default=ROOT / ".whl")
@@ -399,7 +407,9 @@ def main() -> None:
         "budget_s": budget,
         "parts": {},
     }
-    for part in plan(args.small, args.work):
+    limits = {k: float(v) for k, v in (t.split("=") for t in args.timeout)}
+    for part in plan(args.small, args.work, tuple(args.kernels)):
+        part = dataclasses.replace(part, timeout_s=limits.get(part.name, part.timeout_s))
         left = budget - (time.perf_counter() - start)
         if part.skip or (args.only and part.name not in args.only) or left < MIN_PART_S:
             reason = part.skip or (

@@ -196,7 +196,11 @@ def _ours(
             "num_workers": 1,
             "shuffle_buffer": 16,
         },
-        "parallel": {"param_dtype": "float32" if args.small else "bfloat16", "kernels": kernels},
+        "parallel": {
+            "param_dtype": "float32" if args.small else "bfloat16",
+            "kernels": kernels.removesuffix("+compile"),
+            "compile": kernels.endswith("+compile"),
+        },
         "train": train,
         "checkpoint": {"interval": 0, "resume": "none", "save_final": False},
         "logging": {"run_dir": str(run_dir), "console": "none", "tensorboard": False},
@@ -372,9 +376,10 @@ def main() -> None:
     ap.add_argument(
         "--kernels",
         nargs="+",
-        choices=["auto", "liger", "torch"],
+        choices=[f"{k}{c}" for k in ("auto", "liger", "torch") for c in ("", "+compile")],
         default=["auto"],
-        help="ours: parallel.kernels; several: one run of ours each, against one plain run",
+        help="ours: parallel.kernels (+compile: and parallel.compile); several: one run of ours each, "
+        "against one plain run",
     )
     ap.add_argument(
         "--profile",

@@ -41,14 +41,19 @@ def test_auto_keeps_only_the_kernels_that_measured_faster(caplog):
         chosen = auto_kernels(TORCH_FORMULAS, measure, compiled=False)
     assert chosen.rms_norm is not None and chosen.rope is not None
     assert chosen.silu_mul is None and chosen.chunk_cross_entropy is None
-    assert sorted(chosen.swaps()) == ["rms_norm", "rope"]
+    swaps = chosen.swaps()
+    module = torch.nn.Identity()
+    assert swaps["swiglu"](module) is module  # left to torch: the module stays
+    assert swaps["rms_norm"] is not swaps["swiglu"] and swaps["rope"] is not swaps["swiglu"]
     assert "swiglu 1.000/1.100 ms -> torch" in caplog.messages[-1]
     assert "rms_norm 1.000/0.600 ms -> torch-formulas" in caplog.messages[-1]
 
     # compiled blocks: only the loss head's kernel is measured; the block kernels stay torch's
     timings["cross_entropy"] = (2.0, 1.5)
     chosen = auto_kernels(TORCH_FORMULAS, measure, compiled=True)
-    assert not chosen.swaps() and chosen.chunk_cross_entropy is not None
+    assert (
+        chosen.rms_norm is chosen.silu_mul is chosen.rope is None and chosen.chunk_cross_entropy is not None
+    )
     assert [k for k in KERNELS if _has(asked[-1], k)] == ["cross_entropy"]
 
     # all slower: torch everywhere

@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from omni_dist.packed import to_device
+
 
 def global_token_count(local_tokens: torch.Tensor | int, mesh: DeviceMesh) -> torch.Tensor:
     """Sum of `local_tokens` over `mesh` (pass the `loss` view: every rank that holds tokens)."""
-    t = torch.as_tensor(local_tokens, dtype=torch.float64, device=_device(mesh)).clone()
+    t = to_device(torch.as_tensor(local_tokens, dtype=torch.float64).clone(), _device(mesh))
     dist.all_reduce(t, group=mesh.get_group())
     return t
 

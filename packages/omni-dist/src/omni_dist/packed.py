@@ -23,6 +23,15 @@ import torch
 from omni_dist.sequence import IGNORE_INDEX, shift_labels
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting: on CUDA through page-locked memory (torch's
+    caching host allocator keeps it until the copy is done), as CUDA may stage a pageable copy synchronously."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclass
 class MediaBatch:
     """All items of one modality in a micro-batch, in sequence order."""

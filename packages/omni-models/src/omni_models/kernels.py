@@ -39,8 +39,10 @@ class KernelSet:
     chunk_cross_entropy: ChunkCrossEntropy | None = None
 
     def swaps(self) -> dict[str, KernelSwap]:
-        """Kernel name (as plans write it) -> the replacement of a module, for the kernels this set has."""
-        swaps: dict[str, KernelSwap] = {}
+        """Kernel name (as plans write it) -> the replacement of a module; a kernel this set leaves to torch
+        keeps the module as it is."""
+        keep: KernelSwap = lambda m: m  # noqa: E731
+        swaps: dict[str, KernelSwap] = {"rms_norm": keep, "swiglu": keep, "rope": keep}
         if self.rms_norm is not None:
             swaps["rms_norm"] = lambda m: KernelRMSNorm(m, self.rms_norm)
         if self.silu_mul is not None:

@@ -28,7 +28,7 @@ from omni_dist.attention import SequenceParallel
 from omni_dist.loss_head import head_cross_entropy
 from omni_dist.media_split import EncoderRoute, WorldRoute
 from omni_dist.moe_loss import load_balancing_loss
-from omni_dist.packed import MediaBatch, PackedBatch
+from omni_dist.packed import MediaBatch, PackedBatch, to_device
 from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
 from omni_models.flops import transformer_flops
 
@@ -340,8 +340,9 @@ def _where(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host-computed index tensor on `device`, copied without waiting for the device."""
-    return index.to(device, non_blocking=True)
+    """A host-computed index tensor on `device`, copied without waiting for the device (from page-locked
+    memory: a copy from pageable memory may wait for the stream)."""
+    return to_device(index, device)
 
 
 def _owners(parts: nn.ModuleDict, verb: str) -> dict[str, str]:

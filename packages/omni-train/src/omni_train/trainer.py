@@ -28,6 +28,7 @@ from omni_dist.device_feed import DeviceFeed
 from omni_dist.gather import all_gather_json
 from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
+from omni_dist.packed import to_device
 from omni_dist.parallelize import set_gradient_sync
 from omni_models.omni import loss_tokens
 from omni_train.assembly import (
@@ -194,7 +195,7 @@ def forward_backward(
             part_counts[name] = part_counts.get(name, 0.0) + n
     names = sorted(part_sums)  # the same parts on every rank (the same model)
     # counts are host numbers: an asynchronous copy, not a blocking one
-    n = torch.tensor([part_counts[k] for k in names], dtype=torch.float64).to(device, non_blocking=True)
+    n = to_device(torch.tensor([part_counts[k] for k in names], dtype=torch.float64), device)
     packed = torch.cat([total.view(1), *(part_sums[k].view(1) for k in names), n])
     dist.all_reduce(packed, group=mesh["loss"].get_group())
     return StepResult(packed[0], counts, packed[1:], names, sp_size)

@@ -39,7 +39,7 @@ from omni_data.peers import check_peers
 from omni_data.preflight import SourceHealth, check_sources, judge, warn
 from omni_data.processor import Processor
 from omni_dist.lifecycle import die_with_parent
-from omni_dist.packed import PackedBatch
+from omni_dist.packed import PackedBatch, to_device
 
 
 @dataclass
@@ -187,10 +187,11 @@ class OmniLoader:
     # -- iteration -----------------------------------------------------------------------------
     def _agree(self, *values: int) -> list[int]:
         """The maximum of each value over the data-parallel ranks (one collective)."""
-        flags = torch.tensor(values, dtype=torch.int64, device=self.device)
-        if self.dp_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return [int(f) for f in flags]
+        if self.dp_size == 1:  # nothing to agree on: no device round trip
+            return list(values)
+        flags = to_device(torch.tensor(values, dtype=torch.int64), self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return flags.tolist()  # one read for all values
 
     def _any(self, flag: bool) -> bool:
         return bool(self._agree(int(flag))[0])

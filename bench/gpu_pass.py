@@ -378,7 +378,11 @@ def main() -> None:
         help="the step benches' settings of ours (gpu_step.py)",
     )
     ap.add_argument(
-        "--timeout", nargs="+", default=[], metavar="PART=S", help="a part's own time limit, instead of its default"
+        "--timeout",
+        nargs="+",
+        default=[],
+        metavar="PART=S",
+        help="a part's own time limit, instead of its default",
     )
     ap.add_argument("--budget-s", type=float, help="all parts together (default 450; --small 400)")
     ap.add_argument("--small", action="store_true", help="the CPU check (CI): no GPU, no install")

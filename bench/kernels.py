@@ -137,7 +137,9 @@ def _loss_head(args, kernels, rows: int) -> dict:
     paths = {
         "all_logits": lambda h: F.cross_entropy(head(h).float(), targets, reduction="sum"),
         "chunked_4096": lambda h: head_cross_entropy(head, h, targets, 4096),
-        "liger_chunked_4096": lambda h: head_cross_entropy(head, h, targets, 4096, kernels.chunk_cross_entropy),
+        "liger_chunked_4096": lambda h: head_cross_entropy(
+            head, h, targets, 4096, kernels.chunk_cross_entropy
+        ),
     }
     out = {"rows": rows, "logits_fp32_gib": round(rows * args.vocab * 4 / 2**30, 2)}
     for name, loss_fn in paths.items():

@@ -1,12 +1,13 @@
-"""Dispatch/combine alone: unequal token counts per rank (fewer tokens than chunks on one), sync and
-chunked, against the same routing computed in one process (outputs and gradients)."""
+"""Dispatch/combine alone: unequal token counts per rank (fewer tokens than chunks on one), sync,
+chunked and padded, against the same routing computed in one process (outputs and gradients)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from omni_dist import ParallelDims, ParallelMesh
+from omni_dist import ParallelConfigError, ParallelDims, ParallelMesh
+from omni_dist.expert_padded import moe_padded_dispatch
 from omni_dist.expert_parallel import ExpertParallel, moe_dispatch_combine
 from tests.harness import run_ranks
 
@@ -36,10 +37,10 @@ def _reference(rank: int):
     return out.detach(), x.grad, weights.grad, w.grad
 
 
-def _ep(chunks: int) -> dict:
+def _ep(chunks: int, dispatch: str = "exact") -> dict:
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), ep=2), device_type="cpu")
     rank = mesh.ep_rank
-    ep = ExpertParallel(mesh["ep"].get_group(), 2, rank, E, overlap_chunks=chunks)
+    ep = ExpertParallel(mesh["ep"].get_group(), 2, rank, E, overlap_chunks=chunks, dispatch=dispatch)
     full = _weights()
     local = full[rank * 2 : (rank + 1) * 2].clone().requires_grad_()
 
@@ -50,10 +51,16 @@ def _ep(chunks: int) -> dict:
             start += n
         return torch.cat(outs)
 
+    def padded(x, local_index, weights):  # the same experts on every gathered token, weighted
+        return sum((weights * (local_index == e)).sum(-1, keepdim=True) * (x @ local[e].T) for e in range(2))
+
     x, idx, w = _inputs(dist.get_rank())
     x.requires_grad_()
     w.requires_grad_()
-    out = moe_dispatch_combine(x, idx, w, experts, ep)
+    if dispatch == "padded":
+        out = moe_padded_dispatch(x, idx, w, padded, ep, bound=max(TOKENS) + 1)
+    else:
+        out = moe_dispatch_combine(x, idx, w, experts, ep)
     out.sum().backward()
     grads = [torch.zeros_like(full) for _ in range(2)]
     dist.all_gather(grads, torch.cat([torch.zeros(rank * 2, H, H, dtype=full.dtype), local.grad,
@@ -61,20 +68,41 @@ def _ep(chunks: int) -> dict:
     return {"out": out.detach(), "x_grad": x.grad, "w_grad": sum(grads), "route_grad": w.grad}
 
 
+def _padded_errors() -> dict[str, str]:
+    errors, rank = {}, dist.get_rank()
+    try:  # both ranks have more tokens than the bound: each fails before any collective
+        ep = ExpertParallel(dist.group.WORLD, 2, rank, E, dispatch="padded")
+        moe_padded_dispatch(*_inputs(rank), lambda *a: None, ep, bound=1)
+    except RuntimeError as e:
+        errors["bound"] = str(e)
+    try:
+        ExpertParallel(dist.group.WORLD, 2, rank, E, overlap_chunks=2, dispatch="padded")
+    except ParallelConfigError as e:
+        errors["chunks"] = str(e)
+    return errors
+
+
 def _both() -> dict:
-    return {chunks: _ep(chunks) for chunks in (1, 4)}
+    runs = {chunks: _ep(chunks) for chunks in (1, 4)} | {"padded": _ep(1, "padded")}
+    return {"runs": runs, "errors": _padded_errors()}
 
 
 def test_dispatch_combine_matches_local_routing_with_unequal_tokens():
     results = run_ranks(_both, 2)
     w_grad_ref = sum(_reference(r)[2] for r in range(2))
-    for rank, per_chunks in enumerate(results):
+    for rank, both in enumerate(results):
         out_ref, x_grad_ref, _, route_grad_ref = _reference(rank)
-        for chunks, got in per_chunks.items():
+        for chunks, got in both["runs"].items():
             torch.testing.assert_close(got["out"], out_ref, msg=f"rank {rank} chunks {chunks}")
             torch.testing.assert_close(got["x_grad"], x_grad_ref, msg=f"rank {rank} chunks {chunks}")
             torch.testing.assert_close(got["w_grad"], w_grad_ref, msg=f"rank {rank} chunks {chunks}")
             torch.testing.assert_close(got["route_grad"], route_grad_ref, msg=f"rank {rank} chunks {chunks}")
+        bound_error = both["errors"]["bound"]
+        assert (
+            f"got {TOKENS[rank]} tokens on this rank, more than the padded EP dispatch's bound of 1"
+            in bound_error
+        )
+        assert "the padded dispatch does not chunk: set ep_async=1" in both["errors"]["chunks"]
 
 
 class _Traced:

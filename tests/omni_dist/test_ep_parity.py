@@ -16,6 +16,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
+from omni_dist.expert_parallel import set_ep_token_bound
 from omni_dist.loss import global_token_count
 from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.packed import pack, pad_for_sp
@@ -81,14 +82,18 @@ def train_single() -> dict:
     return {"loss": losses, "grad_norm": norms}
 
 
-def train_ep(dims: dict, chunks: int = 1, compute: str = "auto") -> dict:
+def train_ep(dims: dict, chunks: int = 1, compute: str = "auto", dispatch: str = "exact") -> dict:
     config = moe_config()
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **dims), device_type="cpu")
     mesh.dims.check_model(num_experts=config.num_experts)
     model = meta_model(config)
     report = parallelize(
-        model, mesh, plan_for(model), ParallelizeConfig(ep_async=chunks, expert_compute=compute)
+        model,
+        mesh,
+        plan_for(model),
+        ParallelizeConfig(ep_async=chunks, expert_compute=compute, ep_dispatch=dispatch),
     )
+    set_ep_token_bound(model, sum(map(sum, GROUPS)))  # the same on every rank: all samples' tokens
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, SEED)
     opt = make_optimizer(model)
@@ -152,6 +157,7 @@ def test_ep2_with_fsdp2_matches_single_process(reference):
     variants = {  # chunked overlapping dispatch; both local expert computations (auto = grouped_mm on CPU)
         "ep2_chunked": {"layout": "ep2", "options": {"chunks": 3}},
         "ep2_loop": {"layout": "ep2", "options": {"compute": "loop"}},
+        "ep2_padded": {"layout": "ep2", "options": {"dispatch": "padded"}},  # no host sync (expert_padded)
     }
     both = run_ranks(_layouts, 2, {"ep2": {"dp_shard": 2, "ep": 2}}, variants)[0]
     for name in variants:
@@ -166,8 +172,9 @@ def test_ep2_with_fsdp2_matches_single_process(reference):
 
 def test_ep2_in_dp_shard4_and_ep2_x_sp2_match_single_process(reference):
     layouts = {"ep2_in_dp4": {"dp_shard": 4, "ep": 2}, "ep2_x_sp2": {"dp_shard": 2, "sp": 2, "ep": 2}}
-    out = run_ranks(_layouts, 4, layouts)[0]
-    for name in layouts:
+    variants = {"ep2_x_sp2_padded": {"layout": "ep2_x_sp2", "options": {"dispatch": "padded"}}}
+    out = run_ranks(_layouts, 4, layouts, variants)[0]
+    for name in [*layouts, *variants]:
         assert_matches(reference, out[name], name)
         _assert_unequal_routing(out[name]["routed"])
 

@@ -10,21 +10,38 @@ async work: while chunk k's experts compute, the dispatch of chunk k+1 (and the 
 are in flight. Backward mirrors it: the gradient all-to-alls of every chunk are issued as soon as
 their gradient exists and waited for only where the chunk's backward needs them. Each token is computed
 exactly as without chunks.
+
+`dispatch`: `exact` (above; reads the split sizes and the experts' row counts on the host) or `padded`
+(omni_dist.expert_padded: fixed-size all-gather / reduce-scatter sized by `set_ep_token_bound`, no host
+sync, larger buffers). `exact` is the default: it moves and holds only the routed slots, while `padded`
+holds about ep times more expert rows; choose `padded` where a stalled launch queue costs more than that
+(small ep), or where the step must not sync (CUDA graphs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from omni_dist.expert_compute import ExpertFn, check_expert_compute, fused_gate_up_compute
+from omni_dist.expert_compute import (
+    ExpertFn,
+    check_expert_compute,
+    fused_gate_up_compute,
+    fused_gate_up_padded,
+)
+from omni_dist.expert_padded import moe_padded_dispatch
 from omni_dist.parallel_dims import ParallelConfigError
 from omni_dist.plan import PlanError
+
+EPDispatch = Literal["exact", "padded"]
+EP_DISPATCH: tuple[str, ...] = get_args(EPDispatch)
+_TOKEN_BOUND = "_omni_ep_token_bound"  # experts module attribute: the padded dispatch's tokens per rank
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,7 @@ class ExpertParallel:
     num_experts: int
     overlap_chunks: int = 1
     compute: str = "auto"  # local expert computation, see omni_dist.expert_compute
+    dispatch: str = "exact"  # see EPDispatch and the module docstring
 
     def __post_init__(self) -> None:
         if self.num_experts % self.size:
@@ -44,6 +62,15 @@ class ExpertParallel:
         if self.overlap_chunks < 1:
             raise ParallelConfigError(f"expert overlap_chunks must be >= 1, got {self.overlap_chunks}.")
         check_expert_compute(self.compute)
+        if self.dispatch not in EP_DISPATCH:
+            raise ParallelConfigError(
+                f"ep_dispatch={self.dispatch!r} is not one of {', '.join(EP_DISPATCH)}."
+            )
+        if self.dispatch == "padded" and self.overlap_chunks > 1:
+            raise ParallelConfigError(
+                f"ep_async={self.overlap_chunks} overlaps the exact dispatch's all-to-alls; the padded "
+                "dispatch does not chunk: set ep_async=1 or ep_dispatch=exact."
+            )
 
     @property
     def local_experts(self) -> int:
@@ -216,6 +243,10 @@ def fused_gate_up_experts(module: nn.Module, ep: ExpertParallel):
         gate_up, down = _local(module.gate_up_proj), _local(module.down_proj)
         if gate_up.shape[0] != ep.local_experts:
             raise RuntimeError(f"{type(module).__name__}: expert tensors are not split over ep={ep.size}.")
+        if ep.dispatch == "padded":
+            padded = fused_gate_up_padded(gate_up, down, module.act_fn, ep.compute)
+            bound = getattr(module, _TOKEN_BOUND, 0)
+            return moe_padded_dispatch(hidden_states, top_k_index, top_k_weights, padded, ep, bound)
         experts = fused_gate_up_compute(gate_up, down, module.act_fn, ep.compute)
         return moe_dispatch_combine(hidden_states, top_k_index, top_k_weights, experts, ep)
 
@@ -239,6 +270,7 @@ def apply_expert_parallel(
     expert_params: dict[str, str],
     overlap_chunks: int = 1,
     compute: str = "auto",
+    dispatch: str = "exact",
 ) -> None:
     """Split each expert tensor over the `ep` mesh view (as DTensors: checkpoints see full (E, ...)
     tensors) and replace each experts module's forward by the plan's EP forward."""
@@ -279,6 +311,18 @@ def apply_expert_parallel(
                 local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride()
             )
             module._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
-        ep = ExpertParallel(ep_mesh.get_group(), size, rank, num_experts, overlap_chunks, compute)
+        ep = ExpertParallel(ep_mesh.get_group(), size, rank, num_experts, overlap_chunks, compute, dispatch)
         module.forward = EXPERT_FORWARDS[plan.expert_forward](module, ep)
         module._omni_expert_parallel = True
+
+
+def set_ep_token_bound(model: nn.Module, tokens: int) -> int:
+    """Size the padded EP dispatch of every experts module of `model` for `tokens` tokens per rank per
+    MoE call; it must be the same number on every rank (training: data.max_tokens // sp). Returns how
+    many experts modules it set (0 without EP). Harmless under the exact dispatch."""
+    if tokens < 1:
+        raise ValueError(f"set_ep_token_bound: tokens must be >= 1, got {tokens}.")
+    modules = [m for m in model.modules() if getattr(m, "_omni_expert_parallel", False)]
+    for m in modules:
+        setattr(m, _TOKEN_BOUND, tokens)
+    return len(modules)

@@ -1,10 +1,11 @@
-"""Apply a ParallelPlan to a model: kernel swaps, expert parallelism, recompute/offload wrappers, then
-FSDP2 units.
+"""Apply a ParallelPlan to a model: kernel swaps, expert parallelism, compiled blocks, recompute/offload
+wrappers, then FSDP2 units.
 
-Order is fixed: kernel swaps -> expert parallelism -> activation recompute / offload -> (compile) ->
-FSDP. Works on a meta-device model (nothing is allocated until `materialize_`). Data parallelism is
-decided by the mesh: dp_replicate == 1 shards over the `fsdp` view (FSDP); dp_replicate > 1 uses the
-2-D `hsdp` view (HSDP), which is pure replication (DDP) when dp_shard x sp == 1.
+Order is fixed: kernel swaps -> expert parallelism -> compile (each block's forward) -> activation
+recompute / offload (around the compiled forward, see omni_dist.compile) -> FSDP. Works on a
+meta-device model (nothing is allocated until `materialize_`). Data parallelism is decided by the
+mesh: dp_replicate == 1 shards over the `fsdp` view (FSDP); dp_replicate > 1 uses the 2-D `hsdp` view
+(HSDP), which is pure replication (DDP) when dp_shard x sp == 1.
 
 Gradients are SUMMED over the data-parallel mesh (FSDP's averaging is turned off): the loss each rank
 backpropagates must already be divided by the global token count (see omni_dist.loss), which is what
@@ -28,9 +29,10 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
+from omni_dist.compile import CompileBackend, apply_compile, check_compile, check_compiled_experts
 from omni_dist.dtypes import resolve_dtype
 from omni_dist.expert_compute import ExpertCompute, check_expert_compute
-from omni_dist.expert_parallel import apply_expert_parallel
+from omni_dist.expert_parallel import EPDispatch, apply_expert_parallel
 from omni_dist.kernel_swap import KernelSwap, swap_kernels
 from omni_dist.mesh import ParallelMesh
 from omni_dist.plan import ParallelPlan, PlanError
@@ -67,11 +69,14 @@ class ParallelizeConfig:
     offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
     ep_async: int = 1  # >1: EP dispatch in chunks overlapping expert compute
     expert_compute: ExpertCompute = "auto"  # local experts under EP (omni_dist.expert_compute)
+    ep_dispatch: EPDispatch = "exact"  # padded: no host sync, ~ep x expert buffers (omni_dist.expert_padded)
     grad_sync: GradSync = "micro_batch"  # see GradSync; the training loop applies it (set_gradient_sync)
     # sp: the ranks of an SP group share the encoders' work (omni_dist.media_split); world: all ranks do,
     # across data-parallel ranks too; none: each SP rank encodes every item of the micro-batch
     encoder_balance: EncoderBalance = "sp"
     kernels: Kernels = "auto"
+    compile: bool = False  # torch.compile each of plan.compile's blocks (omni_dist.compile)
+    compile_backend: CompileBackend = "inductor"
 
     def __post_init__(self) -> None:
         if self.recompute not in RECOMPUTE_MODES:
@@ -87,6 +92,7 @@ class ParallelizeConfig:
             raise ValueError(f"encoder_balance={self.encoder_balance!r} is not one of: none, sp, world.")
         if self.kernels not in get_args(Kernels):
             raise ValueError(f"kernels={self.kernels!r} is not one of: {', '.join(get_args(Kernels))}.")
+        check_compile(self.compile, self.compile_backend, self.recompute)
 
 
 @dataclass
@@ -100,6 +106,7 @@ class ParallelizeReport:
     mesh_dims: tuple[str, ...] = ()
     expert_parallel: list[str] = field(default_factory=list)
     kernels: dict[str, str] = field(default_factory=dict)  # swapped module -> kernel name
+    compiled: list[str] = field(default_factory=list)
 
 
 def parallelize(
@@ -128,6 +135,9 @@ def parallelize(
     experts = plan.match_modules(model, "experts")
     expert_params = plan.match_expert_params(model)
     swapped = plan.match_kernels(model)
+    blocks = plan.match_modules(model, "compile")
+    if not config.compile:
+        blocks = []
     if config.recompute == "none":
         recompute = []
     if not config.offload_activations:
@@ -135,6 +145,7 @@ def parallelize(
     if param_dtype == torch.float32:
         fp32 = []  # everything already computes in fp32: no separate units needed
     _check_combination(units, fp32, recompute, offload, config)
+    check_compiled_experts(blocks, experts, mesh.dims.ep)
     wrapped = sorted(
         {f for f, _, _ in swapped} & {f for f, _ in units + fp32 + recompute + offload + experts}
     )
@@ -154,9 +165,12 @@ def parallelize(
         report.kernels = swap_kernels(model, swapped, kernels)
     if mesh.dims.ep > 1:
         apply_expert_parallel(
-            model, mesh, plan, experts, expert_params, config.ep_async, config.expert_compute
-        )
+            model, mesh, plan, experts, expert_params, config.ep_async, config.expert_compute,
+            config.ep_dispatch,
+        )  # fmt: skip
         report.expert_parallel = [fqn for fqn, _ in experts]
+    # Before the recompute / offload wrappers, which then wrap the compiled forward (omni_dist.compile).
+    report.compiled = apply_compile(blocks, config.compile_backend)
     for fqn, module in recompute:
         apply_recompute(module, fqn, config.recompute)
         report.recomputed.append(fqn)
@@ -218,9 +232,11 @@ def parallelize(
     if mesh.world.get_local_rank() == 0:
         log.info(
             "parallelize: %d FSDP units on mesh %s, %d fp32 units, recompute=%s on %d modules, "
-            "activation offload on %d modules, param offload=%s, %d modules swapped for kernels",
+            "activation offload on %d modules, param offload=%s, %d modules swapped for kernels, "
+            "compile=%s (%s) on %d blocks",
             len(report.fsdp_units), report.mesh_dims, len(report.fp32_units), config.recompute,
             len(report.recomputed), len(report.offloaded), config.offload_params, len(report.kernels),
+            config.compile, config.compile_backend, len(report.compiled),
         )  # fmt: skip
     return report
 

@@ -40,6 +40,8 @@ class ParallelPlan:
                     (norms, routers); each becomes its own FSDP unit.
     kernels:        module pattern -> kernel name ("rms_norm", "swiglu", "rope"): the modules a kernel
                     set (omni_models.kernels) replaces when the run selects one.
+    compile:        the repeated blocks (decoder layers, vision blocks, encoder layers) that
+                    torch.compile compiles one by one when the run asks for it (omni_dist.compile).
     """
 
     fsdp_units: tuple[str, ...] = ()
@@ -50,9 +52,10 @@ class ParallelPlan:
     experts: tuple[str, ...] = ()
     expert_forward: str = ""
     kernels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    compile: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts"):
+        for name in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts", "compile"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise PlanError(f"ParallelPlan.{name} must be a list of patterns, got the string {value!r}.")
@@ -113,7 +116,7 @@ def compose_plans(
     gathered with that part instead of with the whole model's root).
     """
     out: dict[str, list[str]] = {
-        f: [] for f in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts")
+        f: [] for f in ("fsdp_units", "recompute", "offload", "fp32_modules", "experts", "compile")
     }
     expert_params: dict[str, str] = {}
     kernels: dict[str, str] = {}

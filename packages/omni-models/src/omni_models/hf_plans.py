@@ -1,9 +1,9 @@
 """Parallel plans for HF decoder-only language models, declared as data beside the model families.
 
-Each transformer block is an FSDP unit and the unit of recompute/offload. RMSNorms are not fp32 units:
-HF norms already compute in fp32 internally, a tiny unit per norm would cost an all-gather each, and
-units nested in a block cannot be selectively recomputed. RMSNorms, SwiGLU MLPs and RoPE attention are
-where a kernel set (liger) may stand in. Nothing here touches HF code.
+Each transformer block is an FSDP unit and the unit of recompute/offload and of compile. RMSNorms are
+not fp32 units: HF norms already compute in fp32 internally, a tiny unit per norm would cost an
+all-gather each, and units nested in a block cannot be selectively recomputed. RMSNorms, SwiGLU MLPs
+and RoPE attention are where a kernel set (liger) may stand in. Nothing here touches HF code.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def kernels(norm: str, mlp: str | None = None, attention: str | None = None) -> 
 
 
 def decoder_plan(block: str, kernels: dict[str, str] | None = None) -> ParallelPlan:
-    return ParallelPlan(fsdp_units=(block,), recompute=(block,), offload=(block,), kernels=kernels or {})
+    return ParallelPlan(
+        fsdp_units=(block,), recompute=(block,), offload=(block,), kernels=kernels or {}, compile=(block,)
+    )
 
 
 def moe_decoder_plan(block: str, experts: str, kernels: dict[str, str] | None = None) -> ParallelPlan:
@@ -38,6 +40,7 @@ def moe_decoder_plan(block: str, experts: str, kernels: dict[str, str] | None = 
         expert_params={"*.mlp.experts.gate_up_proj": "shard0", "*.mlp.experts.down_proj": "shard0"},
         expert_forward="fused_gate_up",
         kernels=kernels or {},
+        compile=(block,),
     )
 
 

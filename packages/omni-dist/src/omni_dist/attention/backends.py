@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from omni_dist.attention import _torch_cudnn_varlen
 from omni_dist.attention._torch_cudnn_varlen import cudnn_varlen
 from omni_dist.attention.flex_document import flex_varlen
+from omni_dist.attention.sdpa_op import sdpa_varlen_op
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def sdpa_varlen(
     """Each document attends within itself: documents of equal length run as one SDPA batch with
     `is_causal`, so the work is sum(l_i^2), not the T x T of a block-diagonal mask (which
     `block_causal_mask` still gives for reference)."""
+    if torch.compiler.is_compiling():  # in a compiled block: one opaque op, not a host loop (sdpa_op)
+        return sdpa_varlen_op(q, k, v, cu_seqlens, scale, causal)
     del max_seqlen  # the boundaries say it
     bounds = cu_seqlens.tolist()
     if len(bounds) == 2:  # one document: no gather

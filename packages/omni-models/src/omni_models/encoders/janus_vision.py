@@ -78,7 +78,8 @@ class JanusVisionEncoder(nn.Module):
         return {"image": MediaBatch.of([{"pixel_values": torch.zeros(1, 3, size, size)}], [self.tokens])}
 
     def plan(self) -> ParallelPlan:
-        return ParallelPlan(fsdp_units=("JanusVisionEncoderLayer",), recompute=("JanusVisionEncoderLayer",))
+        block = ("JanusVisionEncoderLayer",)
+        return ParallelPlan(fsdp_units=block, recompute=block, compile=block)
 
     @cached_property
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch

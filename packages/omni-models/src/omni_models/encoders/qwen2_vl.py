@@ -140,7 +140,10 @@ class Qwen2VLVisionEncoder(nn.Module):
 
     def plan(self) -> ParallelPlan:
         return ParallelPlan(
-            fsdp_units=(self.block,), recompute=(self.block,), kernels=dict(self.block_kernels)
+            fsdp_units=(self.block,),
+            recompute=(self.block,),
+            kernels=dict(self.block_kernels),
+            compile=(self.block,),
         )
 
     @cached_property

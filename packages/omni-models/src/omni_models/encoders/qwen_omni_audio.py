@@ -124,9 +124,8 @@ class QwenOmniAudioEncoder(nn.Module):
         return {self.modalities[0]: MediaBatch.of([item], [audio_tokens(4)])}
 
     def plan(self) -> ParallelPlan:
-        return ParallelPlan(
-            fsdp_units=("Qwen2_5OmniAudioEncoderLayer",), recompute=("Qwen2_5OmniAudioEncoderLayer",)
-        )
+        block = ("Qwen2_5OmniAudioEncoderLayer",)
+        return ParallelPlan(fsdp_units=block, recompute=block, compile=block)
 
     @cached_property
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch

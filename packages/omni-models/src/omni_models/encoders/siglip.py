@@ -68,7 +68,8 @@ class SiglipImageEncoder(nn.Module):
         return {self.modalities[0]: MediaBatch.of([item], [(cfg.image_size // cfg.patch_size) ** 2])}
 
     def plan(self) -> ParallelPlan:
-        return ParallelPlan(fsdp_units=("SiglipEncoderLayer",), recompute=("SiglipEncoderLayer",))
+        block = ("SiglipEncoderLayer",)
+        return ParallelPlan(fsdp_units=block, recompute=block, compile=block)
 
     @cached_property
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch

@@ -66,7 +66,8 @@ class WhisperAudioEncoder(nn.Module):
         return {self.modalities[0]: MediaBatch.of([item], [1])}
 
     def plan(self) -> ParallelPlan:
-        return ParallelPlan(fsdp_units=("WhisperEncoderLayer",), recompute=("WhisperEncoderLayer",))
+        block = ("WhisperEncoderLayer",)
+        return ParallelPlan(fsdp_units=block, recompute=block, compile=block)
 
     @cached_property
     def _block_params(self) -> int:  # counted once: flops() runs for every micro-batch

@@ -28,15 +28,13 @@ import torch.nn.functional as F
 from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.expert_compute import fused_gate_up_compute, fused_gate_up_padded, grouped_mm_status
 from omni_dist.expert_parallel import set_ep_token_bound
-from omni_dist.grad_norm import clip_grad_norm_
-from omni_dist.optim import SkippingAdamW
 from omni_dist.parallelize import ParallelizeConfig
 from omni_dist.sync_guard import HostSyncGuard
 from omni_dist.weights import materialize_
 from omni_models.config import OmniModelConfig, build_omni_model
 from omni_models.omni_weights import init_omni_weights_
 from omni_models.parallel import parallelize_omni
-from omni_train.trainer import forward_backward
+from tests.guarded_step import guarded_steps
 from tests.harness import run_ranks
 from tests.omni_models.omni_fixtures import chat_processor, foundation_config, micro_batch, omni_spec, sample
 
@@ -60,24 +58,6 @@ def _model(dispatch: str):
     return model, mesh
 
 
-def _steps(model, mesh, batches, steps: int, raise_on_sync: bool) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = SkippingAdamW(params, lr=1e-3)
-    host = [t for b in batches for t in b.host_tensors()]
-    guard = HostSyncGuard("cpu", host=host, raise_on_sync=raise_on_sync)
-    records = []
-    for _ in range(steps):
-        with guard:
-            result = forward_backward(model, batches, mesh, None, torch.device("cpu"))
-            norm = clip_grad_norm_(params, 1.0)
-            finite = torch.isfinite(result.loss) & torch.isfinite(norm)
-            opt.step(skip=~finite)
-            opt.zero_grad(set_to_none=True)
-        record, (norm_value, finite_value) = result.read(norm, finite)  # the step's one read, after it
-        records.append((record["loss"], norm_value, finite_value))
-    return {"steps": records, "events": [(e.op, e.why) for e in guard.events]}
-
-
 def _rank() -> dict:
     rank = dist.get_rank()
     model, mesh = _model("padded")
@@ -90,8 +70,8 @@ def _rank() -> dict:
     tokens = [b.num_tokens for b in batches]
     assert max(tokens) <= MAX_TOKENS, tokens
     # raise_on_sync: a sync in a padded step fails the rank, and the test with its traceback
-    padded = _steps(model, mesh, batches, steps=2, raise_on_sync=True)
-    exact = _steps(*_model("exact"), batches, steps=2, raise_on_sync=False)
+    padded = guarded_steps(model, mesh, batches, steps=2, raise_on_sync=True)
+    exact = guarded_steps(*_model("exact"), batches, steps=2, raise_on_sync=False)
     return {"tokens": tokens, "padded": padded, "exact": exact}
 
 

@@ -31,6 +31,7 @@ def _step_under_guard() -> dict:
     from omni_models.omni_weights import init_omni_weights_
     from omni_models.parallel import parallelize_omni
     from omni_train.trainer import forward_backward
+    from tests.guarded_step import guarded_steps
     from tests.omni_models.omni_fixtures import chat_processor, draw_sample, micro_batch, omni_config, sample
 
     mesh = ParallelMesh.build(ParallelDims(world_size=1), device_type="cpu")
@@ -47,17 +48,7 @@ def _step_under_guard() -> dict:
     ]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SkippingAdamW(params, lr=1e-3)
-    guard = HostSyncGuard("cpu", host=[t for b in batches for t in b.host_tensors()])
-    losses = []
-    for _ in range(2):
-        with guard:
-            result = forward_backward(model, batches, mesh, None, torch.device("cpu"))
-            norm = clip_grad_norm_(params, 1.0)
-            finite = torch.isfinite(result.loss) & torch.isfinite(norm)
-            opt.step(skip=~finite)
-            opt.zero_grad(set_to_none=True)
-        record, (norm_value, finite_value) = result.read(norm, finite)  # the step's one read, after it
-        losses.append((record["loss"], norm_value, finite_value))
+    losses = guarded_steps(model, mesh, batches, steps=2, opt=opt)["steps"]
 
     # The guard fails where a step would wait: it can fail.
     caught = {}

@@ -1,8 +1,9 @@
 """Find what makes the host wait on the device inside a training step.
 
 `HostSyncGuard` is a TorchDispatchMode that records (or raises on) every op that forces a host sync:
-- ops whose result the host must read: `.item()` / `float(t)` / `bool(t)` / `.tolist()` (aten's
-  `_local_scalar_dense`), `equal`, `is_nonzero` (torch tags them `data_dependent_output`);
+- ops whose result the host must read: `.item()` / `float(t)` / `bool(t)` (aten's `_local_scalar_dense`),
+  `equal`, `is_nonzero` (torch tags them `data_dependent_output`); `.tolist()` reads a CPU tensor without
+  dispatching, so only a CUDA run sees it (as the copy to the host);
 - ops whose output size depends on the data: `nonzero`, `masked_select`, `unique`, boolean indexing,
   `repeat_interleave` without `output_size` (tagged `dynamic_output_shape`);
 - copies between host and device that block: to the device without `non_blocking`, or from the device to
@@ -10,7 +11,8 @@
 
 On a CUDA run the device tensors are the CUDA ones. On CPU (tests) every tensor counts as a device tensor
 except the declared host tensors (`host=`: the batch's metadata that is meant to stay on the host, such as
-image grids) and what is computed from them alone, so a CPU test sees the syncs a GPU run would have.
+image grids) and what is computed from them alone, so a CPU test sees the syncs a GPU run would have (but
+`.tolist()`, and the index copies a kernel makes itself).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from omni_dist.loss_head import torch_chunk_cross_entropy
 from omni_models.kernels import KernelSet
@@ -57,16 +58,6 @@ def _rms_norm(x, weight, eps):  # HF's Llama/Qwen RMSNorm
     return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _rotate_half(x):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
-
-
-def _rope(q, k, cos, sin):  # HF's apply_rotary_pos_emb, (batch, heads, tokens, dim)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
 def _cases(s: KernelShapes, kernels: KernelSet, device, dtype) -> dict[str, tuple[Callable, Callable]]:
     """kernel -> (torch's step, liger's step): each a forward and backward on fresh-grad inputs."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -96,7 +87,7 @@ def _cases(s: KernelShapes, kernels: KernelSet, device, dtype) -> dict[str, tupl
             qq, kk = f(q, k, cos, sin)
             (qq.sum() + kk.sum()).backward()
 
-        cases["rope"] = (lambda: rope_step(_rope), lambda: rope_step(kernels.rope))
+        cases["rope"] = (lambda: rope_step(apply_rotary_pos_emb), lambda: rope_step(kernels.rope))
     if kernels.chunk_cross_entropy is not None:
         h, w = rand(s.chunk, s.hidden, grad=False), rand(s.vocab, s.hidden, grad=False, scale=0.02)
         t = torch.randint(0, s.vocab, (s.chunk,), generator=g, device=device)

@@ -25,7 +25,14 @@ from omni_models.kernel_modules import KernelRMSNorm, RMSNormFn, RopeFn, RotaryA
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("rms_norm", "swiglu", "rope", "cross_entropy")
+# kernel name (as plans and log lines write it) -> the KernelSet field that holds its function
+KERNEL_FIELDS = {
+    "rms_norm": "rms_norm",
+    "swiglu": "silu_mul",
+    "rope": "rope",
+    "cross_entropy": "chunk_cross_entropy",
+}
+KERNELS = tuple(KERNEL_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -53,15 +60,9 @@ class KernelSet:
 
     def only(self, kernels: set[str]) -> KernelSet | None:
         """This set with only `kernels` (names of KERNELS); None when that leaves none."""
-        fields = {
-            "rms_norm": "rms_norm",
-            "swiglu": "silu_mul",
-            "rope": "rope",
-            "cross_entropy": "chunk_cross_entropy",
-        }
         if not kernels:
             return None
-        return dataclasses.replace(self, **{f: None for k, f in fields.items() if k not in kernels})
+        return dataclasses.replace(self, **{f: None for k, f in KERNEL_FIELDS.items() if k not in kernels})
 
 
 def liger_kernels() -> KernelSet:

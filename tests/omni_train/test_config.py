@@ -31,6 +31,7 @@ def test_overrides_and_types():
         (["paralel.sp=2"], "unknown key paralel (did you mean 'parallel'?)"),
         (["train.steps=many"], "train.steps: Input should be a valid integer"),
         (["parallel.recompute=sometimes"], "parallel.recompute"),
+        (["parallel.sp_async=0"], "parallel: sp_async must be >= 1"),  # omni_dist's ParallelizeConfig
         (
             ["data.max_tokens=511", "parallel.sp=2"],
             "data.max_tokens (511) must be a multiple of parallel.sp (2)",
@@ -107,7 +108,7 @@ def test_each_setting_is_declared_once_by_its_package():
 
     for section, packages, own in (
         (DataSection, (DataConfig,), {"tokenizer", "eval_sources", "prepare"}),
-        (ParallelSection, (ParallelDims, ParallelizeConfig), {"sp_async"}),
+        (ParallelSection, (ParallelDims, ParallelizeConfig), set()),
     ):
         name = section.__name__.removesuffix("Section").lower()
         package_fields = {f.name: f for cls in packages for f in dataclasses.fields(cls)}

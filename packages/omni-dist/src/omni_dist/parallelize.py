@@ -55,7 +55,9 @@ Kernels = Literal["auto", "liger", "torch"]
 
 @dataclass(frozen=True)
 class ParallelizeConfig:
-    """User choices for how the plan is applied (the plan says where, this says what).
+    """User choices for how the plan is applied (the plan says where, this says what), beside the run's
+    other parallel settings, which their own parts read: sp_async (SequenceParallel.from_mesh),
+    grad_sync (the training loop), encoder_balance (the model).
 
     A training recipe's `parallel` section takes these fields as they are (omni_train.config).
     """
@@ -67,6 +69,7 @@ class ParallelizeConfig:
     offload_params: bool = False  # FSDP CPUOffloadPolicy: params, grads and optimizer state on CPU
     recompute: Recompute = "none"  # applied to plan.recompute
     offload_activations: bool = False  # saved activations of plan.offload modules go to CPU
+    sp_async: int = 1  # >1: Ulysses all-to-alls overlapped in this many head chunks (SequenceParallel)
     ep_async: int = 1  # >1: EP dispatch in chunks overlapping expert compute
     expert_compute: ExpertCompute = "auto"  # local experts under EP (omni_dist.expert_compute)
     ep_dispatch: EPDispatch = "exact"  # padded: no host sync, ~ep x expert buffers (omni_dist.expert_padded)
@@ -83,8 +86,9 @@ class ParallelizeConfig:
             raise ValueError(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE_MODES)}.")
         if self.forward_prefetch < 0:
             raise ValueError(f"forward_prefetch must be >= 0, got {self.forward_prefetch}.")
-        if self.ep_async < 1:
-            raise ValueError(f"ep_async must be >= 1 (1: no chunking), got {self.ep_async}.")
+        for name in ("sp_async", "ep_async"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (1: no chunking), got {getattr(self, name)}.")
         check_expert_compute(self.expert_compute)
         if self.grad_sync not in GRAD_SYNC_MODES:
             raise ValueError(f"grad_sync={self.grad_sync!r} is not one of {', '.join(GRAD_SYNC_MODES)}.")

@@ -84,11 +84,7 @@ DataSection = _section(
         "prepare": (str | None, None),  # a command that makes the data when it is missing
     },
 )
-ParallelSection = _section(
-    "ParallelSection",
-    (ParallelDims, ParallelizeConfig),
-    {"sp_async": (int, Field(1, ge=1))},  # >1: Ulysses all-to-alls overlapped in this many head chunks
-)
+ParallelSection = _section("ParallelSection", (ParallelDims, ParallelizeConfig), {})
 _TRAINER_DATA_KEYS = {"tokenizer", "eval_sources", "prepare"}
 _DIMS_KEYS = {f.name for f in dataclasses.fields(ParallelDims)} - DERIVED["parallel"].keys()
 _PARALLELIZE_KEYS = {f.name for f in dataclasses.fields(ParallelizeConfig)}

@@ -50,6 +50,14 @@ def test_model_shape_checks():
         d.check_model(num_attention_heads=12, num_key_value_heads=3)
     e = ParallelDims(world_size=4, ep=4)
     with pytest.raises(
-        ParallelConfigError, match=r"ep \(4\) must divide the number of experts \(6\).*\[1, 2\]"
+        ParallelConfigError, match=r"parallel\.ep=4 must divide the model.s experts \(6\).*\[1, 2\]"
     ):
         e.check_model(num_experts=6)
+    e.check_model(num_experts=None)  # unknown: not checked
+    with pytest.raises(ParallelConfigError, match=r"parallel\.ep=4 must divide the model.s experts \(none\)"):
+        e.check_model(num_experts=0)  # a dense model
+    with pytest.raises(
+        ParallelConfigError, match=r"parallel\.ep_async=2 overlaps the EP dispatch, but parallel\.ep=1"
+    ):
+        d.check_model(ep_async=2)
+    e.check_model(num_experts=8, ep_async=2)

@@ -58,7 +58,7 @@ def test_layout_errors_before_any_process_starts():
         check_layout(load_config(QUICKSTART, ["parallel.sp=3", "data.max_tokens=510"]), 3)
     with pytest.raises(ConfigError, match=r"parallel: .*dp_shard"):
         check_layout(load_config(QUICKSTART, ["parallel.dp_shard=3"]), 2)
-    with pytest.raises(ConfigError, match=r"parallel\.ep=2 must divide the foundation.s experts"):
+    with pytest.raises(ConfigError, match=r"parallel\.ep=2 must divide the model.s experts"):
         check_layout(load_config(QUICKSTART, ["parallel.ep=2"]), 2)
     with pytest.raises(
         ConfigError, match=r"parallel\.ep_async=2 overlaps the EP dispatch, but parallel\.ep=1"

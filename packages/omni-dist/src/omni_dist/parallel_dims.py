@@ -113,13 +113,23 @@ class ParallelDims:
         num_attention_heads: int | None = None,
         num_key_value_heads: int | None = None,
         num_experts: int | None = None,
+        ep_async: int = 1,
     ) -> None:
-        """Fail early when the model's shape does not fit these degrees."""
+        """Fail early when the model's shape (or ParallelizeConfig.ep_async) does not fit these degrees.
+        `num_experts`: 0 for a model without experts, None when unknown (not checked)."""
         check_sp_heads(self.sp, num_attention_heads, num_key_value_heads)
-        if num_experts is not None and num_experts % self.ep:
+        if self.ep > 1 and num_experts is not None and (not num_experts or num_experts % self.ep):
+            valid = (
+                [d for d in _divisors(num_experts) if self.shard_group_size % d == 0] if num_experts else [1]
+            )
             raise ParallelConfigError(
-                f"ep ({self.ep}) must divide the number of experts ({num_experts}). "
-                f"Valid ep values: {[d for d in _divisors(num_experts) if self.shard_group_size % d == 0]}."
+                f"parallel.ep={self.ep} must divide the model's experts ({num_experts or 'none'}). "
+                f"Valid parallel.ep values: {valid}."
+            )
+        if self.ep == 1 and ep_async > 1:
+            raise ParallelConfigError(
+                f"parallel.ep_async={ep_async} overlaps the EP dispatch, but parallel.ep=1; "
+                "set parallel.ep_async=1 or parallel.ep > 1."
             )
 
     def __str__(self) -> str:

@@ -323,24 +323,19 @@ def load_config(
 
 
 def check_layout(cfg: TrainConfig, world_size: int | None = None) -> None:
-    """Parallel degrees vs the world size and the model (heads for SP, experts for EP)."""
-    from omni_dist.parallel_dims import check_sp_heads
+    """Parallel degrees vs the world size and the model (heads for SP, experts for EP): ParallelDims'."""
     from omni_models.registry import FOUNDATIONS
 
     try:
-        cfg.dims(world_size)
+        dims = cfg.dims(world_size)
         mc = cfg.model_spec
         hf = FOUNDATIONS[mc.foundation.name](**mc.foundation.config)
-        check_sp_heads(cfg.parallel.sp, hf.num_attention_heads, getattr(hf, "num_key_value_heads", None))
-        experts = getattr(hf, "num_experts", None)
-        if cfg.parallel.ep > 1 and (not experts or experts % cfg.parallel.ep):
-            raise ParallelConfigError(
-                f"parallel.ep={cfg.parallel.ep} must divide the foundation's experts ({experts})"
-            )
-        if cfg.parallel.ep == 1 and cfg.parallel.ep_async > 1:
-            raise ParallelConfigError(
-                f"parallel.ep_async={cfg.parallel.ep_async} overlaps the EP dispatch, but parallel.ep=1"
-            )
+        dims.check_model(
+            hf.num_attention_heads,
+            getattr(hf, "num_key_value_heads", None),
+            getattr(hf, "num_experts", None) or 0,  # a dense foundation has no experts
+            ep_async=cfg.parallel.ep_async,
+        )
     except ParallelConfigError as e:
         raise ConfigError(f"parallel: {e}") from None
 

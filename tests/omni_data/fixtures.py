@@ -11,8 +11,9 @@ import random
 import torch
 from PIL import Image
 
-from omni_data.processor import ChatProcessor, MediaCount, modality_tokens
+from omni_data.processor import ChatProcessor, modality_tokens
 from omni_data.schema import MediaItem
+from omni_dist.media import MediaCount
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -11,8 +11,10 @@ import torch
 
 from omni_data.collate import collate, padding_batch
 from omni_data.packing import Budget, take_batch
-from omni_data.processor import IGNORE_INDEX, ChatProcessor, MediaCount, modality_tokens
+from omni_data.processor import ChatProcessor, modality_tokens
 from omni_data.schema import SampleError, parse_sample
+from omni_dist.media import MediaCount
+from omni_dist.sequence import IGNORE_INDEX
 from tests.omni_data.fixtures import ToyAudioProcessor, ToyImageProcessor, png, processor, tokenizer
 
 

@@ -7,21 +7,23 @@ TINY below.
 
 from __future__ import annotations
 
+import inspect
 import uuid
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 import torch
 from torch import nn
 
-from omni_dist.packed import MediaBatch
+from omni_dist.media import MediaCount, MediaProcessor
+from omni_dist.packed import MediaBatch, pack
 from omni_dist.plan import ParallelPlan
 from omni_models.config import ModelConfigError, OmniModelConfig, build_omni_model
 from omni_models.contracts import ContractError, check_contract, contract_problems
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
-from omni_models.modality import Decoder, Encoder, Foundation, MediaCount, MediaProcessor
+from omni_models.modality import Decoder, Encoder, Foundation
 from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS, register_decoder, register_encoder
 from tests.omni_models.hf_dirs import AUDIO as FAMILY_AUDIO
 from tests.omni_models.hf_dirs import VISION as FAMILY_VISION
@@ -339,6 +341,7 @@ def test_foundation_check_wants_every_keyword_the_framework_passes():
             "past_key_values",
             "output_hidden_states",
             "output_router_logits",
+            "logits_to_keep",
             "cu_seq_lens_q",
             "cu_seq_lens_k",
             "max_length_q",
@@ -347,6 +350,53 @@ def test_foundation_check_wants_every_keyword_the_framework_passes():
         )
     ]
     assert contract_problems(KwargsFoundation(), Foundation) == []
+
+
+def _foundation_calls(model, run: Callable[[], Any]) -> list[tuple[tuple, dict[str, Any]]]:
+    """(args, kwargs) of every call of the model's foundation while `run` runs."""
+    calls = []
+    hook = model.foundation.register_forward_pre_hook(
+        lambda _, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
+    )
+    try:
+        run()
+    finally:
+        hook.remove()
+    return calls
+
+
+def test_foundation_forward_declares_exactly_the_keywords_the_framework_passes():
+    """The keywords a real HF foundation receives in training (dense and MoE) and in generation (with and
+    without the KV cache) are the Protocol's, each value of its declared type."""
+    calls = []
+    for foundation in (("qwen2", foundation_config()), ("qwen3_moe", foundation_config(**MOE))):
+        torch.manual_seed(0)
+        model = build_omni_model(_spec(foundation=foundation))
+        batch = pack([torch.arange(1, 9), torch.arange(3, 8)])
+        calls += _foundation_calls(model, lambda model=model, batch=batch: model(batch))
+    prompt = torch.arange(1, 6)
+    calls += _foundation_calls(
+        model, lambda: [model.generate(prompt, {}, max_new_tokens=2, use_cache=c) for c in (True, False)]
+    )
+    assert all(args == () for args, _ in calls), "the foundation is called by keyword only"
+    passed: dict[str, list[Any]] = {}
+    for _, kwargs in calls:
+        for name, value in kwargs.items():
+            passed.setdefault(name, []).append(value)
+    params = inspect.signature(Foundation.forward).parameters.values()
+    declared = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert sorted(set(passed) - declared) == [], (
+        "passed to the foundation, not declared by Foundation.forward"
+    )
+    assert sorted(declared - set(passed)) == [], "declared by Foundation.forward, never passed"
+    hints = get_type_hints(Foundation.forward)
+    wrong = [
+        f"{name}={value!r} is not {hints[name]}"
+        for name, values in passed.items()
+        for value in values
+        if hints[name] is not Any and not isinstance(value, hints[name])
+    ]
+    assert wrong == []
 
 
 @contextmanager

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from omni_data.processor import ChatProcessor, modality_tokens
+from omni_dist.media import MediaCount
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.config import OmniModelConfig, build_omni_model
 from omni_models.flops import transformer_flops
-from omni_models.modality import MediaCount
 from omni_models.omni_weights import init_omni_weights_
 from omni_models.registry import ENCODERS, register_encoder
 from tests.omni_data.fixtures import tokenizer

@@ -5,7 +5,7 @@ each media processor how many LLM tokens and encoder units an item becomes (from
 counts recorded by preprocessing); `process` decodes only the media of samples the packer selected.
 
 Media processors come from the model side (omni-models) through omni-train; omni-data only knows the
-`MediaProcessor` Protocol, so the two packages never import each other.
+`MediaProcessor` Protocol (omni_dist.media, with MediaCount), so the two packages never import each other.
 """
 
 from __future__ import annotations
@@ -17,36 +17,8 @@ from typing import Any, Protocol
 import torch
 
 from omni_data.schema import MediaItem, Sample, SampleError
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class MediaCount:
-    llm_tokens: int  # positions between the item's markers in the LLM sequence
-    encoder_units: int  # what the encoder runs over (patches, frames x patches, mel frames)
-    # An item whose span holds the inputs of several encoders (Qwen2.5-Omni's video with its audio
-    # track, interleaved): the tokens between its markers as (token, repeat) runs, `llm_tokens` in all;
-    # each modality's placeholder runs are filled by that modality's part, whose encoder units
-    # `part_units` gives. Empty: `llm_tokens` placeholders of the item's own modality.
-    layout: tuple[tuple[str, int], ...] = ()
-    part_units: tuple[tuple[str, int], ...] = ()
-
-
-class MediaProcessor(Protocol):
-    """Turns one raw media item into encoder tensors; implemented per modality on the model side."""
-
-    def count(self, item: MediaItem) -> MediaCount:
-        """Cheap: from the header or known sizes, without decoding the whole item."""
-        ...
-
-    def process(self, item: MediaItem) -> dict[str, torch.Tensor]:
-        """Decode into tensors; an item whose count has a `layout`: {part modality: its tensors}.
-
-        Both methods raise ValueError for bytes that do not decode (the sample is then skipped and
-        counted as `decode_error`); any other exception is a bug and propagates.
-        """
-        ...
+from omni_dist.media import MediaCount, MediaProcessor
+from omni_dist.sequence import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

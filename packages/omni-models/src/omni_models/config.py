@@ -32,11 +32,12 @@ from typing import Any
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from omni_dist.media import MediaProcessor
 from omni_dist.strict import strict_fields
 from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.contracts import check_contract
 from omni_models.families import PretrainedSource, read_source
-from omni_models.modality import Decoder, Encoder, Foundation, MediaProcessor
+from omni_models.modality import Decoder, Encoder, Foundation
 from omni_models.omni import OmniModel, projector
 from omni_models.registry import DECODERS, ENCODERS, FOUNDATION_MODELS, FOUNDATIONS
 

@@ -2,62 +2,27 @@
 
 Small Protocols instead of base classes. An encoder is an nn.Module that turns the media of a
 micro-batch into LLM-token embeddings; its processor (one per modality) turns a raw item into
-tensors plus the number of LLM tokens / encoder units it becomes, and is handed to the data side
-through omni-train (omni-data only knows the structural MediaProcessor Protocol).
+tensors plus the number of LLM tokens / encoder units it becomes (omni_dist.media.MediaProcessor, the
+contract omni-data calls it by), and is handed to the data side through omni-train.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from omni_dist.media import MediaProcessor
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
-
-
-@dataclass(frozen=True)
-class MediaCount:
-    """omni_data.processor.MediaCount, field for field (the data side reads these by name)."""
-
-    llm_tokens: int
-    encoder_units: int
-    # An item whose span holds several encoders' inputs (a video with its audio track): the tokens
-    # between its markers as (token, repeat) runs and each part's encoder units by modality; its
-    # processor's `process` then returns {part modality: tensors}.
-    layout: tuple[tuple[str, int], ...] = ()
-    part_units: tuple[tuple[str, int], ...] = ()
-
 
 # The Protocols below list exactly what the framework calls on each part: nothing more is required,
 # and `omni_models.contracts.check_contract` checks a built part against them (build_omni_model does,
 # for every part). Call sites pass the arguments before `/` positionally (any parameter name works)
 # and those after `*` by keyword. Members read with getattr and a fallback are optional and are named
 # in the docstrings only.
-
-
-@runtime_checkable
-class MediaProcessor(Protocol):
-    """One modality's raw item -> tensors, plus the counts the packer budgets with.
-
-    omni-train hands these (an encoder's or decoder's `processor(modality)`) to
-    omni_data.processor.ChatProcessor, which calls `count` for every item of a sample it measures and
-    `process` for the items of samples it packs (omni_data.processor.MediaProcessor is the same Protocol
-    on the data side). `item` is an omni_data.schema.MediaItem: `.data` (raw bytes), `.name`,
-    `.modality`. Both raise ValueError for bytes that do not decode (the sample is skipped and counted
-    as `decode_error`); any other exception is a bug and propagates.
-    """
-
-    def count(self, item: Any, /) -> MediaCount:
-        """(LLM tokens, encoder units) of the item, cheaply: from its header, without decoding it."""
-        ...
-
-    def process(self, item: Any, /) -> dict[str, torch.Tensor]:
-        """The decoded item as tensors; a micro-batch concatenates each key over its items along dim 0."""
-        ...
 
 
 class _ModalityPart(Protocol):
@@ -172,8 +137,9 @@ class Foundation(Protocol):
         ...
 
     def get_output_embeddings(self) -> nn.Module:
-        """The vocabulary head (hidden states (n, hidden_size) -> logits (n, vocab)); the chunked loss head
-        calls it on the labelled positions' last hidden states."""
+        """The vocabulary head (hidden states (n, hidden_size) -> logits (n, vocab)): the chunked loss head
+        (omni_dist.loss_head) reads its `.weight` (vocab, hidden_size) and `.bias` (None: none) and computes
+        the labelled positions' logits itself."""
         ...
 
     def set_attn_implementation(self, attn_implementation: str, /) -> None:
@@ -187,19 +153,24 @@ class Foundation(Protocol):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | None = None,
         output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         cu_seq_lens_q: torch.Tensor | None = None,
         cu_seq_lens_k: torch.Tensor | None = None,
         max_length_q: int | None = None,
         max_length_k: int | None = None,
         sequence_parallel: Any = None,
     ) -> Any:
-        """Called as the module (`foundation(**kwargs)`), always by keyword: training passes the packed
-        `inputs_embeds` (1, T, hidden), position_ids, the cu_seq_lens / max_length of the packed
-        attention, use_cache=False, sequence_parallel (an omni_dist SequenceParallel or None),
-        output_hidden_states and, for a MoE config whose load-balancing loss trains,
-        output_router_logits=True; generation passes inputs_embeds, past_key_values (a DynamicCache),
-        use_cache and output_hidden_states=True. HF models take the packed-attention keywords through
-        `**kwargs`."""
+        """Called as the module (`foundation(**kwargs)`), always by keyword; these are every keyword the
+        framework passes (tests/omni_models/test_contracts.py records them).
+
+        Training (OmniModel.forward) passes the packed `inputs_embeds` (1, T, hidden), position_ids, the
+        cu_seq_lens / max_length of the packed attention, use_cache=False, sequence_parallel (an
+        omni_dist SequenceParallel or None), output_hidden_states=-1 (an index: only the last hidden
+        state is returned; HF's `bool | int | list[int]`), logits_to_keep=an empty index tensor (no
+        logits: the loss head computes those of the labelled positions) and, for a MoE config whose
+        load-balancing loss trains, output_router_logits=True. Generation (omni_models.generate) passes
+        inputs_embeds, position_ids, use_cache, past_key_values (a DynamicCache, with use_cache=True)
+        and output_hidden_states=True. HF models take the packed-attention keywords through `**kwargs`."""
         ...

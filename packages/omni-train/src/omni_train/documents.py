@@ -223,8 +223,8 @@ def _measurer(cfg: TrainConfig, model: Any) -> Callable:
 
 def _measured(src, shards: list[str], quota: int, measure: Callable) -> list[tuple[int, int]]:
     """(tokens, tokens with a loss) of up to `quota` documents from evenly spaced shards of `src`."""
-    from omni_data.processor import IGNORE_INDEX
     from omni_data.schema import SampleError
+    from omni_dist.sequence import IGNORE_INDEX
 
     count = min(len(shards), SAMPLE_SHARDS)
     picked = [shards[i * len(shards) // count] for i in range(count)]

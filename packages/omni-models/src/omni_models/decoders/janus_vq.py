@@ -20,11 +20,11 @@ from transformers.models.janus.configuration_janus import JanusVQVAEConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE, JanusVQVAEAlignerMLP, JanusVQVAEHead
 
 from omni_dist.loss_head import head_cross_entropy
+from omni_dist.media import MediaCount
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
 from omni_models.media import decode_image, image_size
-from omni_models.modality import MediaCount
 
 # Checkpoint layouts: "native" (this module's own names, as `export_parts` writes them), "janus"
 # (a JanusForConditionalGeneration checkpoint: point `path` at e.g. deepseek-ai/Janus-Pro-1B) and

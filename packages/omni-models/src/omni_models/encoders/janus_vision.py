@@ -14,12 +14,12 @@ from torch import nn
 from transformers.models.janus.configuration_janus import JanusVisionConfig
 from transformers.models.janus.modeling_janus import JanusVisionAlignerMLP, JanusVisionModel
 
+from omni_dist.media import MediaCount
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
 from omni_models.hf_processor import pretrained_part
 from omni_models.media import image_size, open_image
-from omni_models.modality import MediaCount
 
 
 class JanusImageProcessor:

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from omni_dist.media import MediaCount
 from omni_models.media import image_size, open_image
-from omni_models.modality import MediaCount
 
 
 def _merged(patches: int, merge: int) -> MediaCount:

@@ -18,12 +18,12 @@ from torch import nn
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
 
+from omni_dist.media import MediaCount
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
 from omni_models.hf_processor import pretrained_part
 from omni_models.media import audio_frames, decode_audio, resampled_length
-from omni_models.modality import MediaCount
 
 
 def audio_tokens(frames: int) -> int:

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from omni_dist.media import MediaCount
 from omni_models.encoders.qwen2_vl_processing import Qwen2VLVideoProcessor
 from omni_models.encoders.qwen_omni_audio import OmniAudioProcessor, audio_tokens
 from omni_models.media import video_audio
-from omni_models.modality import MediaCount
 
 _TOKEN = re.compile(r"<\|[^|]+\|>")
 

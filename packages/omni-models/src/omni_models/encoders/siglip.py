@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from omni_dist.media import MediaCount
 from omni_dist.packed import MediaBatch
 from omni_dist.plan import ParallelPlan
 from omni_models.flops import transformer_flops
 from omni_models.media import decode_image, image_size
-from omni_models.modality import MediaCount
 
 
 class SiglipImageProcessor:

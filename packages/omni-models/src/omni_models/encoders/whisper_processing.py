@@ -12,8 +12,8 @@ import math
 
 import torch
 
+from omni_dist.media import MediaCount
 from omni_models.media import audio_frames, decode_audio, resampled_length
-from omni_models.modality import MediaCount
 
 SAMPLE_RATE = 16000
 HOP = 160

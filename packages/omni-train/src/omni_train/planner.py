@@ -30,8 +30,11 @@ measured run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 from omni_train.config import ConfigError, TrainConfig, check_layout
 from omni_train.documents import DocumentLengths, Packing
@@ -79,41 +82,45 @@ def device_named(name: str) -> DeviceSpec:
 
 @dataclass(frozen=True)
 class Layout:
+    """A candidate's recipe settings: each field is the recipe key of its name in the section that
+    declares it (recipe_keys), so a renamed setting fails here rather than drifting."""
+
     dp_replicate: int
     dp_shard: int
     sp: int
     ep: int
     recompute: str
-    offload: str  # none | params | activations
+    offload_params: bool
+    offload_activations: bool
     max_tokens: int
-    micro_batches: int
+    micro_batches_per_step: int
+
+    @property
+    def offload(self) -> str:
+        """none | params | activations"""
+        return "params" if self.offload_params else "activations" if self.offload_activations else "none"
+
+    @property
+    def micro_batches(self) -> int:
+        return self.micro_batches_per_step
 
     def settings(self) -> dict[str, object]:
-        return {
-            "parallel.dp_replicate": self.dp_replicate,
-            "parallel.dp_shard": self.dp_shard,
-            "parallel.sp": self.sp,
-            "parallel.ep": self.ep,
-            "parallel.recompute": self.recompute,
-            "parallel.offload_params": self.offload == "params",
-            "parallel.offload_activations": self.offload == "activations",
-            "data.max_tokens": self.max_tokens,
-            "data.micro_batches_per_step": self.micro_batches,
-        }
+        return {key: getattr(self, name) for name, key in recipe_keys().items()}
 
     def overrides(self, cfg: TrainConfig | None = None) -> list[str]:
         """`key=value` for each setting (with `cfg`: those that differ from it; its dp_shard -1 as what it
         resolves to on this layout's devices)."""
-        out = []
-        for key, value in self.settings().items():
-            section, name = key.split(".")
-            current = getattr(getattr(cfg, section), name) if cfg is not None else None
-            if current == -1 and name == "dp_shard":
-                with contextlib.suppress(ValueError):  # unless the recipe's other degrees do not fit
-                    current = cfg.dims(self.dp_replicate * self.dp_shard * self.sp).dp_shard
-            if cfg is None or current != value:
-                out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
-        return out
+        current = {}
+        if cfg is not None:
+            recipe = _recipe_layout(cfg)
+            with contextlib.suppress(ValueError):  # unless the recipe's other degrees do not fit
+                recipe = layout_of(cfg, self.dp_replicate * self.dp_shard * self.sp)
+            current = recipe.settings()
+        return [
+            f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in self.settings().items()
+            if cfg is None or current[key] != value
+        ]
 
 
 @dataclass
@@ -124,6 +131,25 @@ class Candidate:
     times: dict[str, float]  # seconds by term
     tokens_per_s_per_device: float  # real (packed) tokens
     fits: bool
+
+
+def recipe_keys() -> dict[str, str]:
+    """Layout field -> `section.field`, the TrainConfig section declaring a field of that name."""
+    sections = {
+        name: f.annotation
+        for name, f in TrainConfig.model_fields.items()
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+    }
+    keys = {}
+    for f in dataclasses.fields(Layout):
+        owners = [name for name, section in sections.items() if f.name in section.model_fields]
+        if len(owners) != 1:
+            raise ConfigError(
+                f"planner: Layout.{f.name} must be the field of one recipe section, but {owners or 'none'} "
+                "declare it; name it as the setting it varies"
+            )
+        keys[f.name] = f"{owners[0]}.{f.name}"
+    return keys
 
 
 def _divisors(n: int) -> list[int]:
@@ -154,17 +180,15 @@ def layouts(cfg: TrainConfig, devices: int, experts: int) -> list[Layout]:
         dp_shard = devices // (sp * dp_replicate)
         dp = dp_replicate * dp_shard
         eps = [e for e in _divisors(dp_shard * sp) if experts % e == 0] if experts else [1]
+        # offload (params, activations): none, params, activations
         for ep, recompute, offload, split in itertools.product(
-            eps, ("none", "selective", "full"), ("none", "params", "activations"), (1, 2, 4)
+            eps, ("none", "selective", "full"), ((False, False), (True, False), (False, True)), (1, 2, 4)
         ):
             tokens = cfg.data.max_tokens // split
             if tokens % sp or step_tokens % (tokens * dp):
                 continue
-            out.append(
-                Layout(
-                    dp_replicate, dp_shard, sp, ep, recompute, offload, tokens, step_tokens // (tokens * dp)
-                )
-            )
+            mb = step_tokens // (tokens * dp)
+            out.append(Layout(dp_replicate, dp_shard, sp, ep, recompute, *offload, tokens, mb))
     return out
 
 
@@ -230,11 +254,17 @@ def predict(
 
 
 def layout_of(cfg: TrainConfig, world_size: int) -> Layout:
-    """The layout a recipe runs on `world_size` ranks."""
-    d, p = cfg.dims(world_size), cfg.parallel
-    offload = "params" if p.offload_params else "activations" if p.offload_activations else "none"
-    mb = cfg.data.micro_batches_per_step
-    return Layout(d.dp_replicate, d.dp_shard, d.sp, d.ep, p.recompute, offload, cfg.data.max_tokens, mb)
+    """The layout a recipe runs on `world_size` ranks (ValueError when its degrees do not fit them)."""
+    return dataclasses.replace(_recipe_layout(cfg), dp_shard=cfg.dims(world_size).dp_shard)
+
+
+def _recipe_layout(cfg: TrainConfig) -> Layout:
+    """The recipe's settings as they are written (dp_shard may be -1: inferred)."""
+    values = {}
+    for name, key in recipe_keys().items():
+        section, _ = key.split(".")
+        values[name] = getattr(getattr(cfg, section), name)
+    return Layout(**values)
 
 
 def plan(

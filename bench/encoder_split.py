@@ -26,17 +26,20 @@ def _rank(config: dict, reps: int) -> dict:
     from omni_train.config import TrainConfig
     from omni_train.trainer import Trainer
 
-    trainer = Trainer(TrainConfig.model_validate(config))
-    model, sp = trainer.model, trainer.sp
-    steps = iter(trainer.loader)
+    def trainer(balance: str) -> Trainer:  # the same weights (train.seed) for every mode
+        parallel = {**config.get("parallel", {}), "encoder_balance": balance}
+        return Trainer(TrainConfig.model_validate({**config, "parallel": parallel}))
+
+    models = {mode: trainer(mode) for mode in ("none", "sp")}
+    sp = models["sp"].sp
+    steps = iter(models["sp"].loader)
     batches = [next(steps).micro_batches[0] for _ in range(8)]
     units = [int(b.media["image"].encoder_units.sum()) if "image" in b.media else 0 for b in batches]
     heavy = [b for _, b in sorted(zip(units, range(8), strict=True), reverse=True)[:4]]
     heavy = [batches[i] for i in heavy]
     out = {"vision_units": sorted(units, reverse=True)[:4]}
     for mode in ("none", "sp", "none", "sp"):  # twice, the first pass as warm-up
-        model.encoder_balance = mode
-        times = []
+        model, times = models[mode].model, []
         for batch in heavy:
             for _ in range(reps):
                 dist.barrier()

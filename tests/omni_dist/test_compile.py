@@ -30,7 +30,7 @@ from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.config import build_omni_model
 from omni_models.hf_plans import plan_for
 from omni_models.omni_weights import init_omni_weights_
-from omni_models.parallel import parallelize_omni
+from omni_models.parallel import parallelize_omni, run_settings
 from omni_train.trainer import local_label_tokens
 from tests.harness import run_ranks
 from tests.omni_dist.test_ep_parity import moe_config
@@ -144,9 +144,10 @@ def _omni_batches(model, rank: int) -> list:
 
 def _omni_train(compiled: bool, mesh: ParallelMesh) -> dict:
     cfg = omni_config(decoder=True)
+    config = ParallelizeConfig(compile=compiled, compile_backend="eager")
     with torch.device("meta"):
-        model = build_omni_model(cfg)
-    report = parallelize_omni(model, mesh, cfg, ParallelizeConfig(compile=compiled, compile_backend="eager"))
+        model = build_omni_model(cfg, run_settings(mesh, config, None, loss_chunk=0))
+    report = parallelize_omni(model, mesh, cfg, config)
     materialize_(model, "cpu")
     init_omni_weights_(model, 7)
     batches = _omni_batches(model, dist.get_rank())

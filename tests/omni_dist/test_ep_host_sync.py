@@ -33,7 +33,7 @@ from omni_dist.sync_guard import HostSyncGuard
 from omni_dist.weights import materialize_
 from omni_models.config import OmniModelConfig, build_omni_model
 from omni_models.omni_weights import init_omni_weights_
-from omni_models.parallel import parallelize_omni
+from omni_models.parallel import parallelize_omni, run_settings
 from tests.guarded_step import guarded_steps
 from tests.harness import run_ranks
 from tests.omni_models.omni_fixtures import chat_processor, foundation_config, micro_batch, omni_spec, sample
@@ -48,9 +48,10 @@ def _model(dispatch: str):
     cfg = OmniModelConfig.from_dict(
         omni_spec() | {"foundation": {"name": "qwen3_moe", "config": foundation_config(**MOE)}}
     )
+    config = ParallelizeConfig(ep_dispatch=dispatch)
     with torch.device("meta"):
-        model = build_omni_model(cfg)
-    report = parallelize_omni(model, mesh, cfg, ParallelizeConfig(ep_dispatch=dispatch))
+        model = build_omni_model(cfg, run_settings(mesh, config, None, loss_chunk=0))
+    report = parallelize_omni(model, mesh, cfg, config)
     # what the trainer does with data.max_tokens // sp
     assert set_ep_token_bound(model, MAX_TOKENS) == len(report.expert_parallel) == 2
     materialize_(model, "cpu")

@@ -13,12 +13,13 @@ from omni_data.processor import ProcessedSample
 from omni_data.schema import parse_sample
 from omni_dist import ParallelMesh
 from omni_dist.packed import PackedBatch
+from omni_dist.parallelize import ParallelizeConfig
 from omni_dist.weights import materialize_
 from omni_models.config import OmniModelConfig, build_omni_model
 from omni_models.families.mrope import TOKEN_TYPES
 from omni_models.omni import OmniModel
 from omni_models.omni_weights import init_omni_weights_, load_part_weights_
-from omni_models.parallel import parallelize_omni
+from omni_models.parallel import parallelize_omni, run_settings
 from tests.omni_data.fixtures import WORDS
 from tests.omni_models.hf_dirs import hf_class
 from tests.omni_models.omni_fixtures import mp4, png, wav
@@ -51,8 +52,9 @@ def hf_name(family: str, ours: str) -> str:
 def build(spec: OmniModelConfig, mesh: ParallelMesh | None = None) -> tuple[OmniModel, set[str]]:
     """The model of `spec` (parallelized on `mesh` when given), pretrained parts loaded; returns it and
     the names loaded."""
+    settings = None if mesh is None else run_settings(mesh, ParallelizeConfig(), None, loss_chunk=0)
     with torch.device("meta"):
-        model = build_omni_model(spec)
+        model = build_omni_model(spec, settings)
     if mesh is not None:
         parallelize_omni(model, mesh, spec)
     materialize_(model, "cpu")

@@ -7,6 +7,7 @@ import torch
 
 from omni_dist.weights import materialize_
 from omni_models.config import ModelConfigError, OmniModelConfig, build_omni_model
+from omni_models.omni import RunSettings
 from omni_models.omni_weights import export_parts, init_omni_weights_, load_part_weights_
 from omni_models.parallel import omni_plan
 from tests.omni_models.omni_fixtures import (
@@ -21,9 +22,9 @@ from tests.omni_models.omni_fixtures import (
 MIXES = [("image", "audio"), ("video",), (), ("image",), ("audio", "video"), ("image", "video", "audio")]
 
 
-def _model(cfg: OmniModelConfig, seed: int = 0):
+def _model(cfg: OmniModelConfig, seed: int = 0, settings: RunSettings | None = None):
     with torch.device("meta"):
-        model = build_omni_model(cfg)
+        model = build_omni_model(cfg, settings)
     materialize_(model, "cpu")
     init_omni_weights_(model, seed)
     return model
@@ -112,13 +113,11 @@ def test_the_chunked_loss_head_equals_all_logits():
     """loss_chunk > 0 (the text head on the labelled positions' last hidden states, the decoder head
     through lm_loss, a few positions of logits at a time) == all logits at once: loss, parts and every
     parameter's gradient."""
-    model = _model(omni_config(decoder=True), seed=5)
-    proc = chat_processor(model)
+    proc = chat_processor(_model(omni_config(decoder=True)))
     batch = micro_batch(proc, [draw_sample(0), sample(1, ("image", "audio")), draw_sample(3), sample(2, ())])
 
-    def run(chunk):
-        model.loss_chunk = chunk
-        model.zero_grad(set_to_none=True)
+    def run(chunk):  # the same weights (seed 5) in every model
+        model = _model(omni_config(decoder=True), seed=5, settings=RunSettings(loss_chunk=chunk))
         out = model(batch)
         out.loss_sum.backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

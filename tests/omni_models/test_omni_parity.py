@@ -25,7 +25,7 @@ from omni_dist.parallelize import ParallelizeConfig
 from omni_dist.weights import materialize_
 from omni_models.config import build_omni_model
 from omni_models.omni_weights import init_omni_weights_
-from omni_models.parallel import parallelize_omni
+from omni_models.parallel import parallelize_omni, run_settings
 from omni_train.trainer import local_label_tokens
 from tests.harness import run_ranks
 from tests.omni_dist.tiny import RTOL
@@ -50,10 +50,10 @@ STREAMS = [
 ]
 
 
-def _model():
+def _model(settings=None):
     cfg = omni_config(decoder=True)
     with torch.device("meta"):
-        model = build_omni_model(cfg)
+        model = build_omni_model(cfg, settings)
     return model, cfg
 
 
@@ -105,13 +105,13 @@ def _parallel_rank(dims: dict, balances=("sp",), streams=(0, 1)) -> dict:
     mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **dims), device_type="cpu")
     out = {}
     for balance in balances:
-        model, cfg = _model()
         kernels = TORCH_FORMULAS if balance == "kernels" else None
         config = ParallelizeConfig(encoder_balance="sp" if kernels else balance)
+        # the chunked loss heads (2 rows a chunk), against all logits at once in one process
+        model, cfg = _model(run_settings(mesh, config, kernels, loss_chunk=2))
         report = parallelize_omni(model, mesh, cfg, config, kernels)
         materialize_(model, "cpu")
         init_omni_weights_(model, 7)
-        model.loss_chunk = 2  # the chunked loss heads, against all logits at once in one process
         sp = SequenceParallel.from_mesh(mesh["sp"]) if mesh.dims.sp > 1 else None
         batches = _batches(model, streams[mesh.dp_rank], mesh.dims.sp)
         params = [p for p in model.parameters() if p.requires_grad]

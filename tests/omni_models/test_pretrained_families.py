@@ -229,7 +229,7 @@ JANUS_DOCS = [
 def test_janus_understanding_and_generation_equal_hf(tmp_path, tie, freeze):
     """Understanding samples vs HF's JanusForConditionalGeneration; generated images vs the training
     loss built from HF's own Janus modules (HF ships none for generation)."""
-    from omni_models.omni import loss_tokens
+    from omni_dist.rank_slice import RankSlice
 
     path = janus_dir(tmp_path, tie=tie)
     spec = OmniModelConfig.from_dict({"pretrained": str(path), "freeze": list(freeze)})
@@ -238,7 +238,7 @@ def test_janus_understanding_and_generation_equal_hf(tmp_path, tie, freeze):
     samples = processed(chat_processor(model, spec, AutoTokenizer.from_pretrained(path)), JANUS_DOCS)
     batch = pack(samples)
     assert set(batch.media) == {"image"} and set(batch.targets) == {"image"}
-    n = loss_tokens(batch)
+    n = RankSlice.of(batch).loss_tokens
     loss = model(batch).loss_sum / n
     loss.backward()
 

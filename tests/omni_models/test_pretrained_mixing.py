@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from omni_data.processor import modality_tokens
+from omni_dist.rank_slice import RankSlice
 from omni_models.config import OmniModelConfig
-from omni_models.omni import loss_tokens
 from omni_train.assembly import chat_processor
 from tests.omni_models.hf_dirs import qwen_vl_dir
 from tests.omni_models.hf_families import (
@@ -75,8 +75,9 @@ def test_added_parts_leave_the_pretrained_model_exact_and_train(tmp_path):
     # With them: the new parts get gradients and the loss counts the generated image's tokens.
     model.zero_grad()
     batch = pack(processed(proc, [vl_sample(3, ("audio", "image")), draw_sample(4)]))
-    (model(batch).loss_sum / loss_tokens(batch)).backward()
-    assert loss_tokens(batch) > batch.num_label_tokens
+    n = RankSlice.of(batch).loss_tokens
+    (model(batch).loss_sum / n).backward()
+    assert n > batch.num_label_tokens
     assert (
         model.projectors["audio"][1].weight.grad.any()
         and model.decoders["image_gen"].head.proj_out.weight.grad.any()

@@ -26,10 +26,11 @@ def _step_under_guard() -> dict:
     from omni_dist import ParallelDims, ParallelMesh
     from omni_dist.grad_norm import clip_grad_norm_
     from omni_dist.optim import SkippingAdamW
+    from omni_dist.parallelize import ParallelizeConfig
     from omni_dist.weights import materialize_
     from omni_models.config import build_omni_model
     from omni_models.omni_weights import init_omni_weights_
-    from omni_models.parallel import parallelize_omni
+    from omni_models.parallel import parallelize_omni, run_settings
     from omni_train.trainer import forward_backward
     from tests.guarded_step import guarded_steps
     from tests.omni_models.omni_fixtures import chat_processor, draw_sample, micro_batch, omni_config, sample
@@ -37,7 +38,7 @@ def _step_under_guard() -> dict:
     mesh = ParallelMesh.build(ParallelDims(world_size=1), device_type="cpu")
     cfg = omni_config(decoder=True)
     with torch.device("meta"):
-        model = build_omni_model(cfg)
+        model = build_omni_model(cfg, run_settings(mesh, ParallelizeConfig(), None, loss_chunk=0))
     parallelize_omni(model, mesh, cfg)
     materialize_(model, "cpu")
     init_omni_weights_(model, 0)

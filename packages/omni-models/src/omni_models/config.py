@@ -38,7 +38,7 @@ from omni_models.attention import implementation_name, register_packed_attention
 from omni_models.contracts import check_contract
 from omni_models.families import PretrainedSource, read_source
 from omni_models.modality import Decoder, Encoder, Foundation
-from omni_models.omni import OmniModel, projector
+from omni_models.omni import OmniModel, RunSettings, projector
 from omni_models.registry import DECODERS, ENCODERS, FOUNDATION_MODELS, FOUNDATIONS
 
 
@@ -189,9 +189,14 @@ def _with_parts(parts: Mapping[str, Any], d: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+def foundation_config(cfg: FoundationConfig) -> Any:
+    """The foundation's HF config (a transformers PretrainedConfig), without building the model."""
+    return FOUNDATIONS[cfg.name](**cfg.config)
+
+
 def build_foundation(cfg: FoundationConfig) -> nn.Module:
     register_packed_attention()
-    hf_cfg = FOUNDATIONS[cfg.name](**cfg.config)
+    hf_cfg = foundation_config(cfg)
     hf_cfg._attn_implementation = implementation_name(cfg.attention)
     model_class = FOUNDATION_MODELS.get(cfg.name)
     return model_class(hf_cfg) if model_class is not None else AutoModelForCausalLM.from_config(hf_cfg)
@@ -209,8 +214,9 @@ def _checked_part(part: Any, protocol: type, where: str, modalities: tuple[str, 
     return part
 
 
-def build_omni_model(cfg: OmniModelConfig) -> OmniModel:
-    """Build on the current default device (use `with torch.device("meta")` before parallelizing).
+def build_omni_model(cfg: OmniModelConfig, settings: RunSettings | None = None) -> OmniModel:
+    """Build on the current default device (use `with torch.device("meta")` before parallelizing);
+    `settings`: how the run computes its steps (omni_models.parallel.run_settings; default: one process).
 
     Every part is checked against its Protocol (omni_models.modality) as it is built: a registered
     class without a member the framework calls is a ModelConfigError naming the part and the member."""
@@ -237,7 +243,7 @@ def build_omni_model(cfg: OmniModelConfig) -> OmniModel:
         for name, d in cfg.decoders.items()
     }
     weights = {name: float(d.loss_weight) for name, d in cfg.decoders.items()}
-    model = OmniModel(foundation, encoders, projectors, decoders, weights)
+    model = OmniModel(foundation, encoders, projectors, decoders, weights, settings)
     model.foundation.requires_grad_(not cfg.foundation.freeze)
     for name, e in cfg.encoders.items():
         model.encoders[name].requires_grad_(not e.freeze)

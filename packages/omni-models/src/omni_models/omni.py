@@ -25,11 +25,12 @@ import torch.distributed as dist
 from torch import nn
 
 from omni_dist.attention import SequenceParallel
-from omni_dist.loss_head import head_cross_entropy
+from omni_dist.loss_head import ChunkCrossEntropy, head_cross_entropy
 from omni_dist.media_split import EncoderRoute, WorldRoute
 from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.packed import MediaBatch, PackedBatch, to_device
-from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
+from omni_dist.parallelize import EncoderBalance
+from omni_dist.rank_slice import RankSlice
 from omni_models.flops import transformer_flops
 
 
@@ -42,6 +43,21 @@ class OmniOutput:
     # the SP group to the loss of the whole micro-batch, as HF computes it for one sequence), unscaled
     aux_loss: torch.Tensor | None = None
     aux_loss_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run computes the model's step, given when the model is built (omni_models.parallel.run_settings
+    derives them from a run's mesh, parallel config and kernels). The defaults: one process, all logits at
+    once, torch's cross-entropy."""
+
+    # positions whose logits the text and decoder heads compute at a time (omni_dist.loss_head), so the loss
+    # never holds (labelled tokens x vocab) logits; 0: all at once
+    loss_chunk: int = 0
+    chunk_cross_entropy: ChunkCrossEntropy | None = None  # the LM head's per-chunk loss kernel; None: torch's
+    # "sp" / "world": the SP group / every rank of `encoder_group` shares the encoders' work
+    encoder_balance: EncoderBalance = "none"
+    encoder_group: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -95,20 +111,12 @@ class OmniModel(nn.Module):
         projectors: Mapping[str, nn.Module],
         decoders: Mapping[str, nn.Module] | None = None,
         loss_weights: Mapping[str, float] | None = None,
+        settings: RunSettings | None = None,
     ):
-        """`loss_weights`: a decoder's token losses count this much in `loss_sum` (default 1).
-
-        `loss_chunk` (set by whoever runs it; 0 by default): the text and decoder heads compute logits
-        for this many positions at a time (omni_dist.loss_head), so the loss never holds (labelled
-        tokens x vocab) logits; 0: all at once."""
+        """`loss_weights`: a decoder's token losses count this much in `loss_sum` (default 1)."""
         super().__init__()
         self.loss_weights = dict(loss_weights or {})
-        self.loss_chunk = 0
-        # the chunk kernel of the LM head's loss (omni_models.kernels; set by parallelize_omni), else torch's
-        self.chunk_cross_entropy = None
-        # "sp" / "world": the SP group / all ranks share the encoders' work (set by parallelize_omni)
-        self.encoder_balance = "none"
-        self.encoder_group = None  # the group `world` balances over
+        self.settings = settings or RunSettings()
         self.foundation = foundation
         self.encoders = nn.ModuleDict(dict(encoders))
         self.projectors = nn.ModuleDict(dict(projectors))
@@ -132,26 +140,22 @@ class OmniModel(nn.Module):
 
     def embed(self, batch: PackedBatch, sp: SequenceParallel | None = None) -> torch.Tensor:
         """Input embeddings (t, hidden) of this rank's part of the sequence, media features in place."""
-        return self._embed(batch, sp)[0][0]
+        return self._embed(batch, RankSlice.of(batch, sp))[0][0]
 
-    def _embed(
-        self, batch: PackedBatch, sp: SequenceParallel | None
-    ) -> tuple[torch.Tensor, dict[str, _Targets]]:
+    def _embed(self, batch: PackedBatch, view: RankSlice) -> tuple[torch.Tensor, dict[str, _Targets]]:
         """(1, t, hidden) embeddings of this rank's slice, and each decoder's targets."""
         self._check_media(batch)
-        ids = batch.input_ids[0]
-        start, length = 0, ids.shape[0]
-        if sp is not None:
-            ids = slice_for_sp(ids, sp)
-            start, length = sp.rank * ids.shape[0], ids.shape[0]
+        sp, start, length = view.sp, view.start, view.length
+        ids = view(batch.input_ids[0])
         embeds = self.foundation.get_input_embeddings()(ids[None])
         row0 = ids.new_zeros(())  # the batch index of every spliced position
+        balance = self.settings.encoder_balance
         for name, encoder in self.encoders.items():
             present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
-            if self.encoder_balance == "world":  # every rank takes part, with media or without
+            if balance == "world":  # every rank takes part, with media or without
                 embeds = self._embed_world(name, present, embeds, sp)
                 continue
-            if present and sp is not None and self.encoder_balance == "sp":
+            if present and sp is not None and balance == "sp":
                 embeds = self._embed_shared(name, present, embeds, sp)
                 continue
             media = present or {m: x.to(ids.device) for m, x in encoder.dummy_media().items()}
@@ -212,7 +216,7 @@ class OmniModel(nn.Module):
     ) -> torch.Tensor:
         """Encoder `name` on the items all ranks assigned this one (omni_dist.media_split.WorldRoute):
         each offers its SP share of its micro-batch."""
-        length, group = embeds.shape[1], self.encoder_group
+        length, group = embeds.shape[1], self.settings.encoder_group
         offer = present
         if sp is not None:
             offer = EncoderRoute.share(present, sp.rank, sp.size) if present else {}
@@ -237,19 +241,24 @@ class OmniModel(nn.Module):
         rows, at = route.exchange(projected, group)
         return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
 
-    def forward(self, batch: PackedBatch, sequence_parallel: SequenceParallel | None = None) -> OmniOutput:
-        sp = sequence_parallel
-        embeds, generated = self._embed(batch, sp)
+    def forward(
+        self,
+        batch: PackedBatch,
+        sequence_parallel: SequenceParallel | None = None,
+        rank_slice: RankSlice | None = None,
+    ) -> OmniOutput:
+        """`rank_slice`: this rank's view of `batch` (RankSlice.of(batch, sequence_parallel)) where the
+        caller has made it already, e.g. to count the step's loss tokens."""
+        view = rank_slice if rank_slice is not None else RankSlice.of(batch, sequence_parallel)
+        sp, settings = view.sp, self.settings
+        embeds, generated = self._embed(batch, view)
         # (1, T), or (3, 1, T) for M-RoPE (HF's own layout): either way the sequence is the last dim
-        positions, labels = batch.position_ids, batch.labels[0]
-        if sp is not None:
-            positions, labels = slice_for_sp(positions, sp, dim=-1), slice_for_sp(labels, sp)
+        positions = view(batch.position_ids, dim=-1)
         # Logits only where a text label is (media placeholders and prompts have none): the foundation
         # returns none, and its LM head runs here on the labelled positions' last hidden states, so the
         # head's memory and FLOPs follow the labelled tokens (in chunks of `loss_chunk`), not the sequence.
         # The labels are on the host (PackedBatch.to): the positions are found there.
-        labelled_host = _where(labels != IGNORE_INDEX)
-        labelled = _to(labelled_host, embeds.device)
+        labelled = _to(view.labelled, embeds.device)
         lm = self.foundation(
             inputs_embeds=embeds,
             position_ids=positions,
@@ -266,29 +275,24 @@ class OmniModel(nn.Module):
             logits_to_keep=labelled[:0],
             **({"output_router_logits": True} if self._moe else {}),
         )
-        head, targets = self.foundation.get_output_embeddings(), _to(labels[labelled_host], embeds.device)
+        head = self.foundation.get_output_embeddings()
+        targets = _to(view.labels[view.labelled], embeds.device)
         hidden = lm.hidden_states[-1][0, labelled]
-        loss = head_cross_entropy(head, hidden, targets, self.loss_chunk, self.chunk_cross_entropy)
-        parts = {"text": (loss, int(labelled_host.numel()))}
-        start = 0 if sp is None else sp.rank * embeds.shape[1]
+        loss = head_cross_entropy(head, hidden, targets, settings.loss_chunk, settings.chunk_cross_entropy)
+        parts = {"text": (loss, int(view.labelled.numel()))}
         for name, decoder in self.decoders.items():
             # Token k of an image is predicted from the hidden state one position before it; that
             # position may sit on this SP rank even when the token itself does not.
             t = generated[name]
-            before = t.positions - 1 - start  # on the host
-            keep = (
-                _where(_predicted_here(t.positions, start, embeds.shape[1]))
-                if t.positions.numel()
-                else t.positions
-            )
-            hidden = lm.hidden_states[-1][0, _to(before[keep], embeds.device)]
-            part = decoder.lm_loss(hidden, t.codes[_to(keep, t.codes.device)], self.loss_chunk)
+            (m,) = decoder.modalities
+            keep = view.predicted.get(m, t.positions)  # absent: the dummy's, at no position
+            hidden = lm.hidden_states[-1][0, _to(t.positions[keep] - 1 - view.start, embeds.device)]
+            part = decoder.lm_loss(hidden, t.codes[_to(keep, t.codes.device)], settings.loss_chunk)
             parts[name] = (part, int(keep.numel()))  # reported unweighted: nats per code
             loss = loss + self.loss_weights.get(name, 1.0) * part
         out = OmniOutput(loss, sum(n for _, n in parts.values()), parts)
         if self._moe:
-            real = torch.arange(batch.input_ids.shape[1], device=embeds.device) < batch.num_tokens
-            real = slice_for_sp(real, sp) if sp is not None else real
+            real = view(torch.arange(batch.input_ids.shape[1], device=embeds.device) < batch.num_tokens)
             group = sp.group if sp is not None else None
             m = self._moe
             out.aux_loss = load_balancing_loss(lm.router_logits, m.top_k, m.num_experts, real, group)
@@ -354,28 +358,6 @@ def _owners(parts: nn.ModuleDict, verb: str) -> dict[str, str]:
                 raise ValueError(f"modality {m!r} is {verb} by both {out[m]!r} and {name!r}")
             out[m] = name
     return out
-
-
-def loss_tokens(batch: PackedBatch, sp: SequenceParallel | None = None) -> int:
-    """Tokens of `batch` whose loss this rank computes: text labels in its slice, plus every generated
-    token whose predicting position (the one before it) is in its slice. The step's global sum of this
-    is what each rank divides its loss sum by."""
-    labels = batch.labels[0]
-    start, length = 0, labels.shape[0]
-    if sp is not None:
-        labels = slice_for_sp(labels, sp)
-        start, length = sp.rank * labels.shape[0], labels.shape[0]
-    total = int((labels != IGNORE_INDEX).sum())
-    for target in batch.targets.values():
-        total += int(_predicted_here(target.positions, start, length).sum())
-    return total
-
-
-def _predicted_here(positions: torch.Tensor, start: int, length: int) -> torch.Tensor:
-    """Which generated tokens this rank's slice [start, start + length) predicts: those whose
-    predicting position (the one before them) is in it."""
-    before = positions - 1 - start
-    return (before >= 0) & (before < length)
 
 
 def _head_dim(cfg: Any) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,7 @@ from omni_models.config import OmniModelConfig
 from omni_models.hf_plans import plan_for
 from omni_models.kernel_timing import KernelShapes, measure_kernels
 from omni_models.kernels import KernelSet, select_kernels
-from omni_models.omni import OmniModel
+from omni_models.omni import OmniModel, RunSettings
 
 
 def omni_plan(model: OmniModel, cfg: OmniModelConfig) -> ParallelPlan:
@@ -44,32 +45,53 @@ def omni_plan(model: OmniModel, cfg: OmniModelConfig) -> ParallelPlan:
     return compose_plans(model, parts)
 
 
+def omni_kernels(
+    foundation_config: Any, mesh: ParallelMesh, config: ParallelizeConfig, tokens: int, loss_chunk: int
+) -> KernelSet | None:
+    """The kernel set `config.kernels` selects on the mesh's device (None: torch's own modules); `auto`
+    measures the kernels at the foundation's widths, `tokens` rows per micro-batch and `loss_chunk` rows
+    per loss-head chunk."""
+    return select_kernels(
+        config.kernels,
+        mesh.world.device_type,
+        announce=mesh.world.get_rank() == 0,
+        measure=functools.partial(_measure, foundation_config, mesh, config, tokens, loss_chunk),
+        compiled=config.compile,
+    )
+
+
+def run_settings(
+    mesh: ParallelMesh, config: ParallelizeConfig, kernels: KernelSet | None, loss_chunk: int
+) -> RunSettings:
+    """The model's settings for a run on `mesh`: build the model with these and parallelize it with the
+    same `kernels`."""
+    return RunSettings(
+        loss_chunk=loss_chunk,
+        chunk_cross_entropy=None if kernels is None else kernels.chunk_cross_entropy,
+        encoder_balance=config.encoder_balance,
+        encoder_group=mesh["loss"].get_group(),  # every rank: where `world` balances encoder work
+    )
+
+
 def parallelize_omni(
     model: OmniModel,
     mesh: ParallelMesh,
     cfg: OmniModelConfig,
     config: ParallelizeConfig | None = None,
     kernels: KernelSet | None = None,
-    tokens: int = 8192,
-    loss_chunk: int = 4096,
 ) -> ParallelizeReport:
-    """`kernels`: a kernel set to use instead of the one `config.kernels` selects; `tokens` and
-    `loss_chunk`: the rows per micro-batch and per loss-head chunk, the shapes `auto` measures kernels at."""
+    """`kernels`: the kernel set whose modules replace torch's (None: torch's own), the one the model's
+    settings were made with (run_settings)."""
     config = config or ParallelizeConfig()
-    if kernels is None:
-        kernels = select_kernels(
-            config.kernels,
-            mesh.world.device_type,
-            announce=mesh.world.get_rank() == 0,
-            measure=functools.partial(_measure, model, mesh, config, tokens, loss_chunk),
-            compiled=getattr(config, "compile", False),
+    chunk_ce = None if kernels is None else kernels.chunk_cross_entropy
+    if model.settings.chunk_cross_entropy is not chunk_ce:
+        raise ValueError(
+            "parallelize_omni: the model was built with another loss kernel than `kernels` holds; build "
+            "it with run_settings(mesh, config, kernels, loss_chunk) of the same kernels"
         )
     report = parallelize(
         model, mesh, omni_plan(model, cfg), config, None if kernels is None else kernels.swaps()
     )
-    model.chunk_cross_entropy = None if kernels is None else kernels.chunk_cross_entropy
-    model.encoder_balance = config.encoder_balance
-    model.encoder_group = mesh["loss"].get_group()  # every rank: where `world` balances encoder work
     if isinstance(model.foundation, FSDPModule):
         # The chunked loss head runs the foundation's LM head after the foundation's forward: the unit's
         # own parameters (LM head, final norm) stay gathered until its backward.
@@ -83,12 +105,12 @@ def parallelize_omni(
 
 
 def _measure(
-    model: OmniModel, mesh: ParallelMesh, config: ParallelizeConfig, tokens: int, chunk: int, kernels
+    foundation_config: Any, mesh: ParallelMesh, config: ParallelizeConfig, tokens: int, chunk: int, kernels
 ):
     """Kernel times measured on rank 0's device and given to every rank, so all ranks run the same kernels."""
     times = [None]
     if mesh.world.get_rank() == 0:
-        shapes = KernelShapes.of(model.foundation.config, tokens, chunk)
+        shapes = KernelShapes.of(foundation_config, tokens, chunk)
         device = torch.device("cuda", torch.cuda.current_device())
         dtype = resolve_dtype(config.param_dtype, "cuda", "param_dtype")
         times = [measure_kernels(shapes, kernels, device, dtype)]

@@ -29,18 +29,18 @@ from omni_dist.expert_parallel import set_ep_token_bound
 from omni_dist.optim import SkippingAdamW
 from omni_dist.parallelize import ParallelizeReport
 from omni_dist.weights import materialize_, non_persistent_buffers
-from omni_models.config import OmniModelConfig, build_omni_model
-from omni_models.omni import OmniModel
+from omni_models.config import OmniModelConfig, build_omni_model, foundation_config
+from omni_models.omni import OmniModel, RunSettings
 from omni_models.omni_weights import init_omni_weights_, load_part_weights_
-from omni_models.parallel import parallelize_omni
+from omni_models.parallel import omni_kernels, parallelize_omni, run_settings
 from omni_train.config import ConfigError, TrainConfig
 from omni_train.schedule import lr_lambda
 
 
-def meta_model(spec: OmniModelConfig) -> OmniModel:
+def meta_model(spec: OmniModelConfig, settings: RunSettings | None = None) -> OmniModel:
     """The omni model on the meta device: no memory, any scale."""
     with torch.device("meta"):
-        return build_omni_model(spec)
+        return build_omni_model(spec, settings)
 
 
 @dataclass
@@ -51,24 +51,24 @@ class BuiltModel:
 
 
 def build_model(cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> BuiltModel:
-    """Training: meta build -> parallelize on `mesh` -> materialize local shards -> part weights -> init."""
-    spec, pcfg = cfg.model_spec, cfg.parallelize_config()
-    model = meta_model(spec)
-    report = parallelize_omni(
-        model, mesh, spec, pcfg, tokens=cfg.data.max_tokens, loss_chunk=cfg.train.loss_chunk
-    )
+    """Training: kernels -> meta build -> parallelize on `mesh` -> materialize local shards -> part
+    weights -> init."""
+    spec, pcfg, chunk = cfg.model_spec, cfg.parallelize_config(), cfg.train.loss_chunk
+    kernels = omni_kernels(foundation_config(spec.foundation), mesh, pcfg, cfg.data.max_tokens, chunk)
+    model = meta_model(spec, run_settings(mesh, pcfg, kernels, chunk))
+    report = parallelize_omni(model, mesh, spec, pcfg, kernels)
     # the padded EP dispatch's fixed sizes: every rank's tokens per MoE call are at most this (no-op without EP)
     set_ep_token_bound(model, cfg.data.max_tokens // cfg.parallel.sp)
     materialize_(model, device, offload_params=pcfg.offload_params)
     loaded = load_part_weights_(model, spec)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     init_omni_weights_(model, cfg.train.seed, names=names - loaded)
-    model.loss_chunk = cfg.train.loss_chunk
     return BuiltModel(model, report, loaded)
 
 
 def checkpoint_model(cfg: TrainConfig, checkpoint: Path, device: str = "cpu") -> OmniModel:
-    """The model of a checkpoint, whole in this process (the checkpoint may come from any layout)."""
+    """The model of a checkpoint, whole in this process (the checkpoint may come from any layout), with
+    one process's settings (RunSettings' defaults: all logits at once, torch's loss)."""
     model = meta_model(cfg.model_spec)
     materialize_(model, device)
     init_omni_weights_(model, cfg.train.seed, names=non_persistent_buffers(model))  # rotary tables

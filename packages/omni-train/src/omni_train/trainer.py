@@ -30,7 +30,7 @@ from omni_dist.grad_norm import clip_grad_norm_
 from omni_dist.loss import global_token_count
 from omni_dist.packed import to_device
 from omni_dist.parallelize import set_gradient_sync
-from omni_models.omni import loss_tokens
+from omni_dist.rank_slice import RankSlice
 from omni_train.assembly import (
     build_loader,
     build_model,
@@ -99,7 +99,7 @@ def _device(env) -> torch.device:
 
 def local_label_tokens(micro_batches, sp: SequenceParallel | None) -> int:
     """This rank's loss tokens over the step's micro-batches (text labels + generated tokens)."""
-    return sum(loss_tokens(b, sp) for b in micro_batches)
+    return sum(RankSlice.of(b, sp).loss_tokens for b in micro_batches)
 
 
 @dataclass
@@ -163,8 +163,9 @@ def forward_backward(
     micro-batches (fillers excluded), times its coefficient.
     `sync_once`: FSDP reduces the gradients after the last micro-batch only (`grad_sync: step`).
     """
+    views = [RankSlice.of(b, sp) for b in micro_batches]  # each rank's slice, read by the model too
     local = [
-        local_label_tokens(micro_batches, sp),
+        sum(v.loss_tokens for v in views),
         sum(not b.is_padding for b in micro_batches),
         sum(b.num_tokens for b in micro_batches),
         sum(sum(model.flops(b).values()) for b in micro_batches),  # from the host's cu_seqlens and grids
@@ -180,7 +181,7 @@ def forward_backward(
     for i, batch in enumerate(feed(micro_batches)):
         if backward and sync_once:
             set_gradient_sync(model, i == len(micro_batches) - 1)
-        out = model(batch, sequence_parallel=sp)
+        out = model(batch, sequence_parallel=sp, rank_slice=views[i])
         loss = out.loss_sum / tokens.to(out.loss_sum.dtype)
         parts = dict(out.parts)
         if out.aux_loss is not None:

@@ -1,0 +1,58 @@
+"""One rank's view of a packed micro-batch: its part of the sequence and what the loss reads there.
+
+Under Ulysses SP each rank of a group holds a contiguous slice [start, start + length) of the packed
+sequence (omni_dist.sequence.slice_for_sp); without SP the slice is the whole sequence. The view is
+worked out once per micro-batch, on the host (labels and generation-target positions stay there:
+PackedBatch.to), and read by everything that needs this rank's part: the model's embedding, forward and
+loss heads, and the trainer's count of the tokens each rank's loss covers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from omni_dist.attention.ulysses import SequenceParallel
+from omni_dist.packed import PackedBatch
+from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    sp: SequenceParallel | None
+    start: int  # first position of this rank's slice in the packed sequence
+    length: int
+    labels: torch.Tensor  # (length,) this slice's (shifted) text labels, on the host
+    labelled: torch.Tensor  # host indices, within the slice, of the positions with a text label
+    # generated modality -> host indices (into its target's positions) of the generated tokens this slice
+    # predicts: those whose predicting position, the one before them, lies in the slice
+    predicted: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, batch: PackedBatch, sp: SequenceParallel | None = None) -> RankSlice:
+        labels = batch.labels[0]
+        start, length = 0, labels.shape[0]
+        if sp is not None:
+            labels = slice_for_sp(labels, sp)
+            start, length = sp.rank * labels.shape[0], labels.shape[0]
+        predicted = {}
+        for modality, target in batch.targets.items():
+            before = target.positions - 1 - start
+            predicted[modality] = _where((before >= 0) & (before < length))
+        return cls(sp, start, length, labels, _where(labels != IGNORE_INDEX), predicted)
+
+    def __call__(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's part of a whole-sequence tensor (the sequence along `dim`)."""
+        return x if self.sp is None else slice_for_sp(x, self.sp, dim)
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens whose loss this rank computes: its text labels and the generated tokens it predicts. The
+        step's global sum of these is what every rank divides its loss sum by."""
+        return int(self.labelled.numel()) + sum(int(p.numel()) for p in self.predicted.values())
+
+
+def _where(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of a host mask (a data-dependent size: only ever on the host)."""
+    return torch.nonzero(mask).flatten()

@@ -35,18 +35,21 @@ def _root(
 @app.command()
 def layout(
     nproc: int = typer.Option(4, "--nproc", "-n", min=1, help="Number of local ranks to start."),
-    dp_replicate: int = typer.Option(1, help="Model replicas (HSDP replicate degree)."),
-    dp_shard: int = typer.Option(-1, help="FSDP shard degree; -1 infers it from the others."),
-    sp: int = typer.Option(1, help="Ulysses sequence-parallel degree."),
-    ep: int = typer.Option(1, help="Expert-parallel degree (inside dp_shard x sp)."),
+    # None: ParallelDims' default, read when it is built (importing omni_dist here would load torch)
+    dp_replicate: int | None = typer.Option(None, help="Model replicas (HSDP replicate degree)."),
+    dp_shard: int | None = typer.Option(None, help="FSDP shard degree; -1 infers it from the others."),
+    sp: int | None = typer.Option(None, help="Ulysses sequence-parallel degree."),
+    ep: int | None = typer.Option(None, help="Expert-parallel degree (inside dp_shard x sp)."),
     timeout: float = typer.Option(120.0, help="Seconds before the run is stopped as hung."),
 ) -> None:
-    """Start NPROC local CPU ranks, build the device mesh, and print every view's rank groups."""
+    """Start NPROC local CPU ranks, build the device mesh, and print every view's rank groups. An unset
+    degree takes omni_dist.ParallelDims' default."""
     from omni_dist import ParallelConfigError, ParallelDims
     from omni_dist.spawn import run_ranks
     from omni_train.layout import format_layout, rank_views
 
-    degrees = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "sp": sp, "ep": ep}
+    given = dict(dp_replicate=dp_replicate, dp_shard=dp_shard, sp=sp, ep=ep)
+    degrees = {name: value for name, value in given.items() if value is not None}
     try:
         dims = ParallelDims(world_size=nproc, **degrees)
     except ParallelConfigError as e:

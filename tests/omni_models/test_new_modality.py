@@ -1,80 +1,26 @@
 """Adding a modality = one encoder class + its processor + config lines; no existing file changes.
 
-A toy "sensor" modality: a float32 time series stored inline (`.f32` bytes), cut into windows of 8
-readings, each window one LLM token through a small MLP.
+The toy "sensor" modality (tests/omni_models/sensor_modality.py) trains next to images.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
 from omni_data.processor import ChatProcessor, modality_tokens
-from omni_dist.media import MediaCount
-from omni_dist.packed import MediaBatch
-from omni_dist.plan import ParallelPlan
 from omni_models.config import OmniModelConfig, build_omni_model
-from omni_models.flops import transformer_flops
 from omni_models.omni_weights import init_omni_weights_
-from omni_models.registry import ENCODERS, register_encoder
+from omni_models.registry import register_encoder
 from tests.omni_data.fixtures import tokenizer
 from tests.omni_models.omni_fixtures import VISION, foundation_config, micro_batch, sample
-
-WINDOW = 8
-
-
-class SensorProcessor:
-    def count(self, item) -> MediaCount:
-        if len(item.data) % 4:
-            raise ValueError("sensor bytes are not float32")
-        n = len(item.data) // 4 // WINDOW
-        if n == 0:
-            raise ValueError("fewer readings than one window")
-        return MediaCount(n, n)
-
-    def process(self, item) -> dict[str, torch.Tensor]:
-        n = self.count(item).llm_tokens
-        x = torch.from_numpy(np.frombuffer(item.data, dtype=np.float32)[: n * WINDOW].copy())
-        return {"windows": x.view(n, WINDOW)}
-
-
-class SensorEncoder(nn.Module):
-    def __init__(self, config: Mapping, modalities: tuple[str, ...] = ("sensor",)):
-        super().__init__()
-        self.modalities = tuple(modalities)
-        self.output_size = config.get("width", 16)
-        self.net = nn.Sequential(
-            nn.Linear(WINDOW, self.output_size), nn.Tanh(), nn.Linear(self.output_size, self.output_size)
-        )
-
-    def forward(self, windows: torch.Tensor) -> torch.Tensor:
-        return self.net(windows)
-
-    def lm_encode(self, media):
-        (m,) = [k for k in self.modalities if k in media]
-        return {m: self(media[m].tensors["windows"].to(self.net[0].weight.dtype))}
-
-    def dummy_media(self):
-        return {self.modalities[0]: MediaBatch.of([{"windows": torch.zeros(1, WINDOW)}], [1])}
-
-    def processor(self, modality: str):
-        return SensorProcessor()
-
-    def plan(self) -> ParallelPlan:
-        return ParallelPlan()
-
-    def flops(self, media) -> float:
-        n = sum(int(m.tensors["windows"].shape[0]) for m in media.values())
-        return transformer_flops(sum(p.numel() for p in self.parameters()), [1] * n, 0, 0, causal=False)
+from tests.omni_models.sensor_modality import SensorEncoder
 
 
 def test_a_new_sensor_modality_trains_next_to_images():
-    if "sensor_mlp" not in ENCODERS:
-        register_encoder("sensor_mlp", SensorEncoder)
+    register_encoder("sensor_mlp", SensorEncoder)
     cfg = OmniModelConfig.from_dict(
         {
             "foundation": {"name": "qwen2", "config": foundation_config()},

@@ -90,11 +90,14 @@ def decoder_block(config: Any) -> BlockShape:
 COUNTED_ENCODER_BLOCKS = {"qwen2_vl_vision": (11, 3), "whisper": (9, 2)}
 
 
-def encoder_block(config: Any) -> tuple[int, BlockShape]:
+def encoder_block(config: Any) -> tuple[int, BlockShape] | None:
     """(blocks, block shape) of a vision or audio tower config (ViT, Qwen2-VL vision, Whisper, SigLIP):
-    pre-norm blocks with full attention and a plain MLP (10 h + 2 i unless counted)."""
+    pre-norm blocks with full attention and a plain MLP (10 h + 2 i unless counted); None for a config
+    without a width or a depth."""
     h = _get(config, "embed_dim", "d_model", "hidden_size")
     depth = _get(config, "depth", "encoder_layers", "num_hidden_layers")
+    if h is None or depth is None:
+        return None
     ratio = _get(config, "mlp_ratio")
     i = int(h * ratio) if ratio else _get(config, "encoder_ffn_dim", "intermediate_size", default=4 * h)
     counted = COUNTED_ENCODER_BLOCKS.get(getattr(config, "model_type", ""))

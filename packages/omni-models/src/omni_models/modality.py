@@ -58,9 +58,13 @@ class Encoder(_ModalityPart, Protocol):
     (`processor`, for every modality it reads), besides the nn.Module API (parameters, requires_grad_).
 
     Optional, read with getattr: `tower`, the HF module whose checkpoint layout a `path` loads, export
-    writes and whose `_init_weights` initialises it (default: the encoder itself); and
+    writes and whose `_init_weights` initialises it (default: the encoder itself);
     `checkpoint_keys(name, tensor) -> {checkpoint name: tensor} | None`, which maps a tower parameter to
-    a checkpoint of another layout (None: under its own name).
+    a checkpoint of another layout (None: under its own name); and, for the memory model of `--dry-run`
+    and `plan` (omni_train.memory), `block_shape() -> (blocks, omni_models.memory.BlockShape)`, its
+    transformer stack, else read from the tower's HF `config` (width and depth; omni_models.memory.
+    encoder_block). With neither, a trainable encoder's activations are left out of the estimate, and
+    the estimate says so.
     """
 
     modalities: tuple[str, ...]  # the modalities it reads; no other encoder of a model reads them

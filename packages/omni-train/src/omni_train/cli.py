@@ -105,7 +105,7 @@ def plan(
     try:
         cfg = load_config(config, overrides or [])
         model, facts, docs = _plan_inputs(cfg, doc_tokens, doc_sample)
-        notes = [f"document lengths: {docs.summary()}"]
+        notes = [f"document lengths: {docs.summary()}", *(f"note: {n}" for n in facts.notes)]
         if docs.warning:
             notes.append(
                 f"warning: {docs.warning}; attention is counted as one document per micro-batch, which "

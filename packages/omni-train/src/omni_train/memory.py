@@ -9,7 +9,8 @@
     activations  what autograd saves (omni_models.memory) for this rank's tokens: max_tokens / sp of the
                  foundation, data.max_encoder_units of each trainable encoder (over sp with
                  encoder_balance sp, else on every SP rank); under recompute one block's worth more
-                 while it is recomputed
+                 while it is recomputed. An encoder's blocks come from the optional members the Encoder
+                 Protocol names (encoder_blocks); one without them is left out, with a note saying so
     offload      offload_params keeps states on the host; offload_activations keeps the foundation's saved
                  activations there but for two blocks' worth (one leaving, one coming back)
     loss head    the head that runs (LossHead, passed by the caller): the labelled rows' hidden states and
@@ -51,6 +52,7 @@ class MemoryEstimate:
     backward_end: dict[str, float] = field(default_factory=dict)  # held when backward ends
     transients: dict[str, float] = field(default_factory=dict)  # one at a time, at either end
     host: dict[str, float] = field(default_factory=dict)  # offloaded to host memory: not in the peak
+    notes: tuple[str, ...] = ()  # parts left out of the estimate, and why (ModelFacts.notes)
 
     @property
     def peak(self) -> float:
@@ -69,7 +71,7 @@ class MemoryEstimate:
         ):
             out += [f"{name}{when}: {b / GIB:.2f} GiB" for name, b in parts.items()]
         out.append(f"peak: {self.peak / GIB:.2f} GiB per rank")
-        return out
+        return out + [f"note: {n}" for n in self.notes]
 
 
 def micro_batch_encoder_units(cfg: TrainConfig) -> int:
@@ -99,6 +101,7 @@ class ModelFacts:
     encoders: dict[str, tuple[int, BlockShape]]  # trainable encoders: (blocks, block shape)
     encoder_params: dict[str, tuple[int, bool]]  # every encoder: (parameters, trainable)
     head: tuple[int, int]  # the LM head's (vocab, hidden)
+    notes: tuple[str, ...] = ()  # what the model does not tell the estimate (one line each)
 
     @classmethod
     def of(cls, model: nn.Module, spec) -> ModelFacts:
@@ -112,6 +115,8 @@ class ModelFacts:
             expert = any(fnmatchcase(name, g) for g in plan.expert_params)
             (experts if expert else dense)[owner] += q.numel()
         config = model.foundation.config
+        trained = {n: e for n, e in model.encoders.items() if any(q.requires_grad for q in e.parameters())}
+        blocks = {n: encoder_blocks(e) for n, e in trained.items()}  # a frozen one saves nothing for backward
         return cls(
             params=sum(q.numel() for q in model.parameters()),
             trainable=sum(q.numel() for q in model.parameters() if q.requires_grad),
@@ -122,17 +127,30 @@ class ModelFacts:
             unit_experts=experts,
             block=decoder_block(config),
             layers=(getattr(config, "text_config", None) or config).num_hidden_layers,
-            encoders={
-                name: encoder_block(getattr(e, "tower", e).config)
-                for name, e in model.encoders.items()
-                if any(q.requires_grad for q in e.parameters())  # a frozen one saves nothing for backward
-            },
+            encoders={n: b for n, b in blocks.items() if b is not None},
             encoder_params={
                 name: (sum(q.numel() for q in e.parameters()), any(q.requires_grad for q in e.parameters()))
                 for name, e in model.encoders.items()
             },
             head=tuple(model.foundation.get_output_embeddings().weight.shape),
+            notes=tuple(
+                f"encoders.{n}: activations not estimated ({type(trained[n]).__name__} has no block_shape() "
+                "and no HF config with a width and depth; omni_models.modality.Encoder)"
+                for n, b in blocks.items()
+                if b is None
+            ),
         )
+
+
+def encoder_blocks(encoder: nn.Module) -> tuple[int, BlockShape] | None:
+    """(blocks, block shape) of an encoder's transformer stack, from the optional members the Encoder
+    Protocol names: its own `block_shape()`, else the HF config of its `tower` (or of itself); None when it
+    has neither (or a config without a width and depth)."""
+    own = getattr(encoder, "block_shape", None)
+    if callable(own):
+        return own()
+    config = getattr(getattr(encoder, "tower", encoder), "config", None)
+    return encoder_block(config) if config is not None else None
 
 
 @dataclass(frozen=True)
@@ -187,7 +205,7 @@ def estimate_memory(
     facts = facts if facts is not None else ModelFacts.of(meta_model(cfg.model_spec), cfg.model_spec)
     shard = dims.dp_shard * dims.sp
     pdt, rdt = dtype_bytes(p.param_dtype), dtype_bytes(p.reduce_dtype)
-    est = MemoryEstimate()
+    est = MemoryEstimate(notes=facts.notes)
 
     accumulating = cfg.data.micro_batches_per_step > 1
     states = est.host if p.offload_params else est.resident  # FSDP's CPU offload keeps them on the host

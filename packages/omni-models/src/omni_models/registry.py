@@ -1,4 +1,10 @@
-"""Registries by name: encoders (config, modalities, **options), decoders, foundations (HF configs)."""
+"""Registries by name: encoders (config, modalities, **options), decoders, foundations (HF configs).
+
+A part from outside the repository registers with `register_*`, called by a plugin that omni-train loads
+(omni_train.plugins: an `omniscale.plugins` entry point, or a module the recipe's `plugins` names).
+Registering the same class under the same name again is a no-op (a plugin may load more than once in a
+process); another class under a taken name is an error.
+"""
 
 from __future__ import annotations
 
@@ -61,8 +67,8 @@ FOUNDATION_MODELS: dict[str, type[nn.Module]] = {
 
 def register_encoder(name: str, factory: Callable[..., nn.Module]) -> None:
     """Add an encoder (e.g. a new modality); its class follows omni_models.modality.Encoder."""
-    if name in ENCODERS:
-        raise ValueError(f"encoder {name!r} is already registered")
+    if ENCODERS.get(name, factory) is not factory:
+        raise ValueError(f"encoder {name!r} is already registered (as {ENCODERS[name]!r})")
     ENCODERS[name] = factory
 
 
@@ -70,8 +76,11 @@ def register_foundation(
     name: str, config_class: type[PretrainedConfig], model_class: type[nn.Module] | None = None
 ) -> None:
     """Add a foundation: its HF config class, and its model class when not an AutoModelForCausalLM."""
-    if name in FOUNDATIONS:
-        raise ValueError(f"foundation {name!r} is already registered")
+    if name in FOUNDATIONS and (FOUNDATIONS[name], FOUNDATION_MODELS.get(name)) != (
+        config_class,
+        model_class,
+    ):
+        raise ValueError(f"foundation {name!r} is already registered (as {FOUNDATIONS[name]!r})")
     FOUNDATIONS[name] = config_class
     if model_class is not None:
         FOUNDATION_MODELS[name] = model_class
@@ -79,6 +88,6 @@ def register_foundation(
 
 def register_decoder(name: str, factory: Callable[..., nn.Module]) -> None:
     """Add a decoder (a generated modality); its class follows omni_models.modality.Decoder."""
-    if name in DECODERS:
-        raise ValueError(f"decoder {name!r} is already registered")
+    if DECODERS.get(name, factory) is not factory:
+        raise ValueError(f"decoder {name!r} is already registered (as {DECODERS[name]!r})")
     DECODERS[name] = factory

@@ -154,6 +154,8 @@ class LoggingSection(_Section):
 
 
 class TrainConfig(_Section):
+    # modules that register parts from outside the repository, in every process (omni_train.plugins)
+    plugins: list[str] = []
     model: dict[str, Any]
     data: DataSection
     parallel: ParallelSection = ParallelSection()
@@ -306,16 +308,20 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, data: Mapping[str, Any] | None = None
 ) -> TrainConfig:
-    """A YAML file (or a mapping), then `key=value` overrides (values parsed as YAML)."""
+    """A YAML file (or a mapping), then `key=value` overrides (values parsed as YAML); the plugins
+    (omni_train.plugins) are loaded before it is validated."""
     if data is None:
         try:
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
+    from omni_train.plugins import load_plugins
+
     tree = yaml.safe_load(yaml.safe_dump(dict(data)))  # a deep copy of plain data
     for key, value in parse_overrides(overrides or []):
         set_dotted(tree, key, value)
+    load_plugins(tree.get("plugins", []))  # before validating: the model section names registered parts
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as e:

@@ -14,8 +14,10 @@ log = logging.getLogger("omni_train")
 
 
 def _rank_entry(config: dict[str, Any]) -> dict[str, Any]:
+    from omni_train.plugins import load_plugins
     from omni_train.trainer import train
 
+    load_plugins(config["plugins"])  # a spawned rank is a fresh process: register the recipe's parts
     return train(TrainConfig.model_validate(config))
 
 

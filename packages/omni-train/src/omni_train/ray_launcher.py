@@ -73,11 +73,13 @@ class TrainWorker:
     def run(self, config: dict[str, Any], env: dict[str, str], threads: int) -> dict[str, Any]:
         import torch
 
+        from omni_train.plugins import load_plugins
         from omni_train.trainer import train
 
         os.environ.update(env)
         torch.set_num_threads(threads)
         self._on_progress(-1, None)
+        load_plugins(config["plugins"])  # this actor's process: register the recipe's parts before the build
         return train(TrainConfig.model_validate(config), self._on_progress)
 
 

@@ -403,6 +403,7 @@ SOURCES: dict[str, Callable[..., Source]] = {
 
 
 def register_source(kind: str, factory: Callable[..., Source]) -> None:
-    if kind in SOURCES:
-        raise ValueError(f"source kind {kind!r} is already registered")
+    """Add a data source kind; registering the same factory again (a plugin loaded twice) is a no-op."""
+    if SOURCES.get(kind, factory) is not factory:
+        raise ValueError(f"source kind {kind!r} is already registered (as {SOURCES[kind]!r})")
     SOURCES[kind] = factory

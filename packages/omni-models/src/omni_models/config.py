@@ -46,6 +46,13 @@ class ModelConfigError(ValueError):
     """An omni model spec that cannot be built; the message names the key."""
 
 
+# where a part from outside the repo comes from (omni_train.plugins)
+_PLUGIN_HINT = (
+    " (a part from another package is registered by its plugin: list its module under the recipe's "
+    "`plugins` key, or install a package declaring an `omniscale.plugins` entry point)"
+)
+
+
 def _strict(cls: type, data: Any, where: str) -> dict[str, Any]:
     return strict_fields(cls, data, where, ModelConfigError)
 
@@ -61,7 +68,9 @@ class FoundationConfig:
 
     def __post_init__(self) -> None:
         if self.name not in FOUNDATIONS:
-            raise ModelConfigError(f"unknown foundation {self.name!r}; registered: {sorted(FOUNDATIONS)}")
+            raise ModelConfigError(
+                f"unknown foundation {self.name!r}; registered: {sorted(FOUNDATIONS)}{_PLUGIN_HINT}"
+            )
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,9 @@ class _PartConfig:
 
     def _check(self, kind: str, registry: Mapping[str, Any]) -> None:
         if self.name not in registry:
-            raise ModelConfigError(f"unknown {kind} {self.name!r}; registered: {sorted(registry)}")
+            raise ModelConfigError(
+                f"unknown {kind} {self.name!r}; registered: {sorted(registry)}{_PLUGIN_HINT}"
+            )
         if not self.modalities:
             raise ModelConfigError(f"{kind} {self.name!r} lists no modalities")
 

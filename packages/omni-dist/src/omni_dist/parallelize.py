@@ -1,10 +1,12 @@
-"""Apply a ParallelPlan to a model: kernel swaps, expert parallelism, compiled blocks, recompute/offload
-wrappers, then FSDP2 units.
+"""Apply a ParallelPlan to a model. `parallelize` first checks the whole plan against the model and the
+config (check_parallelize: every pattern matched, every combination checked, nothing changed yet), then
+applies it in a fixed order of steps, each a function readable alone:
 
-Order is fixed: kernel swaps -> expert parallelism -> compile (each block's forward) -> activation
-recompute / offload (around the compiled forward, see omni_dist.compile) -> FSDP. Works on a
-meta-device model (nothing is allocated until `materialize_`). Data parallelism is decided by the
-mesh: dp_replicate == 1 shards over the `fsdp` view (FSDP); dp_replicate > 1 uses the 2-D `hsdp` view
+    kernel swaps (omni_dist.kernel_swap) -> apply_ep (expert parallelism) -> apply_compile (each block's
+    forward, omni_dist.compile) -> apply_recompute_and_offload (wrapping the compiled forward) -> apply_fsdp
+
+Works on a meta-device model (nothing is allocated until `materialize_`). Data parallelism is decided by
+the mesh: dp_replicate == 1 shards over the `fsdp` view (FSDP); dp_replicate > 1 uses the 2-D `hsdp` view
 (HSDP), which is pure replication (DDP) when dp_shard x sp == 1.
 
 Gradients are SUMMED over the data-parallel mesh (FSDP's averaging is turned off): the loss each rank
@@ -123,15 +125,48 @@ def parallelize(
     """Apply `plan` to `model` in place on `mesh`; returns what was applied. `kernels`: the selected
     kernel set's swaps (kernel name -> builder) for plan.kernels; None keeps the model's modules."""
     config = config or ParallelizeConfig()
+    targets = check_parallelize(model, mesh, plan, config)  # everything is checked before any change
+    report = ParallelizeReport()
+    if kernels is not None:
+        report.kernels = swap_kernels(model, targets.kernels, kernels)
+    report.expert_parallel = apply_ep(model, mesh, plan, targets, config)
+    # Before the recompute / offload wrappers, which then wrap the compiled forward (omni_dist.compile).
+    report.compiled = apply_compile(targets.compile, config.compile_backend)
+    report.recomputed, report.offloaded = apply_recompute_and_offload(targets, config.recompute)
+    report.fsdp_units, report.fp32_units, report.mesh_dims = apply_fsdp(model, mesh, targets, config)
+    if mesh.world.get_local_rank() == 0:
+        _log(report, config)
+    return report
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What each step of parallelize applies to: the plan's (qualified name, module) matches, the lists of
+    features the config leaves off emptied, and the FSDP dtypes."""
+
+    kernels: list[tuple[str, nn.Module, str]]  # (name, module, kernel name)
+    experts: list[tuple[str, nn.Module]]  # expert-parallel modules; FSDP units on the EP mesh under ep > 1
+    expert_params: dict[str, str]
+    compile: list[tuple[str, nn.Module]]
+    recompute: list[tuple[str, nn.Module]]
+    offload: list[tuple[str, nn.Module]]
+    fsdp_units: list[tuple[str, nn.Module]]
+    fp32: list[tuple[str, nn.Module]]  # FSDP units computing in fp32 (none when everything is fp32)
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype
+
+
+def check_parallelize(
+    model: nn.Module, mesh: ParallelMesh, plan: ParallelPlan, config: ParallelizeConfig
+) -> Targets:
+    """Match every pattern of `plan` (even of features that are off) and check the combination before
+    touching the model, so a bad plan fails whole and early; returns what each step applies to."""
     device_type = mesh.world.device_type
     param_dtype = resolve_dtype(config.param_dtype, device_type, "param_dtype")
     reduce_dtype = resolve_dtype(config.reduce_dtype, device_type, "reduce_dtype")
     already = [fqn or "<root>" for fqn, m in model.named_modules() if isinstance(m, FSDPModule)]
     if already:
         raise PlanError(f"{type(model).__name__} is already parallelized (FSDP units: {already[:3]}...).")
-
-    # Match every pattern (even of features that are off) and check the combination before touching
-    # the model, so a bad plan fails whole and early.
     units = plan.match_modules(model, "fsdp_units")
     fp32 = plan.match_modules(model, "fp32_modules")
     recompute = plan.match_modules(model, "recompute")
@@ -163,39 +198,56 @@ def parallelize(
             raise PlanError(
                 f"{overlap[:3]} are listed as experts and as FSDP/fp32 units; list each module once."
             )
+    return Targets(
+        kernels=swapped, experts=experts, expert_params=expert_params, compile=blocks, recompute=recompute,
+        offload=offload, fsdp_units=units, fp32=fp32, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+    )  # fmt: skip
 
-    report = ParallelizeReport()
-    if kernels is not None:
-        report.kernels = swap_kernels(model, swapped, kernels)
-    if mesh.dims.ep > 1:
-        apply_expert_parallel(
-            model, mesh, plan, experts, expert_params, config.ep_async, config.expert_compute,
-            config.ep_dispatch,
-        )  # fmt: skip
-        report.expert_parallel = [fqn for fqn, _ in experts]
-    # Before the recompute / offload wrappers, which then wrap the compiled forward (omni_dist.compile).
-    report.compiled = apply_compile(blocks, config.compile_backend)
-    for fqn, module in recompute:
-        apply_recompute(module, fqn, config.recompute)
-        report.recomputed.append(fqn)
-    for fqn, module in offload:
-        report.offloaded[fqn] = apply_activation_offload(module, fqn)
 
+def apply_ep(
+    model: nn.Module, mesh: ParallelMesh, plan: ParallelPlan, targets: Targets, config: ParallelizeConfig
+) -> list[str]:
+    """Split the experts over the `ep` mesh (nothing when ep == 1); returns their names."""
+    if mesh.dims.ep == 1:
+        return []
+    apply_expert_parallel(
+        model, mesh, plan, targets.experts, targets.expert_params, config.ep_async, config.expert_compute,
+        config.ep_dispatch,
+    )  # fmt: skip
+    return [fqn for fqn, _ in targets.experts]
+
+
+def apply_recompute_and_offload(
+    targets: Targets, mode: Recompute
+) -> tuple[list[str], dict[str, ActivationOffloader]]:
+    """Wrap the recompute modules' forward in activation checkpointing (`mode`), then the offload
+    modules' in saved-tensor hooks that move activations to the host; returns both by name."""
+    for fqn, module in targets.recompute:
+        apply_recompute(module, fqn, mode)
+    offloaded = {fqn: apply_activation_offload(module, fqn) for fqn, module in targets.offload}
+    return [fqn for fqn, _ in targets.recompute], offloaded
+
+
+def apply_fsdp(
+    model: nn.Module, mesh: ParallelMesh, targets: Targets, config: ParallelizeConfig
+) -> tuple[list[str], list[str], tuple[str, ...]]:
+    """Shard the FSDP units, fp32 units, expert modules (under ep > 1) and the root, innermost first;
+    returns (FSDP unit names, fp32 unit names, the data-parallel mesh's dims)."""
     dp_mesh = mesh.data_parallel_mesh(replicate=mesh.dims.dp_replicate > 1)
-    report.mesh_dims = tuple(dp_mesh.mesh_dim_names or ())
     offload_policy: OffloadPolicy = (
-        CPUOffloadPolicy(pin_memory=device_type == "cuda") if config.offload_params else OffloadPolicy()
+        CPUOffloadPolicy(pin_memory=mesh.world.device_type == "cuda")
+        if config.offload_params
+        else OffloadPolicy()
     )
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    mp = MixedPrecisionPolicy(param_dtype=targets.param_dtype, reduce_dtype=targets.reduce_dtype)
     # fp32 modules compute in fp32 but hand the block's compute dtype back to their parent.
     mp_fp32 = MixedPrecisionPolicy(
-        param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype
+        param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=targets.param_dtype
     )
-
     # Expert weights are already split over `ep`; FSDP shards each EP shard over the ranks that hold
     # the same experts (ep_fsdp), replicated over dp_replicate.
     expert_mesh = mesh["ep_hsdp"] if mesh.dims.dp_replicate > 1 else mesh["ep_fsdp"]
-    expert_names = set(report.expert_parallel)
+    experts = targets.experts if mesh.dims.ep > 1 else []
 
     def shard(module: nn.Module, policy: MixedPrecisionPolicy, reshard: bool, on=None) -> FSDPModule:
         fully_shard(
@@ -211,38 +263,42 @@ def parallelize(
         return module
 
     # Innermost first: a unit must be sharded before any unit that contains it.
-    fp32_names = {fqn for fqn, _ in fp32}
-    sharded_units = []
-    expert_units = [(f, m) for f, m in experts if f in expert_names]
-    for fqn, module in sorted(units + fp32 + expert_units, key=lambda x: -x[0].count(".")):
+    expert_names, fp32_names = {f for f, _ in experts}, {f for f, _ in targets.fp32}
+    sharded, fp32_units = [], []
+    for fqn, module in sorted(targets.fsdp_units + targets.fp32 + experts, key=lambda x: -x[0].count(".")):
         if fqn in expert_names:
             shard(module, mp, config.reshard_after_forward, on=expert_mesh)
         elif fqn in fp32_names:
             shard(module, mp_fp32, config.reshard_after_forward)
-            report.fp32_units.append(fqn)
+            fp32_units.append(fqn)
         else:
-            sharded_units.append((fqn, shard(module, mp, config.reshard_after_forward)))
-            report.fsdp_units.append(fqn)
+            sharded.append((fqn, shard(module, mp, config.reshard_after_forward)))
     # The root's parameters (embeddings, head) are needed again at the start of backward: keep them.
     shard(model, mp, reshard=False)
-
     if config.forward_prefetch:
-        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        in_forward_order = [m for _, m in sorted(sharded_units, key=lambda x: order[x[0]])]
-        for i, unit in enumerate(in_forward_order):
-            following = in_forward_order[i + 1 : i + 1 + config.forward_prefetch]
-            if following:
-                unit.set_modules_to_forward_prefetch(following)
-    if mesh.world.get_local_rank() == 0:
-        log.info(
-            "parallelize: %d FSDP units on mesh %s, %d fp32 units, recompute=%s on %d modules, "
-            "activation offload on %d modules, param offload=%s, %d modules swapped for kernels, "
-            "compile=%s (%s) on %d blocks",
-            len(report.fsdp_units), report.mesh_dims, len(report.fp32_units), config.recompute,
-            len(report.recomputed), len(report.offloaded), config.offload_params, len(report.kernels),
-            config.compile, config.compile_backend, len(report.compiled),
-        )  # fmt: skip
-    return report
+        _prefetch_forward(model, sharded, config.forward_prefetch)
+    return [fqn for fqn, _ in sharded], fp32_units, tuple(dp_mesh.mesh_dim_names or ())
+
+
+def _prefetch_forward(model: nn.Module, units: list[tuple[str, FSDPModule]], ahead: int) -> None:
+    """Each FSDP unit issues the all-gathers of the `ahead` units that follow it in forward order."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    in_forward_order = [m for _, m in sorted(units, key=lambda x: order[x[0]])]
+    for i, unit in enumerate(in_forward_order):
+        following = in_forward_order[i + 1 : i + 1 + ahead]
+        if following:
+            unit.set_modules_to_forward_prefetch(following)
+
+
+def _log(report: ParallelizeReport, config: ParallelizeConfig) -> None:
+    log.info(
+        "parallelize: %d FSDP units on mesh %s, %d fp32 units, recompute=%s on %d modules, "
+        "activation offload on %d modules, param offload=%s, %d modules swapped for kernels, "
+        "compile=%s (%s) on %d blocks",
+        len(report.fsdp_units), report.mesh_dims, len(report.fp32_units), config.recompute,
+        len(report.recomputed), len(report.offloaded), config.offload_params, len(report.kernels),
+        config.compile, config.compile_backend, len(report.compiled),
+    )  # fmt: skip
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

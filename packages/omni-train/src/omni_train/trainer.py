@@ -42,6 +42,16 @@ from omni_train.assembly import (
 from omni_train.config import TrainConfig, dump
 from omni_train.errors import TrainingError
 from omni_train.hardware import peak_flops, peak_memory_gb
+from omni_train.hooks import (
+    Checkpoints,
+    Evaluation,
+    Heartbeat,
+    MetricsLog,
+    ProfilerHook,
+    SampleLog,
+    StepHook,
+    StepState,
+)
 from omni_train.metrics import Metrics
 from omni_train.profiling import StepProfiler
 
@@ -245,74 +255,74 @@ class Trainer:
         )
 
     def train(self) -> Counters:
-        cfg = self.cfg
+        """The loop: fetch, step, then the hooks (omni_train.hooks) in their documented order."""
         self._resume()
         resumed_at = self.counters.step
-        if self.rank0:
-            cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "config.yaml").write_text(dump(cfg))
-            log.info(
-                "run dir %s: %d ranks, mesh %s, %d FSDP units",
-                cfg.run_dir,
-                self.env.world_size,
-                self.mesh.dims,
-                len(self.report.fsdp_units),
-            )
+        self._announce()
         self.on_progress(resumed_at, None)
-        samples_log = self._samples_log()
-        metrics = Metrics(
-            cfg.run_dir,
-            cfg.train.steps,
-            self.counters.step,
-            cfg.logging.tensorboard,
-            cfg.logging.console,
-            enabled=self.rank0,
-        )
-        profiler = StepProfiler(cfg.train.profile, cfg.run_dir, self.device, self.env.rank)
+        hooks = self._hooks(resumed_at)
         start = time.perf_counter()
         try:
             steps = iter(self.loader)
-            while self.counters.step < cfg.train.steps:
-                profiler.step_started(self.counters.step + 1)
+            while self.counters.step < self.cfg.train.steps:
+                n = self.counters.step + 1
+                for hook in hooks:
+                    hook.before_step(n)
                 t0 = time.perf_counter()
-                step = next(steps, None)
-                if step is None:
+                batch = next(steps, None)
+                if batch is None:
                     raise TrainingError("the data ended before train.steps (set data epochs or fewer steps)")
                 waited = time.perf_counter() - t0
-                record = self._step(step)
-                elapsed_step = time.perf_counter() - t0
-                profiler.step_ended(self.counters.step + 1)
-                self.counters.step += 1
-                record.update(self._rates(record, elapsed_step, waited, start))
-                self.on_progress(self.counters.step, record["loss"])
-                if samples_log is not None:
-                    ids = [i for b in step.micro_batches for i in b.sample_ids]
-                    line = {"step": self.counters.step, "epoch": step.epoch, "ids": ids}
-                    samples_log.write(json.dumps(line) + "\n")
-                    samples_log.flush()
-                metrics.progress(self.counters.step, record["loss"], record["tokens_per_s"])
-                if self.counters.step % cfg.logging.log_every == 0 or self.counters.step == cfg.train.steps:
-                    metrics.log(record)
-                if (
-                    cfg.train.eval_every
-                    and self.counters.step % cfg.train.eval_every == 0
-                    and cfg.data.eval_sources
-                ):
-                    metrics.log({"step": self.counters.step, **self.evaluate()})
-                interval = cfg.checkpoint.interval
-                if interval and self.counters.step % interval == 0 and self.counters.step < cfg.train.steps:
-                    self.checkpoints.save(self.counters.step, self.parts)
-            # nothing new to save when resumed at the end
-            if cfg.checkpoint.save_final and self.counters.step > resumed_at:
-                self.checkpoints.save(self.counters.step, self.parts)
+                record = self._step(batch)
+                seconds = time.perf_counter() - t0
+                self.counters.step = n
+                record.update(self._rates(record, seconds, waited, start))
+                for hook in hooks:
+                    hook.after_step(StepState(n, batch, record))
+            for hook in hooks:
+                hook.on_end(self.counters.step)
             self._data_report()
             self.checkpoints.wait()
         finally:
-            profiler.close()
-            metrics.close()
-            if samples_log is not None:
-                samples_log.close()
+            for hook in hooks:
+                hook.close()
         return self.counters
+
+    def _announce(self) -> None:
+        """Rank 0: the run dir, its config.yaml, and one line on the layout."""
+        if not self.rank0:
+            return
+        self.cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.cfg.run_dir / "config.yaml").write_text(dump(self.cfg))
+        log.info(
+            "run dir %s: %d ranks, mesh %s, %d FSDP units",
+            self.cfg.run_dir,
+            self.env.world_size,
+            self.mesh.dims,
+            len(self.report.fsdp_units),
+        )
+
+    def _hooks(self, resumed_at: int) -> list[StepHook]:
+        """The periodic work, built once from the config, in the order the loop calls it."""
+        cfg, hooks = self.cfg, []
+        if cfg.train.profile is not None:
+            profiler = StepProfiler(cfg.train.profile, cfg.run_dir, self.device, self.env.rank)
+            hooks.append(ProfilerHook(profiler))
+        hooks.append(Heartbeat(self.on_progress))
+        if cfg.logging.sample_ids and (self.sp is None or self.sp.rank == 0):  # one writer per DP rank
+            hooks.append(SampleLog(cfg.run_dir / "samples" / f"dp{self.mesh.dp_rank}.jsonl"))
+        log_cfg = cfg.logging
+        metrics = Metrics(
+            cfg.run_dir, cfg.train.steps, resumed_at, log_cfg.tensorboard, log_cfg.console, enabled=self.rank0
+        )
+        hooks.append(MetricsLog(metrics, log_cfg.log_every, cfg.train.steps))
+        if cfg.train.eval_every and cfg.data.eval_sources:
+            hooks.append(Evaluation(self.evaluate, metrics.log, cfg.train.eval_every))
+        c = cfg.checkpoint
+        hooks.append(
+            Checkpoints(self.checkpoints, self.parts, c.interval, cfg.train.steps, c.save_final, resumed_at)
+        )
+        return hooks
 
     def _data_report(self) -> None:
         """RUN_DIR/data_report.json and one log line: bad shards, skipped samples, over all DP ranks."""
@@ -321,14 +331,6 @@ class Trainer:
             report = merge_reports(reports)
             (self.cfg.run_dir / "data_report.json").write_text(json.dumps(report, indent=1))
             log.info("%s (RUN_DIR/data_report.json)", summary(report))
-
-    def _samples_log(self):
-        """Per-rank log of the sample ids each step trained on (logging.sample_ids), for audits."""
-        if not self.cfg.logging.sample_ids or (self.sp is not None and self.sp.rank != 0):
-            return None
-        path = self.cfg.run_dir / "samples" / f"dp{self.mesh.dp_rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "a")  # closed at the end of train()
 
     def _step(self, step: Step) -> dict[str, Any]:
         """Forward/backward, clip and the optimizer step, all launched without waiting on the device (a

@@ -16,7 +16,6 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
-from omni_dist.expert_parallel import set_ep_token_bound
 from omni_dist.loss import global_token_count
 from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.packed import pack, pad_for_sp
@@ -91,9 +90,11 @@ def train_ep(dims: dict, chunks: int = 1, compute: str = "auto", dispatch: str =
         model,
         mesh,
         plan_for(model),
-        ParallelizeConfig(ep_async=chunks, expert_compute=compute, ep_dispatch=dispatch),
+        # the padded dispatch's bound, the same on every rank: all samples' tokens
+        ParallelizeConfig(
+            ep_async=chunks, expert_compute=compute, ep_dispatch=dispatch, ep_token_bound=sum(map(sum, GROUPS))
+        ),
     )
-    set_ep_token_bound(model, sum(map(sum, GROUPS)))  # the same on every rank: all samples' tokens
     materialize_(model, "cpu")
     init_weights_(model, model._init_weights, SEED)
     opt = make_optimizer(model)

@@ -143,7 +143,7 @@ def test_config_is_validated():
         OmniModelConfig.from_dict(
             {**good, "encoders": {"v": {"name": "siglip", "modalities": ["image"], "frozen": 1}}}
         )
-    with pytest.raises(ModelConfigError, match="unknown encoder 'clip'.*under the recipe's `plugins` key"):
+    with pytest.raises(ModelConfigError, match=r"unknown encoder 'clip'.*under the recipe's `plugins` key"):
         OmniModelConfig.from_dict({**good, "encoders": {"v": {"name": "clip", "modalities": ["image"]}}})
     with pytest.raises(ModelConfigError, match="unknown foundation 'gpt9'"):
         OmniModelConfig.from_dict({"foundation": {"name": "gpt9"}})

@@ -7,7 +7,7 @@ host (a device sync per MoE layer, plus bincount / repeat_interleave whose outpu
 routing).
 
 Padded: every rank pads its tokens to one bound B, the same on all ranks (the tokens per rank of the
-largest micro-batch, set by `set_ep_token_bound` in omni_dist.expert_parallel), and the EP group
+largest micro-batch: ParallelizeConfig.ep_token_bound), and the EP group
 all-gathers the tokens and their routing (weights and expert ids, one tensor). Each rank runs its local
 experts on the slots routed to them (omni_dist.expert_compute.fused_gate_up_padded) and returns a weighted
 partial output for every gathered token; a reduce-scatter sums the partials and hands each rank its own
@@ -85,17 +85,11 @@ def moe_padded_dispatch(
     """Route `hidden` (T, H) to experts `top_k_index` (T, K) across the EP group, every rank's tokens padded
     to `bound`; the weighted sum (T, H). Same result as the exact dispatch."""
     tokens, k = top_k_index.shape
-    if bound <= 0:
-        raise RuntimeError(
-            "ep_dispatch=padded sizes its exchange for a fixed number of tokens per rank: call "
-            "omni_dist.expert_parallel.set_ep_token_bound(model, tokens) after parallelize (training: "
-            "data.max_tokens // sp)."
-        )
     if tokens > bound:
         raise RuntimeError(
             f"a MoE layer got {tokens} tokens on this rank, more than the padded EP dispatch's bound of "
-            f"{bound}: set_ep_token_bound(model, n) with n >= the largest micro-batch's tokens per rank "
-            "(data.max_tokens // sp)."
+            f"{bound}: parallelize with ep_token_bound >= the largest micro-batch's tokens per rank "
+            "(training: data.max_tokens // sp)."
         )
     pad = (0, 0, 0, bound - tokens)
     # Weights and expert ids travel as one tensor; ids are exact in float32 (below 2**24 experts).

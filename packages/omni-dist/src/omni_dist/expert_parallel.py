@@ -12,7 +12,7 @@ their gradient exists and waited for only where the chunk's backward needs them.
 exactly as without chunks.
 
 `dispatch`: `exact` (above; reads the split sizes and the experts' row counts on the host) or `padded`
-(omni_dist.expert_padded: fixed-size all-gather / reduce-scatter sized by `set_ep_token_bound`, no host
+(omni_dist.expert_padded: fixed-size all-gather / reduce-scatter sized by `ep_token_bound`, no host
 sync, larger buffers). `exact` is the default: it moves and holds only the routed slots, while `padded`
 holds about ep times more expert rows; choose `padded` where a stalled launch queue costs more than that
 (small ep), or where the step must not sync (CUDA graphs).
@@ -41,7 +41,6 @@ from omni_dist.plan import PlanError
 
 EPDispatch = Literal["exact", "padded"]
 EP_DISPATCH: tuple[str, ...] = get_args(EPDispatch)
-_TOKEN_BOUND = "_omni_ep_token_bound"  # experts module attribute: the padded dispatch's tokens per rank
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,7 @@ class ExpertParallel:
     overlap_chunks: int = 1
     compute: str = "auto"  # local expert computation, see omni_dist.expert_compute
     dispatch: str = "exact"  # see EPDispatch and the module docstring
+    token_bound: int = 0  # the padded dispatch's tokens per rank per call (ParallelizeConfig.ep_token_bound)
 
     def __post_init__(self) -> None:
         if self.num_experts % self.size:
@@ -245,8 +245,7 @@ def fused_gate_up_experts(module: nn.Module, ep: ExpertParallel):
             raise RuntimeError(f"{type(module).__name__}: expert tensors are not split over ep={ep.size}.")
         if ep.dispatch == "padded":
             padded = fused_gate_up_padded(gate_up, down, module.act_fn, ep.compute)
-            bound = getattr(module, _TOKEN_BOUND, 0)
-            return moe_padded_dispatch(hidden_states, top_k_index, top_k_weights, padded, ep, bound)
+            return moe_padded_dispatch(hidden_states, top_k_index, top_k_weights, padded, ep, ep.token_bound)
         experts = fused_gate_up_compute(gate_up, down, module.act_fn, ep.compute)
         return moe_dispatch_combine(hidden_states, top_k_index, top_k_weights, experts, ep)
 
@@ -271,6 +270,7 @@ def apply_expert_parallel(
     overlap_chunks: int = 1,
     compute: str = "auto",
     dispatch: str = "exact",
+    token_bound: int = 0,
 ) -> None:
     """Split each expert tensor over the `ep` mesh view (as DTensors: checkpoints see full (E, ...)
     tensors) and replace each experts module's forward by the plan's EP forward."""
@@ -311,18 +311,8 @@ def apply_expert_parallel(
                 local, ep_mesh, [Shard(0)], run_check=False, shape=p.shape, stride=p.stride()
             )
             module._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
-        ep = ExpertParallel(ep_mesh.get_group(), size, rank, num_experts, overlap_chunks, compute, dispatch)
+        ep = ExpertParallel(
+            ep_mesh.get_group(), size, rank, num_experts, overlap_chunks, compute, dispatch, token_bound
+        )
         module.forward = EXPERT_FORWARDS[plan.expert_forward](module, ep)
         module._omni_expert_parallel = True
-
-
-def set_ep_token_bound(model: nn.Module, tokens: int) -> int:
-    """Size the padded EP dispatch of every experts module of `model` for `tokens` tokens per rank per
-    MoE call; it must be the same number on every rank (training: data.max_tokens // sp). Returns how
-    many experts modules it set (0 without EP). Harmless under the exact dispatch."""
-    if tokens < 1:
-        raise ValueError(f"set_ep_token_bound: tokens must be >= 1, got {tokens}.")
-    modules = [m for m in model.modules() if getattr(m, "_omni_expert_parallel", False)]
-    for m in modules:
-        setattr(m, _TOKEN_BOUND, tokens)
-    return len(modules)

@@ -37,6 +37,7 @@ from omni_dist.expert_compute import ExpertCompute, check_expert_compute
 from omni_dist.expert_parallel import EPDispatch, apply_expert_parallel
 from omni_dist.kernel_swap import KernelSwap, swap_kernels
 from omni_dist.mesh import ParallelMesh
+from omni_dist.parallel_dims import ParallelConfigError
 from omni_dist.plan import ParallelPlan, PlanError
 from omni_dist.recompute import ActivationOffloader, apply_activation_offload, apply_recompute
 
@@ -75,6 +76,9 @@ class ParallelizeConfig:
     ep_async: int = 1  # >1: EP dispatch in chunks overlapping expert compute
     expert_compute: ExpertCompute = "auto"  # local experts under EP (omni_dist.expert_compute)
     ep_dispatch: EPDispatch = "exact"  # padded: no host sync, ~ep x expert buffers (omni_dist.expert_padded)
+    # the padded dispatch's fixed exchange size: tokens per rank per MoE call, the same on every rank and
+    # at least the largest micro-batch's slice (training derives it: data.max_tokens // sp); 0: unset
+    ep_token_bound: int = 0
     grad_sync: GradSync = "micro_batch"  # see GradSync; the training loop applies it (set_gradient_sync)
     # sp: the ranks of an SP group share the encoders' work (omni_dist.media_split); world: all ranks do,
     # across data-parallel ranks too; none: each SP rank encodes every item of the micro-batch
@@ -91,6 +95,8 @@ class ParallelizeConfig:
         for name in ("sp_async", "ep_async"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (1: no chunking), got {getattr(self, name)}.")
+        if self.ep_token_bound < 0:
+            raise ValueError(f"ep_token_bound must be >= 0 (0: unset), got {self.ep_token_bound}.")
         check_expert_compute(self.expert_compute)
         if self.grad_sync not in GRAD_SYNC_MODES:
             raise ValueError(f"grad_sync={self.grad_sync!r} is not one of {', '.join(GRAD_SYNC_MODES)}.")
@@ -198,6 +204,11 @@ def check_parallelize(
             raise PlanError(
                 f"{overlap[:3]} are listed as experts and as FSDP/fp32 units; list each module once."
             )
+        if config.ep_dispatch == "padded" and config.ep_token_bound < 1:
+            raise ParallelConfigError(
+                "ep_dispatch=padded sizes its exchange for a fixed number of tokens per rank: set "
+                "ep_token_bound to the largest micro-batch's tokens per rank (training: data.max_tokens // sp)."
+            )
     return Targets(
         kernels=swapped, experts=experts, expert_params=expert_params, compile=blocks, recompute=recompute,
         offload=offload, fsdp_units=units, fp32=fp32, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
@@ -212,7 +223,7 @@ def apply_ep(
         return []
     apply_expert_parallel(
         model, mesh, plan, targets.experts, targets.expert_params, config.ep_async, config.expert_compute,
-        config.ep_dispatch,
+        config.ep_dispatch, config.ep_token_bound,
     )  # fmt: skip
     return [fqn for fqn, _ in targets.experts]
 

@@ -25,7 +25,6 @@ from omni_data.loader import OmniLoader
 from omni_data.processor import ChatProcessor
 from omni_dist import ParallelMesh, distributed
 from omni_dist.checkpoint import CheckpointManager, ModelPart
-from omni_dist.expert_parallel import set_ep_token_bound
 from omni_dist.optim import SkippingAdamW
 from omni_dist.parallelize import ParallelizeReport
 from omni_dist.weights import materialize_, non_persistent_buffers
@@ -57,8 +56,6 @@ def build_model(cfg: TrainConfig, mesh: ParallelMesh, device: torch.device) -> B
     kernels = omni_kernels(foundation_config(spec.foundation), mesh, pcfg, cfg.data.max_tokens, chunk)
     model = meta_model(spec, run_settings(mesh, pcfg, kernels, chunk))
     report = parallelize_omni(model, mesh, spec, pcfg, kernels)
-    # the padded EP dispatch's fixed sizes: every rank's tokens per MoE call are at most this (no-op without EP)
-    set_ep_token_bound(model, cfg.data.max_tokens // cfg.parallel.sp)
     materialize_(model, device, offload_params=pcfg.offload_params)
     loaded = load_part_weights_(model, spec)
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

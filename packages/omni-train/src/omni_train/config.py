@@ -51,7 +51,7 @@ class _Section(BaseModel):
 # Package config fields the trainer sets itself, and the recipe key each comes from.
 DERIVED = {
     "data": {"seed": "train.seed", "pad_to_multiple": "parallel.sp", "epochs": None},
-    "parallel": {"world_size": None},
+    "parallel": {"world_size": None, "ep_token_bound": "data.max_tokens // parallel.sp"},
 }
 
 
@@ -209,7 +209,9 @@ class TrainConfig(_Section):
         return ParallelDims(world_size=world_size or self.launcher.num_workers, **degrees)
 
     def parallelize_config(self) -> ParallelizeConfig:
-        return ParallelizeConfig(**self.parallel.model_dump(include=_PARALLELIZE_KEYS))
+        # every rank's slice of a micro-batch holds at most this many tokens: the padded EP dispatch's size
+        bound = self.data.max_tokens // self.parallel.sp
+        return ParallelizeConfig(**self.parallel.model_dump(include=_PARALLELIZE_KEYS), ep_token_bound=bound)
 
     def data_config(
         self, sources: list[dict[str, Any]] | None = None, epochs: int | None = None

@@ -1,4 +1,6 @@
-"""FSDP2 / HSDP / DDP through plans train the same model as one process (fp32, rel. 1e-5, 5 AdamW steps)."""
+"""FSDP2 / HSDP / DDP through plans train the same model as one process (fp32, rel. 1e-5, 5 AdamW steps).
+
+The checks of each world size run in one spawn (fixtures `two_ranks`, `four_ranks`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from omni_dist.parallelize import ParallelizeConfig
-from tests.harness import run_ranks
+from tests.harness import run_checks
 from tests.omni_dist.tiny import (
     GLOBAL_BATCH,
     STEPS,
@@ -37,11 +39,40 @@ FOUR_RANK_LAYOUTS = {
     "hsdp2x2": {"dp_replicate": 2, "dp_shard": 2},
     "ddp4": {"dp_replicate": 4, "dp_shard": 1},
 }
+ACCUMULATE_LAYOUTS = {
+    "fsdp/micro_batch": ({"dp_shard": 2}, "micro_batch"),
+    "fsdp/step": ({"dp_shard": 2}, "step"),
+    "hsdp/step": ({"dp_replicate": 2, "dp_shard": 1}, "step"),
+}
 
 
 @pytest.fixture(scope="module")
 def reference():
     return train_single(tiny_qwen2_config())
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_checks(
+        2,
+        {
+            "modes": (_train_modes, (TWO_RANK_MODES, {"dp2": {"dp_shard": 2}})),
+            "meta_untied": (_full_weights_after_meta_init, ({"dp_shard": 2}, False)),
+            "meta_tied": (_full_weights_after_meta_init, ({"dp_shard": 2}, True)),
+            "accumulate": (_accumulate, (ACCUMULATE_LAYOUTS,)),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_checks(
+        4,
+        {
+            "layouts": (_train_modes, ({"plain": {}}, FOUR_RANK_LAYOUTS)),
+            "meta_hsdp": (_full_weights_after_meta_init, ({"dp_replicate": 2, "dp_shard": 2}, False)),
+        },
+    )
 
 
 def _train_modes(modes: dict[str, dict], layouts: dict[str, dict]) -> dict:
@@ -53,8 +84,8 @@ def _train_modes(modes: dict[str, dict], layouts: dict[str, dict]) -> dict:
     return out
 
 
-def test_two_rank_modes_match_single_process(reference):
-    results = run_ranks(_train_modes, 2, TWO_RANK_MODES, {"dp2": {"dp_shard": 2}})
+def test_two_rank_modes_match_single_process(reference, two_ranks):
+    results = two_ranks["modes"]
     assert results[0].keys() == {f"dp2/{m}" for m in TWO_RANK_MODES}
     for label, got in results[0].items():
         assert_matches(reference, got, label)
@@ -67,8 +98,8 @@ def test_two_rank_modes_match_single_process(reference):
     assert reference["loss"][-1] < reference["loss"][0]
 
 
-def test_four_rank_layouts_match_single_process(reference):
-    results = run_ranks(_train_modes, 4, {"plain": {}}, FOUR_RANK_LAYOUTS)
+def test_four_rank_layouts_match_single_process(reference, four_ranks):
+    results = four_ranks["layouts"]
     for label, got in results[0].items():
         assert_matches(reference, got, label)
 
@@ -84,15 +115,21 @@ def _full_weights_after_meta_init(dims: dict, tied: bool) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("world", "dims", "tied"),
-    [(2, {"dp_shard": 2}, False), (2, {"dp_shard": 2}, True), (4, {"dp_replicate": 2, "dp_shard": 2}, False)],
+    ("ranks", "check", "dims", "tied"),
+    [
+        ("two_ranks", "meta_untied", {"dp_shard": 2}, False),
+        ("two_ranks", "meta_tied", {"dp_shard": 2}, True),
+        ("four_ranks", "meta_hsdp", {"dp_replicate": 2, "dp_shard": 2}, False),
+    ],
 )
-def test_meta_init_equals_single_process_init_exactly(world, dims, tied):
+def test_meta_init_equals_single_process_init_exactly(request, ranks, check, dims, tied):
     want = plain_model(tiny_qwen2_config(tie_word_embeddings=tied))
     assert (want.lm_head.weight is want.model.embed_tokens.weight) == tied
     want_sd = want.state_dict()
     total = sum(p.numel() for p in want.parameters())
-    for got in run_ranks(_full_weights_after_meta_init, world, dims, tied):
+    results = request.getfixturevalue(ranks)[check]
+    world = len(results)
+    for got in results:
         assert got["full"].keys() == want_sd.keys()
         for k, v in want_sd.items():
             assert torch.equal(got["full"][k], v), k
@@ -140,14 +177,9 @@ def _accumulate(layouts: dict[str, dict]) -> dict:
     return out
 
 
-def test_gradients_reduced_once_per_step_train_the_same_model(reference):
+def test_gradients_reduced_once_per_step_train_the_same_model(reference, two_ranks):
     """4 micro-batches per rank: one reduce-scatter per FSDP unit per step instead of four, same model."""
-    layouts = {
-        "fsdp/micro_batch": ({"dp_shard": 2}, "micro_batch"),
-        "fsdp/step": ({"dp_shard": 2}, "step"),
-        "hsdp/step": ({"dp_replicate": 2, "dp_shard": 1}, "step"),
-    }
-    got = run_ranks(_accumulate, 2, layouts)[0]
+    got = two_ranks["accumulate"][0]
     for label, result in got.items():
         assert_matches(reference, result, label)
     each, once = got["fsdp/micro_batch"]["reduce_scatters"], got["fsdp/step"]["reduce_scatters"]

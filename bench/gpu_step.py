@@ -95,6 +95,9 @@ SMALL_VISION = {
     "temporal_patch_size": 2,
 }
 IMAGE_PX = 448  # 32 x 32 patches of 14 px -> 256 tokens after the 2x2 merge
+# Both loops' hyperparameters: ours gets them as recipe keys (train.lr, train.grad_clip), the plain loop
+# passes them to torch itself.
+LR, GRAD_CLIP = 1e-5, 1.0
 WARMUP = 3
 PROFILED = 2  # --profile: steps after the timed ones
 
@@ -182,7 +185,7 @@ def _ours(
         model, tokenizer = {"pretrained": str(model_dir), "attention": backend}, str(model_dir)
     run_dir = work / f"ours_{workload}_{kernels}"
     timed_steps = WARMUP + args.steps
-    train = {"steps": timed_steps, "lr": 1e-5, "warmup_steps": 1, "eval_every": 0}
+    train = {"steps": timed_steps, "lr": LR, "grad_clip": GRAD_CLIP, "warmup_steps": 1, "eval_every": 0}
     profile_dir = args.profile / f"{workload}_{kernels}" if args.profile else None
     if profile_dir:  # profiled steps after the timed ones: the profiler does not touch the timing
         train["steps"] = timed_steps + PROFILED  # train.profile.steps [a, b): 1-based, b exclusive
@@ -309,12 +312,14 @@ def _plain(workload: str, args, model_dir: Path | None) -> dict:
     for block in blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)  # as the trainer's
+    # The baseline stays plain torch: its AdamW (foreach), not ours (assembly.build_optimizer: fused AdamW
+    # that can skip a non-finite step on the device).
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, foreach=True)
     inputs = _plain_inputs(workload, model, args.tokens, device, model_dir)
 
     def step():
         model(**inputs).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

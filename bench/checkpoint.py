@@ -2,9 +2,10 @@
 
     uv run python bench/checkpoint.py [--layers 12] [--hidden 768]
 
-Prints one JSON object. `blocked_s` is the time `save` keeps the training loop waiting; for async it
-is compared with the sync save of the same state in the same run. Size is compared with the bytes of
-parameters plus optimizer state.
+The model, optimizer and LR schedule are built as the trainer builds them (omni_train.assembly, a Qwen2
+foundation recipe) and saved after one step. Prints one JSON object. `blocked_s` is the time `save` keeps
+the training loop waiting; for async it is compared with the sync save of the same state in the same run.
+Size is compared with the bytes of parameters plus optimizer state.
 """
 
 from __future__ import annotations
@@ -18,32 +19,43 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, Qwen2Config
 
-from omni_dist import ParallelDims, ParallelMesh
+from omni_dist import ParallelMesh
 from omni_dist.checkpoint import CheckpointManager, ModelPart, OptimizerPart, RNGPart
-from omni_dist.parallelize import ParallelizeConfig, parallelize
+from omni_dist.packed import pack
 from omni_dist.spawn import run_ranks
-from omni_dist.weights import init_weights_, materialize_
-from omni_models.hf_plans import plan_for
+from omni_train.assembly import build_model, build_optimizer
+from omni_train.config import TrainConfig
+from omni_train.trainer import forward_backward
+
+
+def _recipe(layers: int, hidden: int) -> TrainConfig:
+    """A Qwen2 foundation alone; the data section is unused (one hand-made micro-batch)."""
+    foundation = {
+        "vocab_size": 8192, "hidden_size": hidden, "intermediate_size": hidden * 8 // 3, "num_hidden_layers": layers,
+        "num_attention_heads": 12, "num_key_value_heads": 4, "tie_word_embeddings": False, "dtype": "float32",
+    }  # fmt: skip
+    data = {"tokenizer": "unused", "sources": [{"kind": "jsonl", "paths": "unused.jsonl"}], "max_tokens": 64}
+    return TrainConfig.model_validate(
+        {"model": {"foundation": {"name": "qwen2", "config": foundation}}, "data": data}
+    )
 
 
 def measure(layers: int, hidden: int, root: str) -> dict:
-    config = Qwen2Config(
-        vocab_size=8192, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-        num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False, dtype="float32", use_cache=False,
-    )  # fmt: skip
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    params = sum(p.numel() for p in model.parameters())
-    mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size()), device_type="cpu")
-    parallelize(model, mesh, plan_for(model), ParallelizeConfig())
-    materialize_(model, "cpu")
-    init_weights_(model, model._init_weights, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model(input_ids=torch.zeros(1, 8, dtype=torch.long), use_cache=False).logits.sum().backward()
-    opt.step()
-    parts = {"model": ModelPart(model), "optimizer": OptimizerPart(model, opt), "rng": RNGPart()}
+    cfg, device = _recipe(layers, hidden), torch.device("cpu")
+    mesh = ParallelMesh.build(cfg.dims(dist.get_world_size()), device_type="cpu")
+    model = build_model(cfg, mesh, device).model  # as the trainer builds it, and its optimizer
+    opt, scheduler = build_optimizer(cfg, model, device)
+    params = sum(p.numel() for p in model.parameters())  # DTensor parameters count globally
+    forward_backward(model, [pack([torch.zeros(8, dtype=torch.long)])], mesh, None, device)
+    opt.step()  # the optimizer state exists from here on
+    # the trainer's checkpoint parts, less the loader's and its counters (no loader here)
+    parts = {
+        "model": ModelPart(model),
+        "optimizer": OptimizerPart(model, opt),
+        "scheduler": scheduler,
+        "rng": RNGPart(),
+    }
     out = {"params": params}
     for mode in ("sync", "async"):
         manager = CheckpointManager(Path(root) / mode, keep=1, async_save=mode == "async")

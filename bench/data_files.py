@@ -80,24 +80,32 @@ def _train(paths: str, run_dir: Path, steps: int) -> tuple[float, float]:
 
 
 def _time_to_error(missing: str) -> dict[str, float]:
-    from omni_data.config import DataConfig
-    from omni_data.errors import DataUnreadable
-    from omni_data.loader import OmniLoader
-    from omni_train.assembly import preprocessing_processor
+    import torch
 
+    from omni_data.errors import DataUnreadable
+    from omni_dist import ParallelMesh, distributed
+    from omni_train.assembly import build_loader, preprocessing_processor, tokenizer
+    from omni_train.config import load_config
+
+    sets = [f"data.sources=[{{kind: webdataset, paths: '{missing}'}}]", "data.prepare=null"]
     cmd = [sys.executable, "-m", "omni_train.cli", "run", str(RECIPE), "--nproc", "2"]
-    cmd += ["--set", f"data.sources=[{{kind: webdataset, paths: '{missing}'}}]", "--set", "data.prepare=null"]
+    for s in sets:
+        cmd += ["--set", s]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     cli_s = time.perf_counter() - t0
     assert proc.returncode != 0, proc.stdout
-    cfg = DataConfig.from_dict({"sources": [{"kind": "webdataset", "paths": missing}], "max_tokens": 512})
+    # in process: the loader the trainer builds from the same recipe (one rank)
+    cfg = load_config(RECIPE, [*sets, f"data.tokenizer={TOKENIZER}"])
     processor = preprocessing_processor(str(RECIPE), str(TOKENIZER))
-    t0 = time.perf_counter()
-    try:
-        OmniLoader(cfg, processor)
-    except DataUnreadable:
-        loader_s = time.perf_counter() - t0
+    pad_id = tokenizer(cfg).pad_token_id or 0
+    with distributed():
+        mesh = ParallelMesh.build(cfg.dims(1), device_type="cpu")
+        t0 = time.perf_counter()
+        try:
+            build_loader(cfg, processor, mesh, torch.device("cpu"), pad_id)
+        except DataUnreadable:
+            loader_s = time.perf_counter() - t0
     return {"cli_exit_s": cli_s, "loader_raise_s": loader_s}
 
 

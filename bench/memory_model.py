@@ -4,7 +4,8 @@
 
 Each run builds a recipe's model as training does (omni_train.assembly: meta -> parallelize -> materialize,
 AdamW), runs one step, then measures the next step (forward + backward of the trainer's
-`forward_backward`, gradient clipping, optimizer step) under torch's MemTracker: the peak of live tensor
+`forward_backward`, gradient clipping at train.grad_clip, optimizer step; the quickstart run: the
+trainer's own step, Trainer._step) under torch's MemTracker: the peak of live tensor
 bytes on rank 0 (parameters, gradients, optimizer states, activations, temporaries), the CPU analogue
 of `torch.cuda.max_memory_allocated`. The runs differ in dims (hidden, layers, vocab, tokens), layout
 (1-2 ranks: FSDP, SP, EP, no resharding) and recompute / loss chunking / accumulation; one is the
@@ -105,7 +106,7 @@ def _measure(recipe: dict) -> dict:
             forward_backward(model, [batch], mesh, sp, device)
             if tracker is not None:
                 tracker.reset_mod_stats()  # MemTracker follows one module call at a time; peaks stay
-        clip_grad_norm_(params, 1.0)
+        clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -148,16 +149,14 @@ def _frozen_aware_tracker():
 
 
 def _measure_omni(config: dict) -> dict:
-    from omni_dist.grad_norm import clip_grad_norm_
-    from omni_train.assembly import trainable_parameters
+    from omni_data.loader import Step
     from omni_train.config import TrainConfig
     from omni_train.memory import estimate_memory, loss_head
-    from omni_train.trainer import Trainer, forward_backward, local_label_tokens
+    from omni_train.trainer import Trainer, local_label_tokens
 
     cfg = TrainConfig.model_validate(config)
     trainer = Trainer(cfg)
     model, device = trainer.model, trainer.device
-    params = trainable_parameters(model)
     steps = iter(trainer.loader)
 
     def units(batch) -> dict[str, int]:
@@ -167,22 +166,17 @@ def _measure_omni(config: dict) -> dict:
         }
 
     batch = max((next(steps).micro_batches[0] for _ in range(8)), key=lambda b: units(b)["vision"])
-
-    def step() -> None:
-        forward_backward(model, [batch], trainer.mesh, None, device)
-        clip_grad_norm_(params, 1.0)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    step()
+    step = Step([batch], epoch=0)
+    trainer._step(step)  # the trainer's own step; optimizer states exist from here on
     tracker = _frozen_aware_tracker()
     tracker.track_external(model, trainer.optimizer)
     with tracker:
-        step()
+        trainer._step(step)
     snapshot = tracker.get_tracker_snapshot("peak")[device]
     peak = snapshot.pop("Total")
     kinds = {str(getattr(k, "value", k)): round(v / GIB, 4) for k, v in snapshot.items() if v}
-    labelled, head = local_label_tokens([batch], None), loss_head(cfg, liger=False)  # CPU: torch kernels
+    labelled = local_label_tokens([batch], trainer.sp)
+    head = loss_head(cfg, liger=False)  # CPU: torch kernels
     estimate = estimate_memory(cfg, 1, labelled=labelled, encoder_units=units(batch), head=head)
     return {
         "measured": peak,

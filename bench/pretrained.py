@@ -3,9 +3,11 @@ our composite vs HF's own `...ForConditionalGeneration` in a plain loop, on the 
 
     uv run python bench/pretrained.py [--family qwen2_5_vl|qwen2_vl] [--steps 8] [--samples 8]
 
-Ours: `model.pretrained` expanded into parts, the samples packed into one micro-batch (packed attention,
+Ours: `model.pretrained` expanded into parts, built as `omni-train run` builds it from a recipe
+(omni_train.assembly on a one-process mesh: FSDP, the default loss chunking, the trainer's fused AdamW)
+and stepped by the trainer's forward_backward, the samples packed into one micro-batch (packed attention,
 M-RoPE positions from the data side). HF: the usual plain loop, the samples right-padded into one batch
-with an attention mask. Both run forward + backward + AdamW in fp32 on CPU (sdpa). Prints one JSON
+with an attention mask, torch's AdamW. Both run forward + backward + AdamW in fp32 on CPU (sdpa). Prints one JSON
 object: seconds per step (median after 2 warm-up steps), real and padded tokens, and hf_s / ours_s.
 """
 
@@ -71,6 +73,15 @@ def _samples(n: int, cfg, positions):
     return out
 
 
+def _recipe(path: Path, samples: int):
+    """A training recipe of the pretrained directory: ours is built from it as `omni-train run` builds it
+    (the samples are made here, so the data section only bounds the micro-batch)."""
+    from omni_train.config import load_config
+
+    data = {"sources": [{"kind": "jsonl", "paths": "unused.jsonl"}], "max_tokens": 512 * samples}
+    return load_config(data={"model": {"pretrained": str(path)}, "data": data, "train": {"lr": 1e-5}})
+
+
 def _time(step, steps: int) -> float:
     times = []
     for _ in range(steps + 2):
@@ -87,30 +98,29 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     args = ap.parse_args()
     from omni_data.collate import collate
-    from omni_dist.weights import materialize_
-    from omni_models.config import OmniModelConfig, build_omni_model
-    from omni_models.omni_weights import init_omni_weights_, load_part_weights_
+    from omni_dist import ParallelMesh, distributed
+    from omni_train.assembly import build_model, build_optimizer
+    from omni_train.trainer import forward_backward
 
     torch.set_num_threads(2)
     path, hf_class = _model_dir(Path(tempfile.mkdtemp()), args.family)
-    spec = OmniModelConfig.from_dict({"pretrained": str(path)})
+    cfg = _recipe(path, args.samples)
+    spec = cfg.model_spec
     samples = _samples(
         args.samples, spec.pretrained.hf_config, spec.pretrained.family.positions(spec.pretrained.hf_config)
     )
-
-    with torch.device("meta"):
-        ours = build_omni_model(spec)
-    materialize_(ours, "cpu")
-    loaded = load_part_weights_(ours, spec)
-    init_omni_weights_(ours, 0, names={n for n, _ in ours.named_buffers()} - loaded)
     batch = collate(samples)
-    opt = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+    with distributed():  # one process: ours is the model, optimizer and step the trainer builds
+        mesh = ParallelMesh.build(cfg.dims(1), device_type="cpu")
+        ours = build_model(cfg, mesh, torch.device("cpu")).model
+        opt, _ = build_optimizer(cfg, ours, torch.device("cpu"))
 
-    def ours_step():
-        (ours(batch).loss_sum / batch.num_label_tokens).backward()
-        opt.step()
-        opt.zero_grad()
+        def ours_step():
+            forward_backward(ours, [batch], mesh, None, torch.device("cpu"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
+        ours_s = _time(ours_step, args.steps)
     hf = hf_class.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32)
     length = max(s.input_ids.numel() for s in samples)
     pad = lambda x, v: torch.nn.functional.pad(x, (0, length - x.numel()), value=v)  # noqa: E731
@@ -134,7 +144,7 @@ def main() -> None:
         hf_opt.step()
         hf_opt.zero_grad()
 
-    ours_s, hf_s = _time(ours_step, args.steps), _time(hf_step, args.steps)
+    hf_s = _time(hf_step, args.steps)
     print(
         json.dumps(
             {

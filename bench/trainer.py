@@ -2,12 +2,13 @@
 
     uv run python bench/trainer.py [--steps 30] [--warmup 5]
 
-Builds the quickstart dataset if missing, then for 1 and 2 local processes (FSDP) runs the trainer's
-components step by step with timers: data wait, forward, backward, optimizer (clip + step); a torch
-profiler over the timed steps on rank 0 gives the share of the step spent inside collectives (gloo
-all-gather / reduce-scatter / all-reduce; on CPU they block, on GPU they overlap). Prints one JSON
-object with tokens/s per run and the 2-process / 1-process ratio (same global batch per step: both
-runs read 2 data streams). Forward and backward include the FSDP collectives they trigger.
+Builds the quickstart dataset if missing, then for 1 and 2 local processes (FSDP) runs the trainer's own
+step (Trainer._step) on its loader's steps with timers: data wait, forward (hooks on the model's forward),
+optimizer (hooks on its step), and the rest of the step (backward, clip, the token count and the metrics
+read); a torch profiler over the timed steps on rank 0 gives the share of the step spent inside
+collectives (gloo all-gather / reduce-scatter / all-reduce; on CPU they block, on GPU they overlap).
+Prints one JSON object with tokens/s per run and the 2-process / 1-process ratio (same global batch per
+step: both runs read 2 data streams). Forward and backward include the FSDP collectives they trigger.
 """
 
 from __future__ import annotations
@@ -30,63 +31,77 @@ def _rank(config: dict, steps: int, warmup: int) -> dict:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from omni_dist.grad_norm import clip_grad_norm_
-    from omni_dist.loss import global_token_count
     from omni_train.config import TrainConfig
-    from omni_train.trainer import Trainer, local_label_tokens
+    from omni_train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.model_validate(config))
+    phases = _Phases(trainer.model, trainer.optimizer)
     it = iter(trainer.loader)
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    phases = {"data_wait": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     tokens = 0
     prof = profile(activities=[ProfilerActivity.CPU]) if dist.get_rank() == 0 else None
     for i in range(warmup + steps):
         if i == warmup:
             dist.barrier()
             start = time.perf_counter()
-            phases = dict.fromkeys(phases, 0.0)
+            phases.reset()
             tokens = 0
             if prof is not None:
                 prof.start()
         t0 = time.perf_counter()
         step = next(it)
         t1 = time.perf_counter()
-        count = global_token_count(local_label_tokens(step.micro_batches, trainer.sp), trainer.mesh["loss"])
-        for batch in step.micro_batches:
-            f0 = time.perf_counter()
-            loss = (
-                trainer.model(batch.to(trainer.device), sequence_parallel=trainer.sp).loss_sum / count.float()
-            )
-            f1 = time.perf_counter()
-            loss.backward()
-            phases["forward"] += f1 - f0
-            phases["backward"] += time.perf_counter() - f1
-        t2 = time.perf_counter()
-        clip_grad_norm_(params, 1.0)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        phases["data_wait"] += t1 - t0
-        phases["optimizer"] += t3 - t2
+        trainer._step(step)  # the trainer's own step: forward, backward, clip, optimizer, one read
+        phases.add("data_wait", t1 - t0)
+        phases.add("step", time.perf_counter() - t1)
         tokens += sum(b.num_tokens for b in step.micro_batches)
     dist.barrier()
     elapsed = time.perf_counter() - start
     total = torch.tensor([tokens], dtype=torch.float64)
     dist.all_reduce(total)
-    out = {
-        "tokens_per_s": float(total) / elapsed,
-        "step_s": elapsed / steps,
-        "share": {k: v / elapsed for k, v in phases.items()},
-    }
+    share = {k: v / elapsed for k, v in phases.seconds.items()}
+    share["backward_and_rest"] = share.pop("step") - share["forward"] - share["optimizer"]
+    out = {"tokens_per_s": float(total) / elapsed, "step_s": elapsed / steps, "share": share}
     if prof is not None:
         prof.stop()
         comm_us = sum(
             e.self_cpu_time_total for e in prof.key_averages() if any(op in e.key.lower() for op in COMM_OPS)
         )
         out["share"]["communication"] = comm_us / 1e6 / elapsed
+    phases.remove()
     dist.destroy_process_group()
     return out
+
+
+class _Phases:
+    """Seconds inside the model's forward calls and the optimizer's steps, from hooks on the trainer's own
+    model and optimizer (its step runs unchanged); the loop adds the rest."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.seconds: dict[str, float] = {}
+        self._t0: dict[str, float] = {}
+        self.reset()
+        self._handles = [
+            model.register_forward_pre_hook(lambda *_: self._start("forward")),
+            model.register_forward_hook(lambda *_: self._stop("forward")),
+            optimizer.register_step_pre_hook(lambda *_: self._start("optimizer")),
+            optimizer.register_step_post_hook(lambda *_: self._stop("optimizer")),
+        ]
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(("data_wait", "step", "forward", "optimizer"), 0.0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def _start(self, phase: str) -> None:
+        self._t0[phase] = time.perf_counter()
+
+    def _stop(self, phase: str) -> None:
+        self.add(phase, time.perf_counter() - self._t0.pop(phase))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def main() -> None:

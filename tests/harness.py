@@ -62,7 +62,9 @@ class Checks:
 
 
 def run_checks(world_size: int, checks: Mapping[str, Call], **options: Any) -> Checks:
-    """Run each check `name: (fn, args)` in turn on the same `world_size` ranks (one spawn)."""
+    """Run each check `name: (fn, args)` in turn on the same `world_size` ranks (one spawn); each check
+    adds the default timeout to the spawn's, as if it had its own."""
+    options.setdefault("timeout_s", DEFAULT_TIMEOUT_S * len(checks))
     return Checks(run_ranks(_each, world_size, dict(checks), **options))
 
 

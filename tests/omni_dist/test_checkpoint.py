@@ -1,10 +1,14 @@
-"""Distributed checkpoints: reshard across layouts, exact resume, crash safety, keep-K, HF export."""
+"""Distributed checkpoints: reshard across layouts, exact resume, crash safety, keep-K, HF export.
+
+Every save runs in one spawn per world size (fixture `saved`), every resume in another (fixture `resumed`):
+a resume still starts in fresh processes, from what the save wrote. The crash gets its own spawn."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ from omni_dist.attention import SequenceParallel
 from omni_dist.checkpoint import CheckpointError, CheckpointManager, ModelPart, OptimizerPart, RNGPart
 from omni_dist.hf_export import export_hf_safetensors
 from omni_dist.parallelize import ParallelizeConfig
-from tests.harness import RankFailedError, run_ranks
+from tests.harness import RankFailedError, run_checks, run_ranks
 from tests.omni_dist.tiny import (
     build_parallel,
     global_batch,
@@ -130,26 +134,79 @@ def _assert_state_equal(a, b, path=""):
         assert a == b, path
 
 
-def test_save_on_four_ranks_resume_on_other_layouts(tmp_path):
-    root = str(tmp_path / "ckpt")
-    straight = run_ranks(_train, 4, {"dp_shard": 4}, 6, root, 3)[0]
+DP2 = {"dp_shard": 2}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("checkpoints")
+    names = ("reshard", "exact_sync", "exact_async", "crash", "keep", "float32", "bfloat16", "parts")
+    return {name: str(base / name) for name in names}
+
+
+@pytest.fixture(scope="module")
+def crashed(roots):
+    """A rank killed inside a save (its own spawn: the group dies with it)."""
+    with pytest.raises(RankFailedError) as info:
+        run_ranks(_crash_then_recover, 2, roots["crash"], "crash")
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def saved(roots):
+    two = run_checks(
+        2,
+        {
+            "exact_sync": (_train, (DP2, 10, roots["exact_sync"], 5, False, False, True)),
+            "exact_async": (_train, (DP2, 10, roots["exact_async"], 5, False, True, True)),
+            "keep": (_keep_and_mismatch, (roots["keep"],)),
+            "float32": (_export, (roots["float32"], "float32")),
+            "bfloat16": (_export, (roots["bfloat16"], "bfloat16")),
+            "parts": (_part_semantics, (roots["parts"], "save")),
+        },
+    )
+    four = run_checks(4, {"reshard": (_train, ({"dp_shard": 4}, 6, roots["reshard"], 3))})
+    return {2: two, 4: four}
+
+
+@pytest.fixture(scope="module")
+def resumed(roots, saved, crashed):
+    two = run_checks(
+        2,
+        {
+            "reshard": (_train, (DP2, 6, roots["reshard"], None, True)),
+            "exact_sync": (_train, (DP2, 10, roots["exact_sync"], None, True, False, True)),
+            "exact_async": (_train, (DP2, 10, roots["exact_async"], None, True, True, True)),
+            "crash": (_crash_then_recover, (roots["crash"], "recover")),
+            "parts": (_part_semantics, (roots["parts"], "load")),
+        },
+    )
+    four = run_checks(
+        4,
+        {
+            "reshard": (_train, ({"dp_shard": 2, "sp": 2}, 6, roots["reshard"], None, True)),
+            "parts": (_part_semantics, (roots["parts"], "load")),
+        },
+    )
+    return {2: two, 4: four}
+
+
+def test_save_on_four_ranks_resume_on_other_layouts(saved, resumed):
+    straight = saved[4]["reshard"][0]
     for world, dims in ((2, {"dp_shard": 2}), (4, {"dp_shard": 2, "sp": 2})):
-        resumed = run_ranks(_train, world, dims, 6, root, None, True)[0]
+        resumed_run = resumed[world]["reshard"][0]
         for part in ("model", "optimizer", "scheduler", "trainer"):
-            _assert_state_equal(straight["saved"][part], resumed["loaded"][part], f"{dims}:{part}")
+            _assert_state_equal(straight["saved"][part], resumed_run["loaded"][part], f"{dims}:{part}")
         for step in (4, 5, 6):
-            want, got = straight["losses"][step], resumed["losses"][step]
+            want, got = straight["losses"][step], resumed_run["losses"][step]
             assert abs(got - want) <= 1e-5 * abs(want), (dims, step, got, want)
 
 
-@pytest.mark.parametrize("async_save", [False, True])
-def test_exact_resume_is_bitwise(tmp_path, async_save):
-    root = str(tmp_path / "ckpt")
-    dims = {"dp_shard": 2}
-    straight = run_ranks(_train, 2, dims, 10, root, 5, False, async_save, True)[0]
-    resumed = run_ranks(_train, 2, dims, 10, root, None, True, async_save, True)[0]
-    assert [resumed["losses"][s] for s in range(6, 11)] == [straight["losses"][s] for s in range(6, 11)]
-    assert resumed["loaded"]["trainer"]["step"] == 5
+@pytest.mark.parametrize("check", ["exact_sync", "exact_async"])
+def test_exact_resume_is_bitwise(saved, resumed, check):
+    straight, again = saved[2][check][0], resumed[2][check][0]
+    assert [again["losses"][s] for s in range(6, 11)] == [straight["losses"][s] for s in range(6, 11)]
+    assert again["loaded"]["trainer"]["step"] == 5
 
 
 def _crash_then_recover(root: str, phase: str) -> dict:
@@ -170,12 +227,9 @@ def _crash_then_recover(root: str, phase: str) -> dict:
     return {"before": before, "loaded_step": step, "after": after, "steps": manager.complete_steps()}
 
 
-def test_a_rank_killed_during_save_leaves_the_previous_checkpoint_latest(tmp_path):
-    root = str(tmp_path / "ckpt")
-    with pytest.raises(RankFailedError) as info:
-        run_ranks(_crash_then_recover, 2, root, "crash")
-    assert "killed by signal SIGKILL" in str(info.value)
-    out = run_ranks(_crash_then_recover, 2, root, "recover")[0]
+def test_a_rank_killed_during_save_leaves_the_previous_checkpoint_latest(crashed, resumed):
+    assert "killed by signal SIGKILL" in crashed
+    out = resumed[2]["crash"][0]
     assert out["before"]["latest"].endswith("step-00000002")
     assert out["before"]["partial"] == ["step-00000004.tmp"]
     assert out["loaded_step"] == 2
@@ -205,8 +259,8 @@ def _keep_and_mismatch(root: str) -> dict:
     return {"steps": steps, "errors": errors}
 
 
-def test_keep_last_k_and_mismatched_models_are_named(tmp_path):
-    out = run_ranks(_keep_and_mismatch, 2, str(tmp_path / "ckpt"))[0]
+def test_keep_last_k_and_mismatched_models_are_named(saved):
+    out = saved[2]["keep"][0]
     assert out["steps"] == [2, 3]
     assert "the checkpoint has ['model/model.layers.2." in out["errors"]["shape"]
     assert "has no part(s) ['optimizer'] (it has ['model', 'rng'])" in out["errors"]["part"]
@@ -225,11 +279,12 @@ def _export(out_dir: str, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_hf_export_of_sharded_model_loads_with_from_pretrained(tmp_path, dtype):
-    run_ranks(_export, 2, str(tmp_path), dtype)
-    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=getattr(torch, dtype))
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+def test_hf_export_of_sharded_model_loads_with_from_pretrained(roots, saved, dtype):
+    assert saved[2][dtype] == [None, None]  # the export ran on both ranks (re-raises what it raised)
+    out = Path(roots[dtype])
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(
         t.numel() * t.element_size() for t in loaded.state_dict().values()
     )
@@ -285,13 +340,12 @@ class _NotPerRank:
         pass
 
 
-def test_per_rank_variable_size_parts_keep_k_and_replicated_checks(tmp_path):
-    root = str(tmp_path / "ckpt")
-    saved = run_ranks(_part_semantics, 2, root, "save")
-    assert saved[0]["steps"] == [3] and saved[0]["latest"] == "step-00000003"
-    for out in saved:
+def test_per_rank_variable_size_parts_keep_k_and_replicated_checks(saved, resumed):
+    first = saved[2]["parts"]
+    assert first[0]["steps"] == [3] and first[0]["latest"] == "step-00000003"
+    for out in first:
         assert "parts ['same'] differ between ranks but are not per-rank" in out["differing"]
-    same = run_ranks(_part_semantics, 2, root, "load")
+    same = resumed[2]["parts"]
     assert [o["items"] for o in same] == [[0, 0, 0], [1, 1, 1, 1]]  # each rank its own, sizes restored
-    other = run_ranks(_part_semantics, 4, root, "load")
+    other = resumed[4]["parts"]
     assert all(o["items"] == [] and o["step"] == 3 for o in other)  # another world size: not restored

@@ -1,10 +1,13 @@
 """Expert parallelism: HF per-expert checkpoints land in the right EP shards, checkpoints do not depend
-on the EP size, and bad EP configurations fail before training."""
+on the EP size, and bad EP configurations fail before training.
+
+Three spawns hold every check (fixture `ranks`): what writes (2 ranks), then what reads it (2 and 4 ranks)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,11 +25,49 @@ from omni_dist.plan import PlanError
 from omni_dist.weights import init_weights_, materialize_, non_persistent_buffers
 from omni_models.hf_keys import per_expert_keys, per_expert_tensors
 from omni_models.hf_plans import plan_for
-from tests.harness import run_ranks
+from tests.harness import run_checks
 from tests.omni_dist.test_ep_parity import moe_config
 from tests.omni_dist.tiny import SEED, meta_model, plain_model
 
 IDS = torch.arange(40).remainder(128).view(1, 40)
+EP2 = {"dp_shard": 2, "ep": 2}
+EP4 = {"dp_shard": 4, "ep": 4}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, str]:
+    """An HF directory of the plain MoE model (per-expert tensors), and where the spawns write."""
+    base = tmp_path_factory.mktemp("ep")
+    plain_model(moe_config()).save_pretrained(base / "hf")
+    return {name: str(base / name) for name in ("hf", "ckpt", "export")}
+
+
+@pytest.fixture(scope="module")
+def ranks(dirs) -> dict:
+    written = run_checks(
+        2,
+        {
+            "load_hf": (_load_hf, (dirs["hf"], EP2)),
+            "save": (_save_or_load, (dirs["ckpt"], EP2, "save")),
+            "export": (_export_ep, (dirs["export"],)),
+        },
+    )
+    four = run_checks(
+        4,
+        {
+            "load_hf": (_load_hf, (dirs["hf"], EP4)),
+            "load": (_save_or_load, (dirs["ckpt"], {"dp_shard": 2, "sp": 2, "ep": 4}, "load")),
+            "bad_ep": (_bad_ep, ()),
+        },
+    )
+    two = run_checks(
+        2,
+        {
+            "load": (_save_or_load, (dirs["ckpt"], {"dp_shard": 2}, "load")),
+            "reload_export": (_reload_export, (dirs["export"],)),
+        },
+    )
+    return {"written": written, 2: two, 4: four}
 
 
 def _ep_model(dims: dict, config=None):
@@ -60,15 +101,14 @@ def _load_hf(path: str, dims: dict) -> dict:
     }
 
 
-@pytest.mark.parametrize(("world", "dims"), [(2, {"dp_shard": 2, "ep": 2}), (4, {"dp_shard": 4, "ep": 4})])
-def test_per_expert_hf_checkpoint_lands_in_ep_shards(tmp_path, world, dims):
+@pytest.mark.parametrize(("spawn", "dims"), [("written", EP2), (4, EP4)])
+def test_per_expert_hf_checkpoint_lands_in_ep_shards(dirs, ranks, spawn, dims):
     plain = plain_model(moe_config())
-    plain.save_pretrained(tmp_path)
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(dirs["hf"], dtype=torch.float32)
     ref.config._attn_implementation = "sdpa"
     with torch.no_grad():
         want = ref(input_ids=IDS, use_cache=False).logits
-    for out in run_ranks(_load_hf, world, str(tmp_path), dims):
+    for out in ranks[spawn]["load_hf"]:
         torch.testing.assert_close(out["logits"], want, rtol=1e-5, atol=1e-6)
         for k, v in plain.state_dict().items():
             assert torch.equal(out["full"][k], v), k
@@ -86,15 +126,14 @@ def _save_or_load(root: str, dims: dict, phase: str) -> dict:
     return _full(model)
 
 
-def test_checkpoint_of_ep_model_does_not_depend_on_ep_size(tmp_path):
-    root = str(tmp_path / "ckpt")
-    saved = run_ranks(_save_or_load, 2, root, {"dp_shard": 2, "ep": 2}, "save")[0]
+def test_checkpoint_of_ep_model_does_not_depend_on_ep_size(dirs, ranks):
+    saved = ranks["written"]["save"][0]
     from torch.distributed.checkpoint import FileSystemReader
 
-    stored = FileSystemReader(str(tmp_path / "ckpt" / "step-00000001")).read_metadata().state_dict_metadata
+    stored = FileSystemReader(f"{dirs['ckpt']}/step-00000001").read_metadata().state_dict_metadata
     assert tuple(stored["model/model.layers.0.mlp.experts.gate_up_proj"].size) == (8, 32, 32)
     for world, dims in ((2, {"dp_shard": 2}), (4, {"dp_shard": 2, "sp": 2, "ep": 4})):
-        loaded = run_ranks(_save_or_load, world, root, dims, "load")[0]
+        loaded = ranks[world]["load"][0]
         for k, v in saved.items():
             assert torch.equal(loaded[k], v), (dims, k)
 
@@ -142,8 +181,8 @@ def _typo_plan():
     parallelize(model, mesh, plan, ParallelizeConfig())
 
 
-def test_bad_expert_parallel_configurations_are_named():
-    out = run_ranks(_bad_ep, 4)[0]
+def test_bad_expert_parallel_configurations_are_named(ranks):
+    out = ranks[4]["bad_ep"][0]
     assert "6 experts cannot be split over ep=4" in out["experts_not_divisible"]
     assert "ep=2 but the plan of Qwen2ForCausalLM names no expert modules" in out["dense_model_with_ep"]
     assert (
@@ -173,14 +212,15 @@ def _reload_export(out_dir: str) -> dict:
     return _full(model)
 
 
-def test_hf_export_of_ep_sharded_moe_loads_with_from_pretrained(tmp_path):
-    run_ranks(_export_ep, 2, str(tmp_path))
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+def test_hf_export_of_ep_sharded_moe_loads_with_from_pretrained(dirs, ranks):
+    assert ranks["written"]["export"] == [None, None]  # re-raises what the export raised
+    export = Path(dirs["export"])
+    index = json.loads((export / "model.safetensors.index.json").read_text())
     assert "model.layers.0.mlp.experts.7.up_proj.weight" in index["weight_map"]  # HF's per-expert layout
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
     want = plain_model(moe_config())
     for k, v in want.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     # and our own loader reads the export back into EP shards
-    for k, v in run_ranks(_reload_export, 2, str(tmp_path))[0].items():
+    for k, v in ranks[2]["reload_export"][0].items():
         assert torch.equal(v, want.state_dict()[k]), k

@@ -1,4 +1,5 @@
-"""Packed attention backends and Ulysses SP (sync and async) against single-process references."""
+"""Packed attention backends and Ulysses SP (sync and async) against single-process references.
+The 2-rank checks share one spawn (fixture `two_ranks`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from omni_dist.attention import (
 )
 from omni_dist.packed import pack, pad_for_sp
 from omni_dist.sequence import gather_sequence, shift_labels, slice_for_sp
-from tests.harness import run_ranks
+from tests.harness import run_checks
 
 LENGTHS = [5, 3, 7, 4]  # 19 tokens: not a multiple of 2 or 4
 
@@ -162,9 +163,19 @@ def _ulysses_vs_reference(sp_size: int) -> dict[str, float]:
     return errors
 
 
-@pytest.mark.parametrize("sp_size", [2, 4])
-def test_ulysses_matches_single_process(sp_size):
-    for errors in run_ranks(_ulysses_vs_reference, sp_size, sp_size):
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_checks(2, {"ulysses": (_ulysses_vs_reference, (2,)), "bad_heads": (_bad_heads, ())})
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_checks(4, {"ulysses": (_ulysses_vs_reference, (4,))})
+
+
+@pytest.mark.parametrize("ranks", ["two_ranks", "four_ranks"])  # sp=2, sp=4
+def test_ulysses_matches_single_process(request, ranks):
+    for errors in request.getfixturevalue(ranks)["ulysses"]:
         assert errors.keys() >= {f"h{h}/kv{k}/chunks{c}" for h, k in CASES for c in (1, 2)}
         bad = {k: v for k, v in errors.items() if v > 1e-10}
         assert not bad, bad
@@ -182,5 +193,5 @@ def _bad_heads() -> str:
     return "no error"
 
 
-def test_heads_not_divisible_by_sp_is_a_config_error():
-    assert "sp (2) must divide the number of attention heads (3)" in run_ranks(_bad_heads, 2)[0]
+def test_heads_not_divisible_by_sp_is_a_config_error(two_ranks):
+    assert "sp (2) must divide the number of attention heads (3)" in two_ranks["bad_heads"][0]

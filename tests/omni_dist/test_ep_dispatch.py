@@ -1,15 +1,17 @@
 """Dispatch/combine alone: unequal token counts per rank (fewer tokens than chunks on one), sync,
-chunked and padded, against the same routing computed in one process (outputs and gradients)."""
+chunked and padded, against the same routing computed in one process (outputs and gradients).
+Both checks run in one spawn (fixture `ranks`)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from omni_dist import ParallelConfigError, ParallelDims, ParallelMesh
 from omni_dist.expert_padded import moe_padded_dispatch
 from omni_dist.expert_parallel import ExpertParallel, moe_dispatch_combine
-from tests.harness import run_ranks
+from tests.harness import run_checks
 
 E, K, H = 4, 2, 3
 TOKENS = [5, 2]  # per rank: rank 1 has fewer tokens than chunks
@@ -87,8 +89,13 @@ def _both() -> dict:
     return {"runs": runs, "errors": _padded_errors()}
 
 
-def test_dispatch_combine_matches_local_routing_with_unequal_tokens():
-    results = run_ranks(_both, 2)
+@pytest.fixture(scope="module")
+def ranks():
+    return run_checks(2, {"both": (_both, ()), "backward_trace": (_backward_trace, ())})
+
+
+def test_dispatch_combine_matches_local_routing_with_unequal_tokens(ranks):
+    results = ranks["both"]
     w_grad_ref = sum(_reference(r)[2] for r in range(2))
     for rank, both in enumerate(results):
         out_ref, x_grad_ref, _, route_grad_ref = _reference(rank)
@@ -143,8 +150,8 @@ def _backward_trace() -> list:
     return log
 
 
-def test_chunked_backward_keeps_several_gradient_exchanges_in_flight():
-    for log in run_ranks(_backward_trace, 2):
+def test_chunked_backward_keeps_several_gradient_exchanges_in_flight(ranks):
+    for log in ranks["backward_trace"]:
         assert not [e for e in log if e[0] == "sync"], log  # every backward exchange is async
         issued = [n for kind, n in log if kind == "issue"]
         assert len(issued) == 8 and sorted(n for kind, n in log if kind == "wait") == sorted(issued)

@@ -47,7 +47,9 @@ def _model(dispatch: str):
     cfg = OmniModelConfig.from_dict(
         omni_spec() | {"foundation": {"name": "qwen3_moe", "config": foundation_config(**MOE)}}
     )
-    config = ParallelizeConfig(ep_dispatch=dispatch, ep_token_bound=MAX_TOKENS)  # the trainer's max_tokens // sp
+    config = ParallelizeConfig(
+        ep_dispatch=dispatch, ep_token_bound=MAX_TOKENS
+    )  # the trainer's max_tokens // sp
     with torch.device("meta"):
         model = build_omni_model(cfg, run_settings(mesh, config, None, loss_chunk=0))
     report = parallelize_omni(model, mesh, cfg, config)

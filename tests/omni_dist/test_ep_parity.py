@@ -92,7 +92,10 @@ def train_ep(dims: dict, chunks: int = 1, compute: str = "auto", dispatch: str =
         plan_for(model),
         # the padded dispatch's bound, the same on every rank: all samples' tokens
         ParallelizeConfig(
-            ep_async=chunks, expert_compute=compute, ep_dispatch=dispatch, ep_token_bound=sum(map(sum, GROUPS))
+            ep_async=chunks,
+            expert_compute=compute,
+            ep_dispatch=dispatch,
+            ep_token_bound=sum(map(sum, GROUPS)),
         ),
     )
     materialize_(model, "cpu")

@@ -80,10 +80,9 @@ def _measure(recipe: dict) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from omni_dist import ParallelMesh
-    from omni_dist.attention import SequenceParallel
     from omni_dist.grad_norm import clip_grad_norm_
     from omni_dist.packed import pack, pad_for_sp
-    from omni_train.assembly import build_model, build_optimizer, trainable_parameters
+    from omni_train.assembly import build_model, build_optimizer, sequence_parallel, trainable_parameters
     from omni_train.config import TrainConfig
     from omni_train.memory import estimate_memory, loss_head
     from omni_train.trainer import forward_backward
@@ -91,7 +90,7 @@ def _measure(recipe: dict) -> dict:
     cfg = TrainConfig.model_validate(recipe)
     world = dist.get_world_size()
     mesh = ParallelMesh.build(cfg.dims(world), device_type="cpu")
-    sp = SequenceParallel.from_mesh(mesh["sp"]) if cfg.parallel.sp > 1 else None
+    sp = sequence_parallel(cfg, mesh)
     device = torch.device("cpu")
     model = build_model(cfg, mesh, device).model
     optimizer, _ = build_optimizer(cfg, model, device)

@@ -24,6 +24,7 @@ import yaml
 from omni_data.loader import OmniLoader
 from omni_data.processor import ChatProcessor
 from omni_dist import ParallelMesh, distributed
+from omni_dist.attention import SequenceParallel
 from omni_dist.checkpoint import CheckpointManager, ModelPart
 from omni_dist.optim import SkippingAdamW
 from omni_dist.parallelize import ParallelizeReport
@@ -40,6 +41,11 @@ def meta_model(spec: OmniModelConfig, settings: RunSettings | None = None) -> Om
     """The omni model on the meta device: no memory, any scale."""
     with torch.device("meta"):
         return build_omni_model(spec, settings)
+
+
+def sequence_parallel(cfg: TrainConfig, mesh: ParallelMesh) -> SequenceParallel | None:
+    """The SP group the model's forward runs over (parallel.sp ranks, parallel.sp_async head chunks)."""
+    return SequenceParallel.from_mesh(mesh["sp"], cfg.parallel.sp_async) if cfg.parallel.sp > 1 else None
 
 
 @dataclass

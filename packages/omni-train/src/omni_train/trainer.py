@@ -36,6 +36,7 @@ from omni_train.assembly import (
     build_model,
     build_optimizer,
     chat_processor,
+    sequence_parallel,
     tokenizer,
     trainable_parameters,
 )
@@ -222,7 +223,7 @@ class Trainer:
         self.rank0 = self.env.rank == 0
         self.mesh = ParallelMesh.build(cfg.dims(self.env.world_size), device_type=self.device.type)
         p = cfg.parallel
-        self.sp = SequenceParallel.from_mesh(self.mesh["sp"], p.sp_async) if p.sp > 1 else None
+        self.sp = sequence_parallel(cfg, self.mesh)
         built = build_model(cfg, self.mesh, self.device)
         self.model, self.report = built.model, built.report
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.device)

@@ -12,7 +12,7 @@ from omni_dist.hf_load import CheckpointMismatchError, load_hf_weights_
 from omni_dist.parallelize import ParallelizeConfig, parallelize
 from omni_dist.plan import ParallelPlan, PlanError
 from omni_dist.weights import init_weights_, materialize_, non_persistent_buffers
-from tests.harness import run_ranks
+from tests.harness import run_checks, run_ranks
 from tests.omni_dist.tiny import (
     QWEN2_PLAN,
     build_parallel,
@@ -64,10 +64,29 @@ def _load_and_forward(paths: dict[str, str], dims: dict) -> dict[str, torch.Tens
     return out
 
 
-@pytest.mark.parametrize(("world", "dims"), [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2})])
-def test_sharded_load_gives_from_pretrained_logits(hf_checkpoints, world, dims):
+@pytest.fixture(scope="module")
+def two_ranks(hf_checkpoints, tmp_path_factory):
+    """The 2-rank checks of this file, in one spawn."""
     paths = {name: path for name, (path, _) in hf_checkpoints.items()}
-    for rank_out in run_ranks(_load_and_forward, world, paths, dims):
+    # A checkpoint of a smaller model: shapes and names do not cover the tiny model.
+    small, empty = tmp_path_factory.mktemp("small"), tmp_path_factory.mktemp("empty")
+    plain_model(tiny_qwen2_config(num_hidden_layers=1)).save_pretrained(small)
+    return run_checks(
+        2,
+        {
+            "load": (_load_and_forward, (paths, {"dp_shard": 2})),
+            "recompute": (_bf16_recompute_losses, ()),
+            "dtypes": (_mixed_precision_dtypes, ()),
+            "bad_inputs": (_bad_inputs, (str(small), str(empty))),
+        },
+    )
+
+
+@pytest.mark.parametrize(("world", "dims"), [(2, {"dp_shard": 2}), (4, {"dp_replicate": 2, "dp_shard": 2})])
+def test_sharded_load_gives_from_pretrained_logits(hf_checkpoints, two_ranks, world, dims):
+    paths = {name: path for name, (path, _) in hf_checkpoints.items()}
+    ranks = two_ranks["load"] if world == 2 else run_ranks(_load_and_forward, world, paths, dims)
+    for rank_out in ranks:
         for name, (_, want) in hf_checkpoints.items():
             torch.testing.assert_close(rank_out[name], want, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -118,16 +137,16 @@ def _bf16_recompute_losses() -> dict[str, list[float]]:
     return out
 
 
-def test_bf16_with_full_and_selective_recompute_trains():
-    out = run_ranks(_bf16_recompute_losses, 2)[0]
+def test_bf16_with_full_and_selective_recompute_trains(two_ranks):
+    out = two_ranks["recompute"][0]
     fp32_first = (lambda t: (t[0] / t[1]).item())(loss_sum(plain_model(tiny_qwen2_config()), *global_batch()))
     for mode, losses in out.items():
         assert abs(losses[0] - fp32_first) < 2e-2 * fp32_first, (mode, losses)
         assert losses[1] < losses[0], (mode, losses)
 
 
-def test_bf16_compute_keeps_fp32_modules_and_fp32_master_weights():
-    out = run_ranks(_mixed_precision_dtypes, 2)[0]
+def test_bf16_compute_keeps_fp32_modules_and_fp32_master_weights(two_ranks):
+    out = two_ranks["dtypes"][0]
     assert out["seen"] == {"norm_weight": torch.float32, "proj_weight": torch.bfloat16}
     assert out["fp32_units"] == 3 * 2 + 1  # two norms per block + the final norm
     assert out["sharded_dtype"] == torch.float32 and out["grad_dtype"] == torch.float32
@@ -189,12 +208,8 @@ def _bad_inputs(missing_path: str, empty_path: str) -> dict[str, str]:
     return out
 
 
-def test_bad_plans_and_inputs_fail_with_names(tmp_path):
-    # A checkpoint of a smaller model: shapes and names do not cover the tiny model.
-    small = tmp_path / "small"
-    plain_model(tiny_qwen2_config(num_hidden_layers=1)).save_pretrained(small)
-    (tmp_path / "empty").mkdir()
-    out = run_ranks(_bad_inputs, 2, str(small), str(tmp_path / "empty"))[0]
+def test_bad_plans_and_inputs_fail_with_names(two_ranks):
+    out = two_ranks["bad_inputs"][0]
     assert "PlanError: plan.fsdp_units pattern 'Qwen2DecoderLyer' matches no module" in out["typo"]
     assert "Closest: Qwen2DecoderLayer" in out["typo"]
     assert "plan.expert_params pattern '*.experts.w1' matches no parameter" in out["expert_typo"]

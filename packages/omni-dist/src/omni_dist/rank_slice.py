@@ -39,8 +39,8 @@ class RankSlice:
         predicted = {}
         for modality, target in batch.targets.items():
             before = target.positions - 1 - start
-            predicted[modality] = _where((before >= 0) & (before < length))
-        return cls(sp, start, length, labels, _where(labels != IGNORE_INDEX), predicted)
+            predicted[modality] = host_indices((before >= 0) & (before < length))
+        return cls(sp, start, length, labels, host_indices(labels != IGNORE_INDEX), predicted)
 
     def __call__(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's part of a whole-sequence tensor (the sequence along `dim`)."""
@@ -53,6 +53,6 @@ class RankSlice:
         return int(self.labelled.numel()) + sum(int(p.numel()) for p in self.predicted.values())
 
 
-def _where(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of a host mask (a data-dependent size: only ever on the host)."""
+def host_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of a host mask (a data-dependent size: only ever on the host, where it does not wait)."""
     return torch.nonzero(mask).flatten()

@@ -30,7 +30,7 @@ from omni_dist.media_split import EncoderRoute, WorldRoute
 from omni_dist.moe_loss import load_balancing_loss
 from omni_dist.packed import MediaBatch, PackedBatch, to_device
 from omni_dist.parallelize import EncoderBalance
-from omni_dist.rank_slice import RankSlice
+from omni_dist.rank_slice import RankSlice, host_indices
 from omni_models.flops import transformer_flops
 
 
@@ -175,7 +175,7 @@ class OmniModel(nn.Module):
                     raise ValueError(
                         f"{name} gave {f.shape[0]} {m} embeddings for {pos.shape[0]} placeholders"
                     )
-                keep = _where((pos >= 0) & (pos < length)) if present else pos
+                keep = host_indices((pos >= 0) & (pos < length)) if present else pos
                 rows.append(keep + offset)
                 targets.append(pos[keep])
                 offset += f.shape[0]
@@ -198,7 +198,7 @@ class OmniModel(nn.Module):
                 pos = pos[:0]
             elif feats.shape[0] != pos.shape[0]:
                 raise ValueError(f"{name} gave {feats.shape[0]} {m} tokens for {pos.shape[0]} placeholders")
-            keep = _where((pos >= start) & (pos < start + length)) if present else pos
+            keep = host_indices((pos >= start) & (pos < start + length)) if present else pos
             at, keep = _to(pos[keep] - start, ids.device), _to(keep, ids.device)
             embeds = embeds.index_put((row0.expand_as(at), at), feats[keep].to(embeds.dtype))
             generated[name] = _Targets(pos, codes[: pos.shape[0]])
@@ -249,6 +249,8 @@ class OmniModel(nn.Module):
     ) -> OmniOutput:
         """`rank_slice`: this rank's view of `batch` (RankSlice.of(batch, sequence_parallel)) where the
         caller has made it already, e.g. to count the step's loss tokens."""
+        if rank_slice is not None and rank_slice.sp is not sequence_parallel:
+            raise ValueError("rank_slice was made for another sequence_parallel than the one given")
         view = rank_slice if rank_slice is not None else RankSlice.of(batch, sequence_parallel)
         sp, settings = view.sp, self.settings
         embeds, generated = self._embed(batch, view)
@@ -336,11 +338,6 @@ class OmniModel(nn.Module):
             present = {m: targets[m] for m in decoder.modalities if m in targets}
             out[name] = decoder.flops(present) if present else 0.0
         return out
-
-
-def _where(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of a host mask (a data-dependent size: only ever on the host; dummies skip it)."""
-    return torch.nonzero(mask).flatten()
 
 
 def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:

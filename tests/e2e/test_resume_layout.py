@@ -41,7 +41,7 @@ def _run(data: Path, jsonl: Path, run_dir: Path, nproc: int, steps: int, extra: 
         "data.num_workers=1",
         "data.shuffle_buffer=8",
         f"train.steps={steps}",
-        "checkpoint.interval=1",
+        "checkpoint.interval=0",  # only the final one: the 2-step run's is where the others resume
         "checkpoint.async_save=false",
         f"logging.run_dir={run_dir}",
         "logging.console=none",

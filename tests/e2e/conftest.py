@@ -45,6 +45,7 @@ def overrides(data: Path, run_dir: Path, extra: list[str] = ()) -> list[str]:
         f"train.steps={STEPS}",
         "train.lr=3e-3",  # the recipe's lr is for 900 steps: in 12 it barely moves the loss
         "train.eval_every=6",
+        "train.eval_steps=2",  # an eval of the whole shard outlasts the 12 steps; the fsdp run of `runs` keeps it
         "checkpoint.interval=2",
         "checkpoint.async_save=false",
         f"logging.run_dir={run_dir}",
@@ -71,7 +72,12 @@ def close(a: float, b: float) -> bool:
 def runs(quickstart_data, tmp_path_factory):
     data, _ = quickstart_data
     root = tmp_path_factory.mktemp("runs")
-    layouts = {"single": (1, []), "fsdp": (2, ["parallel.dp_shard=2"]), "sp": (2, ["parallel.sp=2"])}
+    whole_eval = "train.eval_steps=0"  # test_train checks the eval losses of the whole shard, by part
+    layouts = {
+        "single": (1, []),
+        "fsdp": (2, ["parallel.dp_shard=2", whole_eval]),
+        "sp": (2, ["parallel.sp=2"]),
+    }
     out = {}
     for name, (n, extra) in layouts.items():
         cfg = load_config(RECIPE, overrides(data, root / name, extra))

@@ -3,9 +3,11 @@
 `run_ranks(fn, n, ...)` spawns n CPU ranks joined by gloo, runs the module-level function `fn` in each
 (one intra-op thread per rank), and returns the per-rank results in rank order. A rank that raises,
 dies or hangs fails the test within `timeout_s` with that rank's traceback or Python stacks.
-Spawning costs ~5-9 s: put several checks into one spawn. `run_checks(n, {name: (fn, args)})` runs
-each named check in turn on the same n ranks and returns a `Checks`; a check that raised re-raises (with
-its ranks' tracebacks) only where a test reads its result, so the other checks of the spawn still pass.
+Ranks fork from a forkserver that imported torch and transformers once (PRELOAD); a spawn still costs a
+rendezvous and the test module's imports: put several checks into one spawn. `run_checks(n, {name:
+(fn, args)})` runs each named check in turn on the same n ranks and returns a `Checks`; a check that
+raised re-raises (with its ranks' tracebacks) only where a test reads its result, so the other checks of
+the spawn still pass.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from omni_dist.spawn import run_ranks as _run_ranks
 __all__ = ["Checks", "RankFailedError", "run_checks", "run_ranks"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("OMNI_TEST_RANK_TIMEOUT", "240"))
+# What every rank imports, imported once by a forkserver for the whole session (omni_dist.spawn): a spawn
+# then costs well under a second instead of ~5 s of imports per rank. Calls with `env` spawn fresh ranks.
+PRELOAD = ("torch", "torch.distributed.tensor", "transformers", "omni_dist.parallelize", "omni_models.config")
 
 
 def run_ranks(
@@ -40,6 +45,7 @@ def run_ranks(
         timeout_s=timeout_s,
         env=env,
         init_process_group=init_process_group,
+        preload=() if env else PRELOAD,
     )
 
 

@@ -41,6 +41,19 @@ def test_results_come_back_in_rank_order():
     assert torch.equal(out[2]["tensor"], torch.tensor([2.0, 2.0]))
 
 
+def test_forked_ranks_have_their_own_environment():
+    """Without `env` the harness forks ranks from its preloading forkserver: each still sees its own
+    rank variables, and its parent is the server, not this process (die_with_parent follows this one)."""
+    out = run_ranks(_rank_facts_and_parent, 2, 0)
+    assert [o["env"] for o in out] == [("0", "0", "2"), ("1", "1", "2")]
+    assert all(o["threads"] == 1 and o["sum"] == 1.0 for o in out)
+    assert all(o["parent"] not in (os.getpid(), 1) for o in out)
+
+
+def _rank_facts_and_parent(offset: int) -> dict:
+    return {**_rank_facts(offset), "parent": os.getppid()}
+
+
 def _raise_on_rank_one() -> None:
     if dist.get_rank() == 1:
         raise ValueError("bad shard 17 on purpose")

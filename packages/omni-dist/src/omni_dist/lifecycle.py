@@ -18,18 +18,23 @@ import threading
 import time
 
 
-def die_with_parent(parent_pid: int, poll_s: float | None = 0.5) -> None:
-    """Make this process exit when `parent_pid` (read in the parent, before starting us) dies."""
+def die_with_parent(parent_pid: int, poll_s: float | None = 0.5, direct: bool = True) -> None:
+    """Make this process exit when `parent_pid` (read in the parent, before starting us) dies.
+
+    `direct=False`: `parent_pid` started us through an intermediary (a multiprocessing forkserver, which
+    exits with it): the death signal then comes from the intermediary's death, and the watch follows
+    `parent_pid` itself rather than our parent process."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if not _alive(parent_pid) or os.getppid() != parent_pid:  # it died before the call took effect
+    # it died before the call took effect
+    if not _alive(parent_pid) or (direct and os.getppid() != parent_pid):
         os._exit(1)
     if poll_s:
         threading.Thread(
-            target=_watch, args=(parent_pid, poll_s), daemon=True, name="die-with-parent"
+            target=_watch, args=(parent_pid, poll_s, direct), daemon=True, name="die-with-parent"
         ).start()
 
 
@@ -43,7 +48,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _watch(parent_pid: int, poll_s: float) -> None:
-    while _alive(parent_pid) and os.getppid() == parent_pid:
+def _watch(parent_pid: int, poll_s: float, direct: bool) -> None:
+    while _alive(parent_pid) and (not direct or os.getppid() == parent_pid):
         time.sleep(poll_s)
     os._exit(1)

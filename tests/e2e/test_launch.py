@@ -1,7 +1,8 @@
 """`omni-train launch` on a real local Ray cluster (2 CPUs, 127.0.0.1): supervision and restarts.
 
-Each test runs the real CLI in a subprocess and hurts a real worker process: SIGKILL (a crash) or
-SIGSTOP (a hang, caught by the heartbeat timeout). The reference is the `omni-train run --nproc 2`
+Each launch runs the real CLI in a subprocess and hurts a real worker process: SIGKILL (a crash) or
+SIGSTOP (a hang, caught by the heartbeat timeout). One launch takes both, one after the other (fixture
+`killed_then_hung`: a cluster start and a run fewer). The reference is the `omni-train run --nproc 2`
 run of the same recipe and layout (fixture `runs`).
 """
 
@@ -34,13 +35,19 @@ def _launch(data: Path, run_dir: Path, extra: list[str]) -> subprocess.Popen:
     )
 
 
-def _hurt_after_checkpoint(proc: subprocess.Popen, run_dir: Path, sig: int, at: str = "step-00000004") -> int:
-    """Once checkpoint `at` is complete, send `sig` to rank 1's process; returns that pid."""
+def _hurt_after_checkpoint(
+    proc: subprocess.Popen, run_dir: Path, sig: int, at: str = "step-00000004", spare: int | None = None
+) -> int:
+    """Once checkpoint `at` is complete, send `sig` to rank 1's process (one other than `spare`, the
+    pid of a group already hurt); returns that pid."""
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         latest = run_dir / "checkpoints" / "latest"
         if latest.exists() and latest.read_text().strip() >= at and (run_dir / "workers.json").exists():
             pid = json.loads((run_dir / "workers.json").read_text())["1"]
+            if pid == spare:
+                time.sleep(0.05)
+                continue
             os.kill(pid, sig)
             return pid
         time.sleep(0.05)
@@ -69,13 +76,27 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
     assert len(flat) == len(set(flat))
 
 
-def test_killed_worker_restarts_the_group_from_checkpoint(runs):
-    data, root, out = runs
-    run_dir = root / "launch-kill"
-    proc = _launch(data, run_dir, ["launcher.max_failures=2", "launcher.heartbeat_timeout_s=60"])
-    _hurt_after_checkpoint(proc, run_dir, signal.SIGKILL)
-    output = proc.communicate(timeout=300)[0]
+@pytest.fixture(scope="module")
+def killed_then_hung(runs):
+    """Rank 1 SIGKILLed after checkpoint step 4 (restart 1/2); in the restarted group, rank 1 SIGSTOPped
+    after checkpoint step 8 (no heartbeat for 20 s: restart 2/2). Returns the run dir and the output."""
+    data, root, _ = runs
+    run_dir = root / "launch-kill-hang"
+    proc = _launch(data, run_dir, ["launcher.max_failures=2", "launcher.heartbeat_timeout_s=20"])
+    killed = _hurt_after_checkpoint(proc, run_dir, signal.SIGKILL)
+    stopped = _hurt_after_checkpoint(proc, run_dir, signal.SIGSTOP, at="step-00000008", spare=killed)
+    try:
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGKILL)  # if the launcher did not
     assert proc.returncode == 0, output[-3000:]
+    return run_dir, output
+
+
+def test_killed_worker_restarts_the_group_from_checkpoint(runs, killed_then_hung):
+    _, _, out = runs
+    run_dir, output = killed_then_hung
     assert "restart 1/2 from checkpoint step" in output and "ActorDiedError" in output
     assert "(rank0" in output or "rank0 pid" in output  # actor output streamed with rank prefixes
     _assert_same_run(run_dir, out["fsdp"][0])
@@ -96,16 +117,8 @@ def test_without_restarts_a_killed_worker_ends_the_run_with_a_clear_message(runs
     )
 
 
-def test_hung_worker_is_caught_by_the_heartbeat_and_restarted(runs):
-    data, root, out = runs
-    run_dir = root / "launch-hang"
-    proc = _launch(data, run_dir, ["launcher.max_failures=1", "launcher.heartbeat_timeout_s=20"])
-    pid = _hurt_after_checkpoint(proc, run_dir, signal.SIGSTOP)
-    try:
-        output = proc.communicate(timeout=300)[0]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # if the launcher did not
-    assert proc.returncode == 0, output[-3000:]
-    assert "no progress for 20 s" in output and "restart 1/1" in output
+def test_hung_worker_is_caught_by_the_heartbeat_and_restarted(runs, killed_then_hung):
+    _, _, out = runs
+    run_dir, output = killed_then_hung
+    assert "no progress for 20 s" in output and "restart 2/2" in output
     _assert_same_run(run_dir, out["fsdp"][0])

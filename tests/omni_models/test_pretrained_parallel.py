@@ -2,7 +2,8 @@
 under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x sp=2) as in one process: loss and grad norm
 over 3 AdamW steps on one global batch, with an image whose placeholders straddle the SP cut (so its
 positions and features are split between ranks); Janus also generates images on some ranks; Qwen2.5-Omni
-also with a video whose audio track is interleaved with its frames."""
+also with a video whose audio track is interleaved with its frames. Every case runs in one 4-rank spawn
+(fixture `four_ranks`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from omni_dist import ParallelDims, ParallelMesh
 from omni_dist.attention import SequenceParallel
 from omni_models.config import OmniModelConfig
 from omni_train.assembly import chat_processor
-from tests.harness import run_ranks
+from tests.harness import run_checks
 from tests.omni_models.hf_dirs import FAMILIES, qwen_vl_dir
 from tests.omni_models.hf_families import build, draw_sample, pack, processed, vl_sample
 from tests.omni_models.test_omni_parity import _close, _train
@@ -111,13 +112,26 @@ def _rank(path: str, av: bool) -> list[dict]:
 CASES = [(f, False) for f in (*FAMILIES, "janus")] + [("qwen2_5_omni_thinker", True)]
 
 
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict[str, str]:
+    """family -> a directory of that family with random weights."""
+    return {
+        family: str(qwen_vl_dir(tmp_path_factory.mktemp(family), family, init=0.1))
+        for family in dict.fromkeys(f for f, _ in CASES)
+    }
+
+
+@pytest.fixture(scope="module")
+def four_ranks(paths):
+    return run_checks(4, {f"{family}/{av}": (_rank, (paths[family], av)) for family, av in CASES})
+
+
 @pytest.mark.parametrize("family,av", CASES)
-def test_pretrained_parallel_layouts_match_one_process(tmp_path, family, av):
-    path = str(qwen_vl_dir(tmp_path, family, init=0.1))
-    ref = _single(path, av)
+def test_pretrained_parallel_layouts_match_one_process(paths, four_ranks, family, av):
+    ref = _single(paths[family], av)
     assert any(ref["straddles"]), "no image straddles the SP cut: change MICRO_BATCHES"
     assert ref["loss"][-1] < ref["loss"][0]
-    for rank_results in run_ranks(_rank, 4, path, av):
+    for rank_results in four_ranks[f"{family}/{av}"]:
         for layout, r in zip(LAYOUTS, rank_results, strict=True):
             assert _close(r["loss"], ref["loss"]), (layout, r["loss"], ref["loss"])
             assert _close(r["grad_norm"], ref["grad_norm"]), (layout, r["grad_norm"], ref["grad_norm"])

@@ -5,11 +5,14 @@ sequence (omni_dist.sequence.slice_for_sp); without SP the slice is the whole se
 worked out once per micro-batch, on the host (labels and generation-target positions stay there:
 PackedBatch.to), and read by everything that needs this rank's part: the model's embedding, forward and
 loss heads, and the trainer's count of the tokens each rank's loss covers.
+
+A plain class, not a dataclass, because it is what the trainer hands the model: FSDP2's root pre-forward
+rebuilds every dataclass, dict and list argument and, on CUDA, copies each tensor in it to the device
+(blocking, torch 2.11 `_to_kwargs`), which would move the host-side indices there and make every
+data-dependent index op wait on the device. An object it does not know reaches the model untouched.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -18,16 +21,28 @@ from omni_dist.packed import PackedBatch
 from omni_dist.sequence import IGNORE_INDEX, slice_for_sp
 
 
-@dataclass(frozen=True)
 class RankSlice:
-    sp: SequenceParallel | None
-    start: int  # first position of this rank's slice in the packed sequence
-    length: int
-    labels: torch.Tensor  # (length,) this slice's (shifted) text labels, on the host
-    labelled: torch.Tensor  # host indices, within the slice, of the positions with a text label
-    # generated modality -> host indices (into its target's positions) of the generated tokens this slice
-    # predicts: those whose predicting position, the one before them, lies in the slice
-    predicted: dict[str, torch.Tensor]
+    __slots__ = ("batch", "labelled", "labels", "length", "predicted", "sp", "start")
+
+    def __init__(
+        self,
+        batch: PackedBatch,
+        sp: SequenceParallel | None,
+        start: int,
+        length: int,
+        labels: torch.Tensor,
+        labelled: torch.Tensor,
+        predicted: dict[str, torch.Tensor],
+    ):
+        self.batch = batch
+        self.sp = sp
+        self.start = start  # first position of this rank's slice in the packed sequence
+        self.length = length
+        self.labels = labels  # (length,) this slice's (shifted) text labels, on the host
+        self.labelled = labelled  # host indices, within the slice, of the positions with a text label
+        # generated modality -> host indices (into its target's positions) of the generated tokens this
+        # slice predicts: those whose predicting position, the one before them, lies in the slice
+        self.predicted = predicted
 
     @classmethod
     def of(cls, batch: PackedBatch, sp: SequenceParallel | None = None) -> RankSlice:
@@ -40,7 +55,12 @@ class RankSlice:
         for modality, target in batch.targets.items():
             before = target.positions - 1 - start
             predicted[modality] = host_indices((before >= 0) & (before < length))
-        return cls(sp, start, length, labels, host_indices(labels != IGNORE_INDEX), predicted)
+        return cls(batch, sp, start, length, labels, host_indices(labels != IGNORE_INDEX), predicted)
+
+    def on(self, batch: PackedBatch) -> RankSlice:
+        """The same view of a copy of its batch (e.g. the one on the device: its host-side tensors, which
+        the view's facts come from, are the same)."""
+        return RankSlice(batch, self.sp, self.start, self.length, self.labels, self.labelled, self.predicted)
 
     def __call__(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This rank's part of a whole-sequence tensor (the sequence along `dim`)."""

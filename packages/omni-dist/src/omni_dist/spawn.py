@@ -156,6 +156,9 @@ def _rank_main(
     spawned: bool,
 ) -> None:
     os.environ.update(rank_env)  # a forked rank has the forkserver's environment
+    # what the rank starts (data-loader workers) starts as from a spawned rank: as direct children (a forked
+    # rank's default would be the forkserver, a grandparent to them)
+    mp.set_start_method("spawn", force=True)
     os.setsid()  # own process group: stopping the rank also stops anything it started
     # a rank never outlives its job; a forked rank's parent is the forkserver, which exits with the launcher
     die_with_parent(launcher_pid, direct=spawned)

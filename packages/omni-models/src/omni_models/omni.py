@@ -140,12 +140,12 @@ class OmniModel(nn.Module):
 
     def embed(self, batch: PackedBatch, sp: SequenceParallel | None = None) -> torch.Tensor:
         """Input embeddings (t, hidden) of this rank's part of the sequence, media features in place."""
-        return self._embed(batch, RankSlice.of(batch, sp))[0][0]
+        return self._embed(RankSlice.of(batch, sp))[0][0]
 
-    def _embed(self, batch: PackedBatch, view: RankSlice) -> tuple[torch.Tensor, dict[str, _Targets]]:
+    def _embed(self, view: RankSlice) -> tuple[torch.Tensor, dict[str, _Targets]]:
         """(1, t, hidden) embeddings of this rank's slice, and each decoder's targets."""
+        batch, sp, start, length = view.batch, view.sp, view.start, view.length
         self._check_media(batch)
-        sp, start, length = view.sp, view.start, view.length
         ids = view(batch.input_ids[0])
         embeds = self.foundation.get_input_embeddings()(ids[None])
         row0 = ids.new_zeros(())  # the batch index of every spliced position
@@ -242,18 +242,19 @@ class OmniModel(nn.Module):
         return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
 
     def forward(
-        self,
-        batch: PackedBatch,
-        sequence_parallel: SequenceParallel | None = None,
-        rank_slice: RankSlice | None = None,
+        self, batch: PackedBatch | RankSlice, sequence_parallel: SequenceParallel | None = None
     ) -> OmniOutput:
-        """`rank_slice`: this rank's view of `batch` (RankSlice.of(batch, sequence_parallel)) where the
-        caller has made it already, e.g. to count the step's loss tokens."""
-        if rank_slice is not None and rank_slice.sp is not sequence_parallel:
-            raise ValueError("rank_slice was made for another sequence_parallel than the one given")
-        view = rank_slice if rank_slice is not None else RankSlice.of(batch, sequence_parallel)
-        sp, settings = view.sp, self.settings
-        embeds, generated = self._embed(batch, view)
+        """`batch`: a packed micro-batch, or this rank's view of one (RankSlice.of(batch, sp), which holds
+        its SP group), as the trainer passes it: made once, also to count the step's loss tokens, and left
+        alone by FSDP's root pre-forward (see omni_dist.rank_slice)."""
+        if isinstance(batch, RankSlice):
+            if sequence_parallel is not None:
+                raise ValueError("pass the SP group in the RankSlice (RankSlice.of(batch, sp)), not again")
+            view = batch
+        else:
+            view = RankSlice.of(batch, sequence_parallel)
+        batch, sp, settings = view.batch, view.sp, self.settings
+        embeds, generated = self._embed(view)
         # (1, T), or (3, 1, T) for M-RoPE (HF's own layout): either way the sequence is the last dim
         positions = view(batch.position_ids, dim=-1)
         # Logits only where a text label is (media placeholders and prompts have none): the foundation

@@ -192,7 +192,7 @@ def forward_backward(
     for i, batch in enumerate(feed(micro_batches)):
         if backward and sync_once:
             set_gradient_sync(model, i == len(micro_batches) - 1)
-        out = model(batch, sequence_parallel=sp, rank_slice=views[i])
+        out = model(views[i].on(batch))  # this rank's view of the batch now on the device
         loss = out.loss_sum / tokens.to(out.loss_sum.dtype)
         parts = dict(out.parts)
         if out.aux_loss is not None:

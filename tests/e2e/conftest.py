@@ -10,7 +10,7 @@ import pytest
 
 from omni_train.config import load_config
 from omni_train.local import run_local
-from tests.harness import run_ranks
+from tests.harness import PRELOAD, run_ranks
 from tests.omni_dist.tiny import RTOL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def runs(quickstart_data, tmp_path_factory):
     for name, (n, extra) in layouts.items():
         cfg = load_config(RECIPE, overrides(data, root / name, extra))
         results = (
-            run_local(cfg, n)
+            run_local(cfg, n, preload=PRELOAD)
             if n > 1
             else run_ranks(_single, 1, cfg.model_dump(mode="json"), init_process_group=False)
         )

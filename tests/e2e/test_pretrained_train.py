@@ -19,7 +19,7 @@ from omni_train.cli import app
 from omni_train.config import TrainConfig, load_config
 from omni_train.local import run_local
 from tests.e2e.conftest import _single, close, read_metrics
-from tests.harness import run_ranks
+from tests.harness import PRELOAD, run_ranks
 from tests.omni_models.hf_dirs import qwen_vl_dir
 from tests.omni_models.hf_families import build, hf_inputs, pack, processed, vl_sample
 
@@ -64,7 +64,11 @@ def test_pretrained_recipe_trains_and_layouts_agree(tmp_path):
     assert (tmp_path / "single" / "checkpoints" / "latest").exists()
     _export_round_trip(tmp_path, model_dir)
     for name, parallel in {"fsdp": {"dp_shard": 2}, "sp": {"sp": 2}}.items():
-        run_local(TrainConfig.model_validate(_recipe(model_dir, data, tmp_path / name, **parallel)), 2)
+        run_local(
+            TrainConfig.model_validate(_recipe(model_dir, data, tmp_path / name, **parallel)),
+            2,
+            preload=PRELOAD,
+        )
         got = read_metrics(tmp_path / name)
         for step in range(1, STEPS + 1):
             a, b = got[step], ref[step]

@@ -25,7 +25,7 @@ from omni_train.config import load_config
 from omni_train.local import run_local
 from omni_train.metrics import REQUIRED
 from tests.e2e.conftest import RECIPE, STEPS, _single, close, overrides, read_metrics
-from tests.harness import run_ranks
+from tests.harness import PRELOAD, run_ranks
 from tests.omni_dist.tiny import RTOL
 
 
@@ -193,7 +193,7 @@ def test_moe_foundation_with_expert_parallel_matches_one_process(quickstart_data
     for name, (n, extra) in layouts.items():
         cfg = load_config(RECIPE, overrides(data, tmp_path / name, [MOE_FOUNDATION, *steps, *extra]))
         if n > 1:
-            run_local(cfg, n)
+            run_local(cfg, n, preload=PRELOAD)
         else:
             run_ranks(_single, 1, cfg.model_dump(mode="json"), init_process_group=False)
         metrics[name] = read_metrics(tmp_path / name)
@@ -213,7 +213,7 @@ def test_gradients_reduced_once_per_step_through_the_trainer(quickstart_data, tm
     metrics = {}
     for mode in ("micro_batch", "step"):
         cfg = load_config(RECIPE, overrides(data, tmp_path / mode, [*common, f"parallel.grad_sync={mode}"]))
-        run_local(cfg, 2)
+        run_local(cfg, 2, preload=PRELOAD)
         metrics[mode] = read_metrics(tmp_path / mode)
     assert sorted(metrics["step"]) == [1, 2, 3]
     for step, ref in metrics["micro_batch"].items():

@@ -6,6 +6,7 @@ import glob
 import logging
 import os
 import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 from omni_train.config import ConfigError, TrainConfig
@@ -77,8 +78,12 @@ def prepare_data(cfg: TrainConfig) -> None:
         )
 
 
-def run_local(cfg: TrainConfig, nproc: int | None = None) -> list[dict[str, Any]]:
-    """Train in `nproc` local processes (default launcher.num_workers); returns each rank's summary."""
+def run_local(
+    cfg: TrainConfig, nproc: int | None = None, preload: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """Train in `nproc` local processes (default launcher.num_workers); returns each rank's summary.
+    `preload`: fork the ranks from a server that imported these modules once (omni_dist.spawn.run_ranks;
+    for callers that train many times in one process, e.g. tests)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: this process is a rank
         return [_rank_entry(cfg.model_dump(mode="json"))]
     n = nproc or cfg.launcher.num_workers
@@ -95,4 +100,5 @@ def run_local(cfg: TrainConfig, nproc: int | None = None) -> list[dict[str, Any]
         timeout_s=cfg.launcher.timeout_s,
         threads_per_rank=threads,
         init_process_group=False,
+        preload=preload,
     )

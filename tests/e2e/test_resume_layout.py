@@ -1,15 +1,18 @@
-"""Through the CLI: a run saved on 2 ranks mid-epoch resumes on 1 rank, on 4 (dp=4) and on dp=1 x sp=2;
-over the epoch, the sample ids trained (logging.sample_ids) have no duplicate and no gap."""
+"""A run saved on 2 ranks mid-epoch resumes on 1 rank, on 4 (dp=4) and on dp=1 x sp=2; over the epoch, the
+sample ids trained (logging.sample_ids) have no duplicate and no gap. The runs are `omni-train run`'s
+(omni_train.local.run_local) with ranks forked from the test harness's forkserver; test_train's kill and
+resume goes through the CLI itself."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.e2e.conftest import RECIPE
+from omni_train.config import load_config
+from omni_train.local import run_local
+from tests.e2e.conftest import RECIPE, _single
+from tests.harness import PRELOAD, run_ranks
 
 SAMPLES = 60
 
@@ -49,11 +52,11 @@ def _run(data: Path, jsonl: Path, run_dir: Path, nproc: int, steps: int, extra: 
         "logging.sample_ids=true",
         *extra,
     ]
-    cmd = [sys.executable, "-m", "omni_train.cli", "run", str(RECIPE), "--nproc", str(nproc)]
-    for s in sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cfg = load_config(RECIPE, sets)
+    if nproc == 1:  # in a rank of its own, as the CLI would: not in the test process
+        run_ranks(_single, 1, cfg.model_dump(mode="json"), init_process_group=False)
+    else:
+        run_local(cfg, nproc, preload=PRELOAD)
 
 
 def _epoch0_ids(run_dir: Path) -> list[str]:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch.distributed as dist
 
-from omni_data.config import DataConfig
+from omni_data.config import DataConfig, DataConfigError
 from omni_data.errors import DataErrorRateExceeded
 from omni_data.loader import OmniLoader
 from tests.harness import run_ranks
@@ -92,11 +93,19 @@ def test_two_ranks_two_workers_cover_every_sample_once_per_epoch_with_equal_step
         moved = sorted(i for r in balanced for mb in r[step]["ids"] for i in mb)
         assert moved == sorted(i for r in plain for mb in r[step]["ids"] for i in mb)
     # One process reading both streams sees each step's global batch exactly.
-    single = OmniLoader(_config(str(tmp_path), streams=2), processor())
-    steps = [sorted(i for b in step.micro_batches for i in b.sample_ids) for step in single]
-    assert steps == [sorted(i for r in plain for mb in r[k]["ids"] for i in mb) for k in range(len(plain[0]))]
+    # Its workers started by a forkserver (data.worker_start) read the same stream as forked ones.
+    expected = [sorted(i for r in plain for mb in r[k]["ids"] for i in mb) for k in range(len(plain[0]))]
+    for start in ("fork", "forkserver"):
+        single = OmniLoader(_config(str(tmp_path), streams=2, worker_start=start), processor())
+        steps = [sorted(i for b in step.micro_batches for i in b.sample_ids) for step in single]
+        assert steps == expected, start
     spread = lambda runs: sum(abs(runs[0][k]["cost"] - runs[1][k]["cost"]) for k in range(len(runs[0])))  # noqa: E731
     assert spread(balanced) < spread(plain)
+
+
+def test_an_unknown_worker_start_is_named(tmp_path):
+    with pytest.raises(DataConfigError, match=r"data\.worker_start must be 'fork', 'forkserver' or 'spawn'"):
+        _config(str(tmp_path), worker_start="thread")
 
 
 def _reference_rank(shard_dir: str) -> dict:

@@ -39,6 +39,10 @@ class DataConfig:
     max_media_items: int | None = None
     micro_batches_per_step: int = 1
     num_workers: int = 0  # loader processes per rank (0: read in the training process)
+    # How the rank starts them: "fork" (PyTorch's Linux default) starts one in milliseconds, and each epoch
+    # and evaluation starts new ones; "spawn" / "forkserver" for readers that are not fork-safe (a
+    # spawned worker imports torch and the processors again, seconds each)
+    worker_start: Literal["fork", "forkserver", "spawn"] = "fork"
     seed: int = 0
     shuffle_shards: bool = True
     shuffle_buffer: int = 0  # samples; 0 keeps shard order
@@ -55,6 +59,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.sources:
             raise DataConfigError("data.sources is empty")
+        if self.worker_start not in ("fork", "forkserver", "spawn"):
+            raise DataConfigError(
+                f"data.worker_start must be 'fork', 'forkserver' or 'spawn', got {self.worker_start!r}"
+            )
         if self.overlong not in ("truncate", "drop"):
             raise DataConfigError(f"data.overlong must be 'truncate' or 'drop', got {self.overlong!r}")
         for name in ("micro_batches_per_step", "pack_buffer", "pad_to_multiple"):

@@ -52,8 +52,8 @@ def _identity(x):
     return x
 
 
-def _worker_init(rank_pid: int, worker_id: int) -> None:
-    die_with_parent(rank_pid)
+def _worker_init(rank_pid: int, direct: bool, worker_id: int) -> None:
+    die_with_parent(rank_pid, direct=direct)  # a forkserver's worker is the rank's grandchild
 
 
 class _Stream:
@@ -70,12 +70,15 @@ class _Stream:
                 self.dataset,
                 batch_size=None,
                 num_workers=config.num_workers,
+                multiprocessing_context=config.worker_start if config.num_workers else None,
                 collate_fn=_identity,
                 prefetch_factor=2 if config.num_workers else None,
                 pin_memory=pin,  # batches bound for a GPU: page-locked, so their copies do not block
                 # torch's own check of the parent never runs while a worker is blocked in a read (a hung
                 # mount, a FIFO): tie the workers' lives to this process instead
-                worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                worker_init_fn=functools.partial(
+                    _worker_init, os.getpid(), config.worker_start != "forkserver"
+                ),
             )
         self.iterator: Iterator[WorkerItem] | None = None
         self.exhausted = False

@@ -67,6 +67,15 @@ HF_DECODER_PLANS: dict[str, ParallelPlan] = {
     "Qwen2_5OmniThinkerTextForCausalLM": decoder_plan(
         "Qwen2_5OmniDecoderLayer", kernels("Qwen2_5OmniRMSNorm", "Qwen2MLP", "Qwen2_5OmniAttention")
     ),
+    "Qwen3VLTextForCausalLM": decoder_plan(
+        "Qwen3VLTextDecoderLayer", kernels("Qwen3VLTextRMSNorm", "Qwen3VLTextMLP", "Qwen3VLTextAttention")
+    ),
+    # Qwen3VLMoeTextExperts: fused (E, 2I, H) / (E, H, I) in memory, as Qwen3MoeExperts
+    "Qwen3VLMoeTextForCausalLM": moe_decoder_plan(
+        "Qwen3VLMoeTextDecoderLayer",
+        "Qwen3VLMoeTextExperts",
+        kernels("Qwen3VLMoeTextRMSNorm", None, "Qwen3VLMoeTextAttention"),
+    ),
 }
 
 

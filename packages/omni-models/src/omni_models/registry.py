@@ -15,6 +15,8 @@ from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniTextConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 
 from omni_models.decoders.janus_vq import JanusVQImageDecoder
 from omni_models.encoders.janus_vision import JanusVisionEncoder
@@ -23,9 +25,11 @@ from omni_models.encoders.qwen2_vl import (
     Qwen2_5OmniVisionTower,
     Qwen2VLVisionEncoder,
 )
+from omni_models.encoders.qwen3_vl import Qwen3VLMoeVisionEncoder, Qwen3VLVisionEncoder
 from omni_models.encoders.qwen_omni_audio import QwenOmniAudioEncoder
 from omni_models.encoders.siglip import SiglipImageEncoder
 from omni_models.encoders.whisper import WhisperAudioEncoder
+from omni_models.foundations.qwen3_vl import Qwen3VLMoeTextForCausalLM, Qwen3VLTextForCausalLM
 from omni_models.foundations.text_lm import (
     Qwen2_5_VLTextForCausalLM,
     Qwen2_5OmniThinkerTextForCausalLM,
@@ -37,6 +41,8 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "qwen2_5_vl_vision": Qwen2_5_VLVisionEncoder,
     "qwen2_5_omni_vision": Qwen2_5OmniVisionTower,
     "qwen2_5_omni_audio": QwenOmniAudioEncoder,
+    "qwen3_vl_vision": Qwen3VLVisionEncoder,
+    "qwen3_vl_moe_vision": Qwen3VLMoeVisionEncoder,
     "janus_vision": JanusVisionEncoder,
     "siglip": SiglipImageEncoder,
     "whisper": WhisperAudioEncoder,
@@ -55,6 +61,8 @@ FOUNDATIONS: dict[str, type[PretrainedConfig]] = {
     "qwen2_vl_text": Qwen2VLTextConfig,
     "qwen2_5_vl_text": Qwen2_5_VLTextConfig,
     "qwen2_5_omni_text": Qwen2_5OmniTextConfig,
+    "qwen3_vl_text": Qwen3VLTextConfig,
+    "qwen3_vl_moe_text": Qwen3VLMoeTextConfig,
 }
 
 # Foundations whose class AutoModelForCausalLM does not build (the text LM of an HF multimodal family).
@@ -62,6 +70,8 @@ FOUNDATION_MODELS: dict[str, type[nn.Module]] = {
     "qwen2_vl_text": Qwen2VLTextForCausalLM,
     "qwen2_5_vl_text": Qwen2_5_VLTextForCausalLM,
     "qwen2_5_omni_text": Qwen2_5OmniThinkerTextForCausalLM,
+    "qwen3_vl_text": Qwen3VLTextForCausalLM,
+    "qwen3_vl_moe_text": Qwen3VLMoeTextForCausalLM,
 }
 
 

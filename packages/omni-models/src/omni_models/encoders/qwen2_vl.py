@@ -108,14 +108,19 @@ class Qwen2VLVisionEncoder(nn.Module):
         pixels = torch.cat([media[m].tensors["pixel_values"] for m in names])
         grid = torch.cat([media[m].tensors["grid_thw"] for m in names])
         dtype = self.tower.patch_embed.proj.weight.dtype
-        merged = self.tower(
-            pixels.to(dtype), grid_thw=grid, **self._index_inputs(grid, pixels.device)
-        ).pooler_output
+        merged = self._features(
+            self.tower(pixels.to(dtype), grid_thw=grid, **self._index_inputs(grid, pixels.device))
+        )
         if len(names) == 1:
             return {names[0]: merged}
         counts = [int(media[m].llm_tokens.sum()) for m in names]
         # Copies, not views: FSDP hooks the outputs of lm_encode for backward.
         return {m: part.clone() for m, part in zip(names, merged.split(counts), strict=True)}
+
+    @staticmethod
+    def _features(out: Any) -> torch.Tensor:
+        """The LLM-token features (one row per merged token) of the tower's output."""
+        return out.pooler_output
 
     def _index_inputs(self, grid: torch.Tensor, device: torch.device) -> dict[str, Any]:
         """The tower's index tensors, made by transformers' own functions from the grids on the host (they

@@ -8,6 +8,7 @@ from omni_models.families.base import PretrainedFamily, PretrainedSource
 from omni_models.families.janus import JANUS
 from omni_models.families.qwen2_5_omni import QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER
 from omni_models.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from omni_models.families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
 FAMILIES: dict[str, PretrainedFamily] = {  # by HF model_type
     "qwen2_vl": QWEN2_VL,
@@ -15,6 +16,8 @@ FAMILIES: dict[str, PretrainedFamily] = {  # by HF model_type
     "qwen2_5_omni_thinker": QWEN2_5_OMNI_THINKER,
     "qwen2_5_omni": QWEN2_5_OMNI,
     "janus": JANUS,
+    "qwen3_vl": QWEN3_VL,
+    "qwen3_vl_moe": QWEN3_VL_MOE,
 }
 
 

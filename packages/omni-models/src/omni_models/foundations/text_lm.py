@@ -59,10 +59,12 @@ class TextCausalLM:
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return self._output(out, self.lm_head(out.last_hidden_state[:, keep]))
+
+    def _output(self, out: Any, logits: torch.Tensor) -> CausalLMOutputWithPast:
+        """The LM's output from the text model's `out` and the logits (a MoE family adds its router logits)."""
         return CausalLMOutputWithPast(
-            logits=self.lm_head(out.last_hidden_state[:, keep]),
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
+            logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
         )
 
 

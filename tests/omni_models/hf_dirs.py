@@ -19,7 +19,7 @@ MARKERS = {
                              "video": "<|VIDEO|>", "audio": "<|AUDIO|>", "audio_start": "<|audio_bos|>",
                              "audio_end": "<|audio_eos|>"},
 }  # fmt: skip
-MARKERS["qwen2_5_vl"] = MARKERS["qwen2_vl"]
+MARKERS["qwen2_5_vl"] = MARKERS["qwen3_vl"] = MARKERS["qwen3_vl_moe"] = MARKERS["qwen2_vl"]
 MARKERS["qwen2_5_omni"] = MARKERS["qwen2_5_omni_thinker"]
 MARKERS["janus"] = {
     "image_start": "<begin_of_image>",
@@ -64,7 +64,8 @@ def _save_processor(path: Path, family: str, tok, **parts) -> None:
     tok.save_pretrained(path)
     named = _NAMED.get("qwen2_5_omni_thinker" if family == "qwen2_5_omni" else family)
     tok = AutoTokenizer.from_pretrained(path, **({"extra_special_tokens": named} if named else {}))
-    cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "janus": "JanusProcessor"}
+    cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "janus": "JanusProcessor",
+           "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}  # fmt: skip
     name = cls.get(family, "Qwen2_5OmniProcessor")
     getattr(transformers, name)(tokenizer=tok, chat_template=chat_template(family), **parts).save_pretrained(
         path
@@ -84,6 +85,19 @@ _VISION_2_5 = {
     "window_size": 16,
     "fullatt_block_indexes": [1],
 }
+# Qwen3-VL: a 4 x 4 learned position table resampled to each grid; DeepStack after both blocks
+_VISION_3 = {
+    "depth": 2,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": 32,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 16,
+    "deepstack_visual_indexes": [0, 1],
+}
 VISION = {
     "qwen2_vl": {
         "depth": 2,
@@ -97,6 +111,8 @@ VISION = {
     },
     "qwen2_5_vl": {**_VISION_2_5, "tokens_per_second": 2},
     "qwen2_5_omni_thinker": _VISION_2_5,
+    "qwen3_vl": _VISION_3,
+    "qwen3_vl_moe": _VISION_3,
 }
 AUDIO = {"d_model": 16, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 32, "num_mel_bins": 8,
          "n_window": 8, "output_dim": 32, "max_source_positions": 64}  # fmt: skip
@@ -152,7 +168,17 @@ _NAMES = {
     "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerConfig", "Qwen2_5OmniThinkerForConditionalGeneration"),
     "qwen2_5_omni": ("Qwen2_5OmniConfig", "Qwen2_5OmniForConditionalGeneration"),
     "janus": ("JanusConfig", "JanusForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration"),
 }
+# Qwen3-VL's text models: 3 layers (DeepStack adds to the first 2), interleaved M-RoPE over head_dim 8;
+# the MoE's 4 experts, top 2, with a load-balancing loss large enough to show
+_MROPE_3 = {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True, "rope_theta": 1e6}
+TEXT = {
+    "qwen3_vl": {"num_hidden_layers": 3, "head_dim": 8, "rope_parameters": _MROPE_3},
+    "qwen3_vl_moe": {"num_hidden_layers": 3, "head_dim": 8, "rope_parameters": _MROPE_3, "num_experts": 4,
+                     "num_experts_per_tok": 2, "moe_intermediate_size": 24, "router_aux_loss_coef": 0.05},
+}  # fmt: skip
 
 
 def hf_class(family: str) -> type:
@@ -224,9 +250,12 @@ def qwen_vl_dir(
         "bos_token_id": chat["<|endoftext|>"],
         "eos_token_id": chat["<|im_end|>"],
         "pad_token_id": chat["<|endoftext|>"],
+        **TEXT.get(family, {}),
         **(text_dims or {}),
     }
     vision = vision or VISION[thinker]
+    if family in TEXT:  # Qwen3-VL's tower initialises by its own config's range
+        vision = {"initializer_range": init, **vision}
     tokens = {"vision_start_token_id": ids["vision_start"], "vision_end_token_id": ids["vision_end"]}
     if thinker == "qwen2_5_omni_thinker":
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
@@ -239,7 +268,8 @@ def qwen_vl_dir(
         }
         towers = {"audio_config": AUDIO, "initializer_range": init}
     else:
-        text.setdefault("rope_scaling", {"type": "mrope", "mrope_section": [1, 1, 2]})
+        if family not in TEXT:
+            text.setdefault("rope_scaling", {"type": "mrope", "mrope_section": [1, 1, 2]})
         tokens |= {"image_token_id": ids["image"], "video_token_id": ids["video"]}
         towers = {}
     cfg = getattr(transformers, _NAMES[thinker][0])(
@@ -259,10 +289,13 @@ def qwen_vl_dir(
         "patch_size": patch,
         "merge_size": 2,
     }
-    parts = {
-        "image_processor": transformers.Qwen2VLImageProcessor(**geometry),
-        "video_processor": transformers.Qwen2VLVideoProcessor(**geometry),
-    }
+    if family.startswith("qwen3_vl"):  # its size bounds a whole video's pixels
+        size = {"shortest_edge": geometry.pop("min_pixels"), "longest_edge": geometry.pop("max_pixels")}
+        video = transformers.Qwen3VLVideoProcessor(**geometry, size=size, cap_pixels_per_frame=False)
+        geometry |= {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+    else:
+        video = transformers.Qwen2VLVideoProcessor(**geometry)
+    parts = {"image_processor": transformers.Qwen2VLImageProcessor(**geometry), "video_processor": video}
     if thinker == "qwen2_5_omni_thinker":
         parts["feature_extractor"] = transformers.WhisperFeatureExtractor(feature_size=AUDIO["num_mel_bins"])
     _save_processor(path, family, tok, **parts)

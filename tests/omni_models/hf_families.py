@@ -126,7 +126,7 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl", audio_in_video:
                 out[grid] = torch.cat([m.tensors["grid_thw"] for m in by_kind[kind]])
     if family == "janus":
         return out
-    seconds = [m.tensors["second_per_grid_ts"] for m in by_kind["video"]]
+    seconds = [m.tensors["second_per_grid_ts"] for m in by_kind["video"] if "second_per_grid_ts" in m.tensors]
     if family.startswith("qwen2_5_omni"):
         out["attention_mask"] = torch.ones_like(ids)[None]
         out["use_audio_in_video"] = audio_in_video
@@ -143,12 +143,33 @@ def hf_inputs(sample: ProcessedSample, family: str = "qwen2_vl", audio_in_video:
             )
         return out
     types = torch.zeros_like(ids, dtype=torch.int32)
-    for m in by_kind["image"] + by_kind["video"]:
-        types[m.start : m.start + m.llm_tokens] = TOKEN_TYPES[m.modality]
+    for m in by_kind["image"] + by_kind["video"]:  # a Qwen3-VL video's frames lie between timestamps
+        types[m.positions] = TOKEN_TYPES[m.modality]
     if family == "qwen2_5_vl" and seconds:
         out["second_per_grid_ts"] = torch.cat(seconds)
     out["mm_token_type_ids"] = types[None]
     return out
+
+
+def hf_loss(hf, family: str, samples: list[ProcessedSample], n: int, audio_in_video: bool = False):
+    """(HF's loss of the samples as ours sums it, HF's load-balancing loss or None). Each sample's token
+    loss over `n`; a MoE family's load-balancing loss is the packed micro-batch's, as one sequence (the
+    trainer's), i.e. HF's `load_balancing_loss_func` over every sample's router logits at once (attention
+    stays within a sample, so each token's router logits are its sample's); the loss adds it times the
+    coefficient, as HF's forward does for its sequence."""
+    text = hf.config.get_text_config()
+    inputs = [hf_inputs(s, family, audio_in_video) for s in samples]
+    if not getattr(text, "num_experts", 0):
+        return sum(hf(**x, num_items_in_batch=n).loss for x in inputs), None
+    import sys
+
+    coef = text.router_aux_loss_coef
+    outs = [hf(**x, num_items_in_batch=n, output_router_logits=True) for x in inputs]
+    token_loss = sum(o.loss - coef * o.aux_loss for o in outs)  # HF's forward added each sample's own
+    layers = tuple(torch.cat(per_layer) for per_layer in zip(*(o.router_logits for o in outs), strict=True))
+    balance = sys.modules[type(hf).__module__].load_balancing_loss_func  # the family's own
+    aux = balance(layers, text.num_experts, text.num_experts_per_tok)
+    return token_loss + coef * aux, aux
 
 
 def janus_reference_loss(hf, sample: ProcessedSample, n: int) -> torch.Tensor:

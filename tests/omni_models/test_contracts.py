@@ -26,6 +26,7 @@ from omni_models.decoders.janus_vq import JanusVQImageDecoder
 from omni_models.modality import Decoder, Encoder, Foundation
 from omni_models.registry import DECODERS, ENCODERS, FOUNDATIONS, register_decoder, register_encoder
 from tests.omni_models.hf_dirs import AUDIO as FAMILY_AUDIO
+from tests.omni_models.hf_dirs import TEXT as FAMILY_TEXT
 from tests.omni_models.hf_dirs import VISION as FAMILY_VISION
 from tests.omni_models.omni_fixtures import VISION, VQ, WHISPER, foundation_config
 
@@ -57,6 +58,8 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
         "qwen2_5_vl_vision": _qwen_vision(FAMILY_VISION["qwen2_5_vl"]),
         "qwen2_5_omni_vision": _qwen_vision(FAMILY_VISION["qwen2_5_omni_thinker"]),
         "qwen2_5_omni_audio": {"config": FAMILY_AUDIO, "modalities": ["audio"]},
+        "qwen3_vl_vision": _qwen_vision(FAMILY_VISION["qwen3_vl"]),
+        "qwen3_vl_moe_vision": _qwen_vision(FAMILY_VISION["qwen3_vl_moe"]),
         "janus_vision": {
             "config": {
                 "hidden_size": 16,
@@ -84,6 +87,8 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
         "qwen2_5_omni_text": foundation_config(
             rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
         ),
+        "qwen3_vl_text": foundation_config(**FAMILY_TEXT["qwen3_vl"]),
+        "qwen3_vl_moe_text": foundation_config(**FAMILY_TEXT["qwen3_vl_moe"]),
     },
 }
 REGISTRIES: dict[str, MutableMapping[str, Any]] = {
@@ -347,6 +352,8 @@ def test_foundation_check_wants_every_keyword_the_framework_passes():
             "max_length_q",
             "max_length_k",
             "sequence_parallel",
+            "visual_pos_masks",
+            "deepstack_visual_embeds",
         )
     ]
     assert contract_problems(KwargsFoundation(), Foundation) == []
@@ -366,18 +373,33 @@ def _foundation_calls(model, run: Callable[[], Any]) -> list[tuple[tuple, dict[s
 
 
 def test_foundation_forward_declares_exactly_the_keywords_the_framework_passes():
-    """The keywords a real HF foundation receives in training (dense and MoE) and in generation (with and
-    without the KV cache) are the Protocol's, each value of its declared type."""
-    calls = []
-    for foundation in (("qwen2", foundation_config()), ("qwen3_moe", foundation_config(**MOE))):
+    """The keywords a real HF foundation receives in training (dense, MoE, and with a DeepStack encoder)
+    and in generation (with and without the KV cache) are the Protocol's, each value of its declared type."""
+    deepstack_vision = {
+        **_qwen_vision({**FAMILY_VISION["qwen3_vl"], "out_hidden_size": 32}),
+        "name": "qwen3_vl_vision",
+        "projector": "identity",
+    }
+    specs = [
+        _spec(foundation=("qwen2", foundation_config())),
+        _spec(foundation=("qwen3_moe", foundation_config(**MOE))),
+        _spec(
+            {"vision": deepstack_vision},
+            foundation=("qwen3_vl_text", foundation_config(**FAMILY_TEXT["qwen3_vl"])),
+        ),
+    ]
+    calls, prompt = [], torch.arange(1, 6)
+    for spec in specs:
         torch.manual_seed(0)
-        model = build_omni_model(_spec(foundation=foundation))
+        model = build_omni_model(spec)
         batch = pack([torch.arange(1, 9), torch.arange(3, 8)])
         calls += _foundation_calls(model, lambda model=model, batch=batch: model(batch))
-    prompt = torch.arange(1, 6)
-    calls += _foundation_calls(
-        model, lambda: [model.generate(prompt, {}, max_new_tokens=2, use_cache=c) for c in (True, False)]
-    )
+        calls += _foundation_calls(
+            model,
+            lambda model=model: [
+                model.generate(prompt, {}, max_new_tokens=2, use_cache=c) for c in (True, False)
+            ],
+        )
     assert all(args == () for args, _ in calls), "the foundation is called by keyword only"
     passed: dict[str, list[Any]] = {}
     for _, kwargs in calls:

@@ -63,4 +63,6 @@ def test_unknown_family_is_named():
         "Qwen2VLTextForCausalLM",
         "Qwen2_5_VLTextForCausalLM",
         "Qwen2_5OmniThinkerTextForCausalLM",
+        "Qwen3VLTextForCausalLM",
+        "Qwen3VLMoeTextForCausalLM",
     }

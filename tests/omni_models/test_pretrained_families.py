@@ -1,11 +1,12 @@
-"""A pretrained Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni thinker directory trains exactly as HF's own
-`...ForConditionalGeneration` computes it.
+"""A pretrained Qwen2-VL / Qwen2.5-VL / Qwen2.5-Omni thinker / Qwen3-VL (DeepStack; dense and MoE)
+directory trains exactly as HF's own `...ForConditionalGeneration` computes it.
 
 One packed micro-batch (images of different sizes, videos, an image + video sample, text only; audio of
 different lengths for the Omni thinker) through our composite (family expansion, M-RoPE positions from
 the data side, packed attention) vs HF's class run on each sample alone with the same labels: the loss
 and the gradient of every trainable parameter agree (fp32), with the vision tower trained and frozen,
-with untied and tied embeddings; each sample's positions are HF's; greedy generation is HF's.
+with untied and tied embeddings; each sample's positions are HF's; greedy generation is HF's. A MoE
+foundation's load-balancing loss is HF's function over the packed micro-batch (the trainer's).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.omni_models.hf_families import (
     build,
     draw_sample,
     hf_inputs,
+    hf_loss,
     hf_positions,
     janus_reference_loss,
     pack,
@@ -53,6 +55,7 @@ DOCS = {
     ],
 }
 DOCS["qwen2_5_omni"] = DOCS["qwen2_5_omni_thinker"]
+DOCS["qwen3_vl"] = DOCS["qwen3_vl_moe"] = VL_DOCS
 # use_audio_in_video: videos with their audio tracks interleaved (one across two 2 s chunks), beside
 # images, standalone audio and text
 AV_DOCS = [
@@ -86,9 +89,14 @@ def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze, av):
     batch = pack(samples)
     assert batch.position_ids.shape == (3, 1, batch.length)
     assert {m.modality for s in samples for m in s.media} == set(model.modality_encoder)
-    assert any(m.offsets is not None for s in samples for m in s.media) == av  # parts of interleaved items
+    # placeholders that are not one run: Omni's interleaved audio, Qwen3-VL's frames between timestamps
+    interleaved = av or (family.startswith("qwen3_vl") and "video" in batch.media)
+    assert any(m.offsets is not None for s in samples for m in s.media) == interleaved
     n = batch.num_label_tokens
-    loss = model(batch).loss_sum / n
+    out = model(batch)
+    loss = out.loss_sum / n
+    if out.aux_loss is not None:  # MoE: the micro-batch's load-balancing loss, as the trainer adds it
+        loss = loss + out.aux_loss_coef * out.aux_loss
     loss.backward()
 
     hf = referee(family, path)
@@ -100,8 +108,11 @@ def test_loss_and_every_gradient_equal_hf(dirs, family, tie, freeze, av):
         start = end
     for part in freeze:
         getattr(hf.model, {"vision": "visual", "audio": "audio_tower"}[part]).requires_grad_(False)
-    ref = sum(hf(**hf_inputs(s, family, av), num_items_in_batch=n).loss for s in samples)
+    ref, aux = hf_loss(hf, family, samples, n, av)
     ref.backward()
+    assert (aux is None) == (out.aux_loss is None)
+    if aux is not None:
+        torch.testing.assert_close(out.aux_loss, aux, rtol=RTOL, atol=0)
     torch.testing.assert_close(loss, ref, rtol=RTOL, atol=0)
     checked = assert_grads_equal(family, model, hf, RTOL)
     assert checked >= sum(p.requires_grad for p in hf.parameters()) - 1  # Omni: audio_bos_eos_token unused

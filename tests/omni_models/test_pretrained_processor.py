@@ -24,6 +24,7 @@ PROCESSORS = {
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen2_5_omni": "Qwen2_5OmniProcessor",
     "janus": "JanusProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",  # videos laid out with their frames' timestamps
 }
 MEDIA = {"janus": ("image",), "qwen2_5_omni": ("image", "video", "audio")}
 FPS = 2.0  # the vision encoder's default video_fps: the rate HF is asked to sample at too

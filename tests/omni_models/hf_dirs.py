@@ -302,6 +302,20 @@ def qwen_vl_dir(
     return path
 
 
+def released_expert_layout(path: Path) -> Path:
+    """A Qwen3-VL-MoE directory's fused experts rewritten as its released checkpoints store them,
+    transposed ((E, H, 2I), (E, I, H)); save_pretrained writes them as in memory. In place."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    for k, t in tensors.items():
+        if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[k] = t.transpose(1, 2).contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
+    return path
+
+
 def qwen2_vl_7b_config_dir(root: Path) -> Path:
     """Qwen2-VL-7B-Instruct's config.json alone (no weights): what a dry run needs."""
     from transformers import Qwen2VLConfig

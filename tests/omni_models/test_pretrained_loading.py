@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from omni_dist.hf_load import CheckpointMismatchError
 from omni_models.config import OmniModelConfig
-from tests.omni_models.hf_dirs import qwen_vl_dir
-from tests.omni_models.hf_families import build
+from tests.omni_models.hf_dirs import qwen_vl_dir, released_expert_layout
+from tests.omni_models.hf_families import build, hf_name, referee
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +60,22 @@ def test_a_mismatching_directory_is_one_error_naming_the_key(source, tmp_path, e
 def test_an_untouched_directory_fills_every_tensor(source):
     model, loaded = build(OmniModelConfig.from_dict({"pretrained": str(source)}))
     assert {n for n, _ in model.named_parameters()} <= loaded
+
+
+def test_fused_experts_stored_transposed_load_as_transformers_loads_them(tmp_path):
+    """Qwen3-VL-MoE's released checkpoints hold (E, H, 2I) / (E, I, H) experts: every weight ours reads
+    from such a directory is the one HF's from_pretrained reads (it transposes them by their shapes), and
+    so is every weight of our export (written as in memory, as save_pretrained writes them)."""
+    from omni_models.families.export import export_pretrained
+
+    path = released_expert_layout(qwen_vl_dir(tmp_path, "qwen3_vl_moe"))
+    spec = OmniModelConfig.from_dict({"pretrained": str(path)})
+    model, loaded = build(spec)
+    params = dict(model.named_parameters())
+    assert set(params) <= loaded
+    export_pretrained(model, spec.pretrained, tmp_path / "out", dtype="float32")
+    for directory in (path, tmp_path / "out"):
+        theirs = dict(referee("qwen3_vl_moe", directory).named_parameters())
+        assert "model.language_model.layers.0.mlp.experts.gate_up_proj" in theirs
+        for name, p in params.items():
+            torch.testing.assert_close(p, theirs[hf_name("qwen3_vl_moe", name)], rtol=0, atol=0, msg=name)

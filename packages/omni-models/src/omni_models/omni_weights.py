@@ -12,6 +12,7 @@ from omni_dist.hf_export import export_hf_safetensors
 from omni_dist.hf_load import CheckpointMismatchError, checkpoint_keys, load_hf_weights_, log_unused
 from omni_dist.weights import init_weights_
 from omni_models.config import OmniModelConfig
+from omni_models.hf_keys import stored_shapes, transposed_view
 from omni_models.omni import OmniModel
 
 
@@ -79,7 +80,7 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
         # its tower's names to the checkpoint's.
         keys = getattr(model.get_submodule(part), "checkpoint_keys", None)
         if source is not None and str(path) == source.path:
-            keys = _family_keys(source.family, prefix)
+            keys = _family_keys(source.family, prefix, path)
         read = used.setdefault(str(path), set())
         loaded |= {prefix + n for n in load_hf_weights_(tower, path, split_keys=keys, used=read)}
     for path, read in used.items():
@@ -97,12 +98,20 @@ def load_part_weights_(model: OmniModel, cfg: OmniModelConfig) -> set[str]:
     return loaded
 
 
-def _family_keys(family, prefix: str):
-    """split_keys reading each tensor of the part at `prefix` under the family layout's key."""
+def _family_keys(family, prefix: str, path):
+    """split_keys reading each tensor of the part at `prefix` under the family layout's key (into its
+    transposed view where the family allows it and the directory stores it so)."""
+    shapes = stored_shapes(path) if family.transposed else {}
 
     def keys(name: str, tensor):
         key = family.checkpoint_key(prefix + name)
-        return None if key is None or key == name else {key: tensor}
+        if key is None:
+            return None
+        if key.endswith(family.transposed) and tensor.ndim >= 2:
+            swapped = (*tensor.shape[:-2], tensor.shape[-1], tensor.shape[-2])
+            if swapped != tuple(tensor.shape) and shapes.get(key) == swapped:
+                return {key: transposed_view(tensor)}
+        return None if key == name else {key: tensor}
 
     return keys
 

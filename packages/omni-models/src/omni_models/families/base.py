@@ -39,6 +39,9 @@ class PretrainedFamily:
     positions: Callable[[Any], Callable[..., Any]] | None = None
     # checkpoint key prefixes no part reads (e.g. a speech generator the family does not train)
     ignore: tuple[str, ...] = ()
+    # checkpoint key suffixes of tensors a directory may store with their last two dims swapped (loading
+    # reads either, by the stored shape, as transformers does; export writes the in-memory layout)
+    transposed: tuple[str, ...] = ()
     # keys of the recipe's `model` section this family reads (e.g. Qwen2.5-Omni's use_audio_in_video):
     # passed to `expand` by keyword when the recipe sets them
     options: tuple[str, ...] = ()

@@ -2,7 +2,8 @@
 identity) and the text model (dense, or MoE). The two differ in their classes only.
 
 Their checkpoints keep transformers' nested names (`model.language_model.*`, `model.visual.*`,
-`lm_head.weight`; LAYOUT). Images go through the directory's image processor, videos through its video
+`lm_head.weight`; LAYOUT); the MoE's released checkpoints store its fused experts transposed ((E, H, 2I),
+(E, I, H)), save_pretrained as in memory: loading reads either (TRANSPOSED). Images go through the directory's image processor, videos through its video
 processor, laid out with their frame timestamps as its Qwen3VLProcessor does (encoders/
 qwen3_vl_processing.py). Positions are the family's own `get_rope_index` (each frame placed after its
 timestamp's text).
@@ -55,6 +56,7 @@ def _positions(model_class: str) -> Callable[[Any], MRopePositions]:
     return positions
 
 
+TRANSPOSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 QWEN3_VL = PretrainedFamily(
     name="qwen3_vl",
     expand=_expander("qwen3_vl_text", "qwen3_vl_vision"),
@@ -68,4 +70,5 @@ QWEN3_VL_MOE = PretrainedFamily(
     markers=MARKERS,
     layout=LAYOUT,
     positions=_positions("Qwen3VLMoeModel"),
+    transposed=TRANSPOSED,
 )

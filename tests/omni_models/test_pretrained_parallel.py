@@ -1,7 +1,8 @@
-"""A pretrained model of every family (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni thinker, Janus) trains the same
-under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x sp=2) as in one process: loss and grad norm
-over 3 AdamW steps on one global batch, with an image whose placeholders straddle the SP cut (so its
-positions and features are split between ranks); Janus also generates images on some ranks; Qwen2.5-Omni
+"""A pretrained model of every family (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni thinker, Qwen3-VL and its MoE,
+Janus) trains the same under FSDP2 (dp_shard=4) and FSDP2 x Ulysses (dp_shard=2 x sp=2) as in one
+process: loss and grad norm over 3 AdamW steps on one global batch, with an image whose placeholders
+straddle the SP cut (so its positions, features and DeepStack rows are split between ranks); the MoE also
+with its experts split over the SP pair (ep=2); Janus also generates images on some ranks; Qwen2.5-Omni
 also with a video whose audio track is interleaved with its frames. Every case runs in one 4-rank spawn
 (fixture `four_ranks`)."""
 
@@ -17,7 +18,7 @@ from omni_dist.attention import SequenceParallel
 from omni_models.config import OmniModelConfig
 from omni_train.assembly import chat_processor
 from tests.harness import run_checks
-from tests.omni_models.hf_dirs import FAMILIES, qwen_vl_dir
+from tests.omni_models.hf_dirs import FAMILIES, qwen_vl_dir, released_expert_layout
 from tests.omni_models.hf_families import build, draw_sample, pack, processed, vl_sample
 from tests.omni_models.test_omni_parity import _close, _train
 
@@ -29,6 +30,11 @@ MICRO_BATCHES = [
     [(5, ()), (6, ("image",), (32, 16))],
 ]
 LAYOUTS = [{"dp_shard": 4}, {"dp_shard": 2, "sp": 2}]
+MOE_LAYOUTS = [*LAYOUTS, {"dp_shard": 2, "sp": 2, "ep": 2}]
+
+
+def _layouts(family: str) -> list[dict]:
+    return MOE_LAYOUTS if family == "qwen3_vl_moe" else LAYOUTS
 
 
 # Janus: fixed-size images in, generated images ("draw") on two of the four streams.
@@ -92,13 +98,16 @@ def _single(path: str, av: bool) -> dict:
     return out
 
 
-def _rank(path: str, av: bool) -> list[dict]:
+def _rank(path: str, av: bool, layouts: list[dict]) -> list[dict]:
     torch.set_num_threads(1)
     results = []
     spec = _spec(path, av)
-    for layout in LAYOUTS:
+    for layout in layouts:
         mesh = ParallelMesh.build(ParallelDims(world_size=dist.get_world_size(), **layout), device_type="cpu")
         model, _ = build(spec, mesh)
+        if mesh.dims.ep > 1:  # every experts module runs split over ep
+            experts = [m for n, m in model.named_modules() if n.endswith(".mlp.experts")]
+            assert experts and all(getattr(m, "_omni_expert_parallel", False) for m in experts)
         sp = SequenceParallel.from_mesh(mesh["sp"]) if mesh.dims.sp > 1 else None
         per_rank = len(MICRO_BATCHES) // mesh.dims.dp
         mine = list(range(mesh.dp_rank * per_rank, (mesh.dp_rank + 1) * per_rank))
@@ -114,16 +123,20 @@ CASES = [(f, False) for f in (*FAMILIES, "janus")] + [("qwen2_5_omni_thinker", T
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> dict[str, str]:
-    """family -> a directory of that family with random weights."""
-    return {
-        family: str(qwen_vl_dir(tmp_path_factory.mktemp(family), family, init=0.1))
-        for family in dict.fromkeys(f for f, _ in CASES)
-    }
+    """family -> a directory of that family with random weights (the MoE's experts stored as its released
+    checkpoints store them: the sharded and EP-split experts load through transposed views)."""
+    out = {}
+    for family in dict.fromkeys(f for f, _ in CASES):
+        path = qwen_vl_dir(tmp_path_factory.mktemp(family), family, init=0.1)
+        out[family] = str(released_expert_layout(path) if family == "qwen3_vl_moe" else path)
+    return out
 
 
 @pytest.fixture(scope="module")
 def four_ranks(paths):
-    return run_checks(4, {f"{family}/{av}": (_rank, (paths[family], av)) for family, av in CASES})
+    return run_checks(
+        4, {f"{family}/{av}": (_rank, (paths[family], av, _layouts(family))) for family, av in CASES}
+    )
 
 
 @pytest.mark.parametrize("family,av", CASES)
@@ -132,6 +145,6 @@ def test_pretrained_parallel_layouts_match_one_process(paths, four_ranks, family
     assert any(ref["straddles"]), "no image straddles the SP cut: change MICRO_BATCHES"
     assert ref["loss"][-1] < ref["loss"][0]
     for rank_results in four_ranks[f"{family}/{av}"]:
-        for layout, r in zip(LAYOUTS, rank_results, strict=True):
+        for layout, r in zip(_layouts(family), rank_results, strict=True):
             assert _close(r["loss"], ref["loss"]), (layout, r["loss"], ref["loss"])
             assert _close(r["grad_norm"], ref["grad_norm"]), (layout, r["grad_norm"], ref["grad_norm"])

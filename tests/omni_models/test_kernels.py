@@ -36,16 +36,23 @@ def _text_lm(name: str) -> nn.Module:
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniTextConfig
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 
-    from omni_models.foundations import text_lm
+    from omni_models.foundations import qwen3_vl, text_lm
 
     cls, cfg = {
         "qwen2_vl": (text_lm.Qwen2VLTextForCausalLM, Qwen2VLTextConfig),
         "qwen2_5_vl": (text_lm.Qwen2_5_VLTextForCausalLM, Qwen2_5_VLTextConfig),
         "qwen2_5_omni": (text_lm.Qwen2_5OmniThinkerTextForCausalLM, Qwen2_5OmniTextConfig),
+        "qwen3_vl": (qwen3_vl.Qwen3VLTextForCausalLM, Qwen3VLTextConfig),
+        "qwen3_vl_moe": (qwen3_vl.Qwen3VLMoeTextForCausalLM, Qwen3VLMoeTextConfig),
     }[name]
     mrope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
-    return cls(cfg(**SMALL, rope_parameters=mrope, bos_token_id=None, eos_token_id=None))
+    extra = {"head_dim": 8} if name.startswith("qwen3_vl") else {}  # Qwen3-VL's default is 128
+    if name == "qwen3_vl_moe":
+        extra |= {"moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2}
+    return cls(cfg(**SMALL, **extra, rope_parameters=mrope, bos_token_id=None, eos_token_id=None))
 
 
 def _loss_and_grads(model: nn.Module, ids: torch.Tensor, **inputs):
@@ -56,7 +63,18 @@ def _loss_and_grads(model: nn.Module, ids: torch.Tensor, **inputs):
 
 
 @pytest.mark.parametrize(
-    "family", ["llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_5_omni"]
+    "family",
+    [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen2_5_omni",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+    ],
 )
 def test_swapped_modules_compute_what_hf_computes(family):
     torch.manual_seed(0)
@@ -65,14 +83,14 @@ def test_swapped_modules_compute_what_hf_computes(family):
     plan = plan_for(ours)
     swapped = swap_kernels(ours, plan.match_kernels(ours), TORCH_FORMULAS.swaps())
     kinds = {type(ours.get_submodule(f)) for f in swapped}
-    want = {KernelRMSNorm, RotaryAttention} | ({SwiGLUMLP} if family != "qwen3_moe" else set())
+    want = {KernelRMSNorm, RotaryAttention} | ({SwiGLUMLP} if not family.endswith("moe") else set())
     assert kinds == want, kinds
     norms = sum(isinstance(m, KernelRMSNorm) for m in ours.modules())
-    assert norms == 2 * 2 + 1 + (2 * 2 if family in ("qwen3", "qwen3_moe") else 0)  # + q/k norms
+    assert norms == 2 * 2 + 1 + (2 * 2 if family.startswith("qwen3") else 0)  # + q/k norms
     assert ours.state_dict().keys() == hf.state_dict().keys()
     ids = torch.randint(0, 96, (1, 24))
     # M-RoPE families: distinct temporal/height/width positions, as an image's tokens have
-    mrope = family in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni")
+    mrope = family in ("qwen2_vl", "qwen2_5_vl", "qwen2_5_omni", "qwen3_vl", "qwen3_vl_moe")
     t = torch.arange(24)
     positions = {"position_ids": torch.stack([t, t % 5, t // 5])[:, None]} if mrope else {}
     want_loss, want_grads = _loss_and_grads(hf, ids, **positions)

@@ -51,25 +51,37 @@ class _Sequence:
         self.embeds: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # (rows, length so far)
         self.rows = rows
+        self.deepstack: dict = {}  # the prompt's deepstack keywords (OmniModel.foundation_inputs)
 
     def extend(
-        self, new: torch.Tensor, positions: torch.Tensor | None = None
+        self, new: torch.Tensor, positions: torch.Tensor | None = None, deepstack: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (n, hidden) embeddings at `positions` (rows, n) (default: after the largest so far);
-        returns (last logits, last hidden state)."""
+        returns (last logits, last hidden state). `deepstack`: the prompt's deepstack keywords, added at
+        its media positions (by the prefill with a cache, as HF's generate does; by every recomputation
+        without one)."""
         if positions is None:
             start = 0 if self.positions is None else int(self.positions.max()) + 1
             positions = torch.arange(start, start + new.shape[0], device=new.device).expand(self.rows, -1)
         self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
         if self.cache is not None:
             embeds, pos = new, positions
-            kw = {"past_key_values": self.cache, "use_cache": True}
+            kw = {"past_key_values": self.cache, "use_cache": True, **(deepstack or {})}
         else:
             self.embeds = new if self.embeds is None else torch.cat([self.embeds, new])
-            embeds, pos, kw = self.embeds, self.positions, {"use_cache": False}
+            self.deepstack = deepstack or self.deepstack
+            embeds, pos, kw = self.embeds, self.positions, {"use_cache": False, **self._deepstack()}
         pos = pos[:, None] if self.rows > 1 else pos  # HF's (3, 1, n) for M-RoPE
         out = self.foundation(inputs_embeds=embeds[None], position_ids=pos, output_hidden_states=True, **kw)
         return out.logits[0, -1].float(), out.hidden_states[-1][0, -1]
+
+    def _deepstack(self) -> dict:
+        """The prompt's deepstack keywords over the whole sequence so far (generated tokens get none)."""
+        if not self.deepstack:
+            return {}
+        mask = self.deepstack["visual_pos_masks"]
+        grown = torch.nn.functional.pad(mask, (0, self.embeds.shape[0] - mask.shape[1]))
+        return {**self.deepstack, "visual_pos_masks": grown}
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
@@ -126,7 +138,8 @@ def generate(
     model.eval()
     with _plain_attention(foundation):
         seq = _Sequence(foundation, use_cache, rows)
-        logits, hidden = seq.extend(model.embed(prompt), positions.to(device))
+        embeds, deepstack = model.foundation_inputs(prompt)
+        logits, hidden = seq.extend(embeds, positions.to(device), deepstack)
         pending = start_of.get(int(input_ids[-1]))  # the prompt itself opens an image
         while len(result.tokens) < max_new_tokens:
             if pending is None:

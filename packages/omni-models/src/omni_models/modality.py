@@ -60,7 +60,11 @@ class Encoder(_ModalityPart, Protocol):
     Optional, read with getattr: `tower`, the HF module whose checkpoint layout a `path` loads, export
     writes and whose `_init_weights` initialises it (default: the encoder itself);
     `checkpoint_keys(name, tensor) -> {checkpoint name: tensor} | None`, which maps a tower parameter to
-    a checkpoint of another layout (None: under its own name); and, for the memory model of `--dry-run`
+    a checkpoint of another layout (None: under its own name); `deepstack_layers` (default 0), the number
+    N of the foundation's first layers that also add this encoder's features at its positions (Qwen3-VL's
+    DeepStack): `lm_encode` then returns (rows, 1 + N, output_size) per modality, [:, 0] the input
+    embeddings (through the projector) and [:, 1 + i] what layer i adds (already the foundation's width);
+    and, for the memory model of `--dry-run`
     and `plan` (omni_train.memory), `block_shape() -> (blocks, omni_models.memory.BlockShape)`, its
     transformer stack, else read from the tower's HF `config` (width and depth; omni_models.memory.
     encoder_block). With neither, a trainable encoder's activations are left out of the estimate, and
@@ -165,6 +169,8 @@ class Foundation(Protocol):
         max_length_q: int | None = None,
         max_length_k: int | None = None,
         sequence_parallel: Any = None,
+        visual_pos_masks: torch.Tensor | None = None,
+        deepstack_visual_embeds: list | None = None,  # of (rows, hidden) tensors
     ) -> Any:
         """Called as the module (`foundation(**kwargs)`), always by keyword; these are every keyword the
         framework passes (tests/omni_models/test_contracts.py records them).
@@ -174,7 +180,9 @@ class Foundation(Protocol):
         omni_dist SequenceParallel or None), output_hidden_states=-1 (an index: only the last hidden
         state is returned; HF's `bool | int | list[int]`), logits_to_keep=an empty index tensor (no
         logits: the loss head computes those of the labelled positions) and, for a MoE config whose
-        load-balancing loss trains, output_router_logits=True. Generation (omni_models.generate) passes
+        load-balancing loss trains, output_router_logits=True; with an encoder that declares
+        `deepstack_layers`, HF Qwen3-VL's visual_pos_masks (1, T) bool and deepstack_visual_embeds (per
+        layer, the rows added at the masked positions, in position order). Generation (omni_models.generate) passes
         inputs_embeds, position_ids, use_cache, past_key_values (a DynamicCache, with use_cache=True)
-        and output_hidden_states=True. HF models take the packed-attention keywords through `**kwargs`."""
+        and output_hidden_states=True (and the prompt's deepstack keywords). HF models take the packed-attention keywords through `**kwargs`."""
         ...

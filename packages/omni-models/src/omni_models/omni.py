@@ -142,28 +142,36 @@ class OmniModel(nn.Module):
         """Input embeddings (t, hidden) of this rank's part of the sequence, media features in place."""
         return self._embed(RankSlice.of(batch, sp))[0][0]
 
-    def _embed(self, view: RankSlice) -> tuple[torch.Tensor, dict[str, _Targets]]:
-        """(1, t, hidden) embeddings of this rank's slice, and each decoder's targets."""
+    def foundation_inputs(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The embeddings (t, hidden) of a whole (unsliced) sequence and the foundation's other keywords its
+        media bring (deepstack features), as generation's prefill passes them."""
+        embeds, _, deepstack = self._embed(RankSlice.of(batch, None))
+        return embeds[0], deepstack
+
+    def _embed(self, view: RankSlice) -> tuple[torch.Tensor, dict[str, _Targets], dict[str, Any]]:
+        """(1, t, hidden) embeddings of this rank's slice, each decoder's targets, and the deepstack
+        keywords of the foundation (none without a deepstack encoder)."""
         batch, sp, start, length = view.batch, view.sp, view.start, view.length
         self._check_media(batch)
         ids = view(batch.input_ids[0])
         embeds = self.foundation.get_input_embeddings()(ids[None])
         row0 = ids.new_zeros(())  # the batch index of every spliced position
         balance = self.settings.encoder_balance
+        deep: list[tuple[torch.Tensor, torch.Tensor]] = []  # per deepstack encoder: (positions, rows)
         for name, encoder in self.encoders.items():
             present = {m: batch.media[m] for m in encoder.modalities if m in batch.media}
             if balance == "world":  # every rank takes part, with media or without
-                embeds = self._embed_world(name, present, embeds, sp)
+                embeds = self._embed_world(name, present, embeds, sp, deep)
                 continue
             if present and sp is not None and balance == "sp":
-                embeds = self._embed_shared(name, present, embeds, sp)
+                embeds = self._embed_shared(name, present, embeds, sp, deep)
                 continue
             media = present or {m: x.to(ids.device) for m, x in encoder.dummy_media().items()}
             # The same ops in the same order whether or not the media is real (so every rank's backward
             # reaches the FSDP units in the same order; one projector call per encoder for the same
             # reason); a dummy's features are spliced in at no position.
             feats = encoder.lm_encode(media)
-            projected = self.projectors[name](torch.cat(list(feats.values())))
+            projected, extra = self._project(name, torch.cat(list(feats.values())))
             # Which rows go where is worked out on the host (positions stay there: PackedBatch.to), so
             # no data-dependent op waits on the device; the indices go over asynchronously.
             rows, targets, offset = [], [], 0
@@ -181,6 +189,8 @@ class OmniModel(nn.Module):
                 offset += f.shape[0]
             at, picked = (_to(torch.cat(x), ids.device) for x in (targets, rows))
             embeds = embeds.index_put((row0.expand_as(at), at), projected[picked].to(embeds.dtype))
+            if extra is not None:
+                deep.append((at, extra[picked]))
         generated: dict[str, _Targets] = {}
         batch_targets = batch.targets
         for name, decoder in self.decoders.items():
@@ -202,17 +212,35 @@ class OmniModel(nn.Module):
             at, keep = _to(pos[keep] - start, ids.device), _to(keep, ids.device)
             embeds = embeds.index_put((row0.expand_as(at), at), feats[keep].to(embeds.dtype))
             generated[name] = _Targets(pos, codes[: pos.shape[0]])
-        return embeds, generated
+        return embeds, generated, _deepstack(deep, length, embeds.device)
+
+    def _project(self, name: str, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder `name`'s features (rows, width), or (rows, 1 + N, width) from a deepstack encoder ->
+        the projected input embeddings and the N deepstack rows (rows, N, hidden) (None: not one)."""
+        if not getattr(self.encoders[name], "deepstack_layers", 0):
+            return self.projectors[name](feats), None
+        projected, extra = self.projectors[name](feats[:, 0]), feats[:, 1:]
+        if extra.shape[-1] != projected.shape[-1]:
+            raise ValueError(
+                f"encoder {name!r}: deepstack features of width {extra.shape[-1]} for a foundation of "
+                f"width {projected.shape[-1]} (they are added to its hidden states as they are)"
+            )
+        return projected, extra
 
     def _embed_shared(
-        self, name: str, media: dict[str, MediaBatch], embeds: torch.Tensor, sp: SequenceParallel
+        self, name: str, media: dict[str, MediaBatch], embeds: torch.Tensor, sp: SequenceParallel, deep: list
     ) -> torch.Tensor:
         """Encoder `name` on this SP rank's share of the micro-batch's items (omni_dist.media_split)."""
         route = EncoderRoute.plan(media, sp.rank, sp.size, embeds.shape[1])
-        return self._encode_routed(name, route, embeds, sp.group)
+        return self._encode_routed(name, route, embeds, sp.group, deep)
 
     def _embed_world(
-        self, name: str, present: dict[str, MediaBatch], embeds: torch.Tensor, sp: SequenceParallel | None
+        self,
+        name: str,
+        present: dict[str, MediaBatch],
+        embeds: torch.Tensor,
+        sp: SequenceParallel | None,
+        deep: list,
     ) -> torch.Tensor:
         """Encoder `name` on the items all ranks assigned this one (omni_dist.media_split.WorldRoute):
         each offers its SP share of its micro-batch."""
@@ -224,21 +252,27 @@ class OmniModel(nn.Module):
         else:
             owners = [dist.get_rank(group)]
         route = WorldRoute.plan(offer, group, owners, length, embeds.device)
-        return self._encode_routed(name, route, embeds, group)
+        return self._encode_routed(name, route, embeds, group, deep)
 
-    def _encode_routed(self, name: str, route, embeds: torch.Tensor, group) -> torch.Tensor:
+    def _encode_routed(self, name: str, route, embeds: torch.Tensor, group, deep: list) -> torch.Tensor:
         """Encode the route's items (the dummy input when it has none, so every rank's backward reaches
-        the FSDP units in the same order), project them, send the features to the ranks whose slices
-        hold their placeholders and splice in those that arrive here."""
+        the FSDP units in the same order), project them, send the features (with their deepstack rows)
+        to the ranks whose slices hold their placeholders and splice in those that arrive here."""
         encoder = self.encoders[name]
         mine = route.mine or {m: x.to(embeds.device) for m, x in encoder.dummy_media().items()}
         feats = encoder.lm_encode(mine)
-        projected = self.projectors[name](torch.cat([feats[m] for m in mine]))
+        projected, extra = self._project(name, torch.cat([feats[m] for m in mine]))
         if route.mine and projected.shape[0] != route.send_order.shape[0]:
             raise ValueError(
                 f"{name} gave {projected.shape[0]} embeddings for {route.send_order.shape[0]} placeholders"
             )
-        rows, at = route.exchange(projected, group)
+        if extra is None:
+            rows, at = route.exchange(projected, group)
+        else:  # one exchange: each row travels with its deepstack rows
+            rows, at = route.exchange(torch.cat([projected[:, None], extra], 1).flatten(1), group)
+            rows = rows.unflatten(1, (1 + extra.shape[1], -1))
+            deep.append((at, rows[:, 1:]))
+            rows = rows[:, 0]
         return embeds.index_put((at.new_zeros(()).expand_as(at), at), rows.to(embeds.dtype))
 
     def forward(
@@ -254,7 +288,7 @@ class OmniModel(nn.Module):
         else:
             view = RankSlice.of(batch, sequence_parallel)
         batch, sp, settings = view.batch, view.sp, self.settings
-        embeds, generated = self._embed(view)
+        embeds, generated, deepstack = self._embed(view)
         # (1, T), or (3, 1, T) for M-RoPE (HF's own layout): either way the sequence is the last dim
         positions = view(batch.position_ids, dim=-1)
         # Logits only where a text label is (media placeholders and prompts have none): the foundation
@@ -277,6 +311,7 @@ class OmniModel(nn.Module):
             output_hidden_states=-1,
             logits_to_keep=labelled[:0],
             **({"output_router_logits": True} if self._moe else {}),
+            **deepstack,
         )
         head = self.foundation.get_output_embeddings()
         targets = _to(view.labels[view.labelled], embeds.device)
@@ -339,6 +374,24 @@ class OmniModel(nn.Module):
             present = {m: targets[m] for m in decoder.modalities if m in targets}
             out[name] = decoder.flops(present) if present else 0.0
         return out
+
+
+def _deepstack(deep: list[tuple[torch.Tensor, torch.Tensor]], length: int, device) -> dict[str, Any]:
+    """The foundation's deepstack keywords (HF's Qwen3-VL names) from each deepstack encoder's (positions
+    in this slice, rows (n, N, hidden)): the positions as a (1, length) mask, and per layer the rows in
+    position order (the order in which a boolean mask selects the hidden states they are added to)."""
+    if not deep:
+        return {}
+    layers = {rows.shape[1] for _, rows in deep}
+    if len(layers) > 1:
+        raise ValueError(f"deepstack encoders feed different numbers of layers {sorted(layers)}")
+    at = torch.cat([a for a, _ in deep])
+    rows = torch.cat([r for _, r in deep])[torch.argsort(at)]
+    mask = torch.zeros(1, length, dtype=torch.bool, device=device)
+    mask = mask.index_put(
+        (at.new_zeros(()).expand_as(at), at), torch.ones((), dtype=torch.bool, device=device)
+    )
+    return {"visual_pos_masks": mask, "deepstack_visual_embeds": list(rows.unbind(1))}
 
 
 def _to(index: torch.Tensor, device: torch.device) -> torch.Tensor:

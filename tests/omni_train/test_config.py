@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from omni_train.cli import app
 from omni_train.config import ConfigError, check_layout, load_config
 from tests.omni_models.hf_dirs import qwen2_5_omni_7b_config_dir, qwen2_vl_7b_config_dir
+from tests.omni_models.scale_dirs import qwen3_vl_8b_config_dir, qwen3_vl_30b_a3b_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "apps/quickstart/recipe.yaml")
@@ -75,11 +76,23 @@ def test_layout_errors_before_any_process_starts():
 
 @pytest.mark.parametrize(
     "recipe",
-    ["qwen2vl_7b_fsdp_sp.yaml", "qwen2_5_omni_7b.yaml", "qwen3_moe_30b_omni.yaml", "quickstart/recipe.yaml"],
+    [
+        "qwen2vl_7b_fsdp_sp.yaml",
+        "qwen2_5_omni_7b.yaml",
+        "qwen3_moe_30b_omni.yaml",
+        "qwen3_vl_8b.yaml",
+        "qwen3_vl_30b_a3b.yaml",
+        "quickstart/recipe.yaml",
+    ],
 )
 def test_recipes_validate_with_dry_run(recipe, tmp_path):
     args = ["run", str(ROOT / "apps" / recipe), "--dry-run"]
-    config_only = {"qwen2vl": qwen2_vl_7b_config_dir, "qwen2_5_omni": qwen2_5_omni_7b_config_dir}
+    config_only = {
+        "qwen2vl": qwen2_vl_7b_config_dir,
+        "qwen2_5_omni": qwen2_5_omni_7b_config_dir,
+        "qwen3_vl_8b": qwen3_vl_8b_config_dir,
+        "qwen3_vl_30b": qwen3_vl_30b_a3b_config_dir,
+    }
     for prefix, make in config_only.items():  # the pretrained directory, config.json only
         if recipe.startswith(prefix):
             args += ["--set", f"model.pretrained={make(tmp_path)}"]
@@ -94,6 +107,13 @@ def test_recipes_validate_with_dry_run(recipe, tmp_path):
         assert "encoders.vision: 0.6" in result.output and "encoders.audio: 0.6" in result.output
     if "moe" in recipe:
         assert "foundation: 30.5" in result.output and "expert-parallel tensors: 96" in result.output
+    if recipe.startswith("qwen3_vl_8b"):  # Qwen3-VL-8B's 8.77B; 3 DeepStack mergers beside the 27 blocks
+        assert "foundation: 8.191B params (trainable)" in result.output
+        assert "encoders.vision: 0.576B params (trainable)" in result.output
+    if recipe.startswith("qwen3_vl_30b"):  # Qwen3-VL-30B-A3B's 31.1B
+        assert "foundation: 30.532B params (trainable)" in result.output
+        assert "encoders.vision: 0.539B params (frozen)" in result.output
+        assert "expert-parallel tensors: 96 (fused_gate_up)" in result.output
 
 
 def test_each_setting_is_declared_once_by_its_package():

@@ -16,6 +16,7 @@ from omni_train.config import load_config
 from omni_train.memory import GIB, estimate_memory, loss_head
 from omni_train.planner import DEVICES, plan
 from tests.omni_models.hf_dirs import qwen2_vl_7b_config_dir
+from tests.omni_models.scale_dirs import qwen3_vl_8b_config_dir, qwen3_vl_30b_a3b_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE = str(ROOT / "apps/qwen3_moe_30b_omni.yaml")
@@ -91,9 +92,17 @@ def test_plan_keeps_what_fits_ranked_by_predicted_time():
 
 
 def test_plan_command_on_the_real_scale_recipes(tmp_path):
-    vl = ["--set", f"model.pretrained={qwen2_vl_7b_config_dir(tmp_path)}"]
-    for recipe, extra in ((str(ROOT / "apps/qwen2vl_7b_fsdp_sp.yaml"), vl), (MOE, [])):
-        for gpus in (8, 128):
+    def pretrained(make) -> list[str]:
+        return ["--set", f"model.pretrained={make(tmp_path)}"]
+
+    recipes = (  # (recipe, its overrides, GPU counts)
+        (str(ROOT / "apps/qwen2vl_7b_fsdp_sp.yaml"), pretrained(qwen2_vl_7b_config_dir), (8, 128)),
+        (MOE, [], (8, 128)),
+        (str(ROOT / "apps/qwen3_vl_8b.yaml"), pretrained(qwen3_vl_8b_config_dir), (16,)),
+        (str(ROOT / "apps/qwen3_vl_30b_a3b.yaml"), pretrained(qwen3_vl_30b_a3b_config_dir), (32,)),
+    )
+    for recipe, extra, counts in recipes:
+        for gpus in counts:
             result = CliRunner().invoke(app, ["plan", recipe, "--gpus", str(gpus), "--gpu-mem", "80", *extra])
             assert result.exit_code == 0, result.output
             assert f"{gpus} x H100 SXM (80 GiB each)" in result.output

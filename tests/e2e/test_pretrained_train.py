@@ -2,15 +2,18 @@
 and videos -> the family's markers and M-RoPE positions -> packed micro-batches; the loss falls, and
 FSDP on 2 ranks and sp=2 on 2 ranks give the single process's losses and gradient norms. The trained
 checkpoint exports (`omni-train convert`) as a Qwen2-VL directory that HF's own class, tokenizer and
-image processor load, computing our loss; loaded back as `model.pretrained` it gives that loss again."""
+image processor load, computing our loss; loaded back as `model.pretrained` it gives that loss again.
+Qwen3-VL and Qwen3-VL-MoE (DeepStack, timestamped video; the MoE's load-balancing loss) train 30 steps
+from a saved tiny model, lowering the loss, and export the same way."""
 
 from __future__ import annotations
 
 import base64
 import json
 
+import pytest
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 from typer.testing import CliRunner
 
 from omni_models.config import OmniModelConfig
@@ -20,14 +23,19 @@ from omni_train.config import TrainConfig, load_config
 from omni_train.local import run_local
 from tests.e2e.conftest import _single, close, read_metrics
 from tests.harness import PRELOAD, run_ranks
-from tests.omni_models.hf_dirs import qwen_vl_dir
-from tests.omni_models.hf_families import build, hf_inputs, pack, processed, vl_sample
+from tests.omni_models.hf_dirs import hf_class, qwen_vl_dir
+from tests.omni_models.hf_families import build, hf_loss, pack, processed, vl_sample
 
 STEPS = 8
+PROCESSORS = {
+    "qwen2_vl": "Qwen2VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "qwen3_vl_moe": "Qwen3VLProcessor",
+}
 MEDIA = [("image",), ("video",), (), ("image", "video"), ("image",)]
 
 
-def _recipe(model_dir, data, run_dir, **parallel) -> dict:
+def _recipe(model_dir, data, run_dir, steps: int = STEPS, **parallel) -> dict:
     return {
         "model": {"pretrained": str(model_dir)},  # the tokenizer defaults to it
         "data": {
@@ -38,14 +46,13 @@ def _recipe(model_dir, data, run_dir, **parallel) -> dict:
             "shuffle_buffer": 8,
         },
         "parallel": parallel,
-        "train": {"steps": STEPS, "lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": steps, "lr": 3e-3, "warmup_steps": 1},
         "checkpoint": {"async_save": False},
         "logging": {"run_dir": str(run_dir), "console": "none", "tensorboard": False},
     }
 
 
-def test_pretrained_recipe_trains_and_layouts_agree(tmp_path):
-    model_dir = qwen_vl_dir(tmp_path, init=0.1)
+def _data(tmp_path):
     data = tmp_path / "train.jsonl"
     with open(data, "w") as f:
         for i in range(48):
@@ -54,14 +61,25 @@ def test_pretrained_recipe_trains_and_layouts_agree(tmp_path):
                 json.dumps({**doc, "files": {k: base64.b64encode(v).decode() for k, v in files.items()}})
                 + "\n"
             )
-    single = _recipe(model_dir, data, tmp_path / "single")
+    return data
+
+
+def _train_single(tmp_path, model_dir, data, steps: int) -> dict[int, dict]:
+    single = _recipe(model_dir, data, tmp_path / "single", steps)
     run_ranks(
         _single, 1, TrainConfig.model_validate(single).model_dump(mode="json"), init_process_group=False
     )
     ref = read_metrics(tmp_path / "single")
-    assert sorted(ref) == list(range(1, STEPS + 1))
-    assert ref[STEPS]["loss"] < 0.85 * ref[1]["loss"], (ref[1]["loss"], ref[STEPS]["loss"])
+    assert sorted(ref) == list(range(1, steps + 1))
+    assert ref[steps]["loss"] < 0.85 * ref[1]["loss"], (ref[1]["loss"], ref[steps]["loss"])
     assert (tmp_path / "single" / "checkpoints" / "latest").exists()
+    return ref
+
+
+def test_pretrained_recipe_trains_and_layouts_agree(tmp_path):
+    model_dir = qwen_vl_dir(tmp_path, init=0.1)
+    data = _data(tmp_path)
+    ref = _train_single(tmp_path, model_dir, data, STEPS)
     _export_round_trip(tmp_path, model_dir)
     for name, parallel in {"fsdp": {"dp_shard": 2}, "sp": {"sp": 2}}.items():
         run_local(
@@ -75,7 +93,14 @@ def test_pretrained_recipe_trains_and_layouts_agree(tmp_path):
             assert close(a["loss"], b["loss"]) and close(a["grad_norm"], b["grad_norm"]), (name, step, a, b)
 
 
-def _export_round_trip(tmp_path, model_dir):
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_qwen3_families_learn_from_a_saved_model_and_export(tmp_path, family):
+    model_dir = qwen_vl_dir(tmp_path, family, init=0.1)
+    _train_single(tmp_path, model_dir, _data(tmp_path), 30)
+    _export_round_trip(tmp_path, model_dir, family)
+
+
+def _export_round_trip(tmp_path, model_dir, family: str = "qwen2_vl"):
     ckpt = (
         tmp_path
         / "single"
@@ -93,16 +118,21 @@ def _export_round_trip(tmp_path, model_dir):
     samples = processed(proc, [vl_sample(100 + i, m) for i, m in enumerate(MEDIA)])
     batch = pack(samples)
     n = batch.num_label_tokens
+    assert type(AutoProcessor.from_pretrained(out)).__name__ == PROCESSORS[family]
+
+    def loss(model) -> torch.Tensor:  # the token loss, plus a MoE's load-balancing loss as HF adds it
+        out = model(batch)
+        aux = 0.0 if out.aux_loss is None else out.aux_loss_coef * out.aux_loss
+        return out.loss_sum / n + aux
+
     with torch.no_grad():
-        ours = trained(batch).loss_sum / n
-        hf = Qwen2VLForConditionalGeneration.from_pretrained(
-            out, attn_implementation="sdpa", dtype=torch.float32
-        )
-        theirs = sum(hf(**hf_inputs(s), num_items_in_batch=n).loss for s in samples)
+        ours = loss(trained)
+        hf = hf_class(family).from_pretrained(out, attn_implementation="sdpa", dtype=torch.float32)
+        theirs = hf_loss(hf, family, samples, n)[0]
         reloaded, _ = build(OmniModelConfig.from_dict({"pretrained": str(out)}))
-        again = reloaded(batch).loss_sum / n
+        again = loss(reloaded)
         original, _ = build(OmniModelConfig.from_dict({"pretrained": str(model_dir)}))
-        before = original(batch).loss_sum / n
+        before = loss(original)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=0)
     torch.testing.assert_close(again, ours, rtol=1e-5, atol=0)
     assert abs(before.item() - ours.item()) > 1e-3  # the export holds the trained weights, not the originals

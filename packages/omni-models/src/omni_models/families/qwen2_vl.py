@@ -19,7 +19,9 @@ from omni_models.families.mrope import MRopePositions
 LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual."}
 
 
-def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
+def expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
+    """The part specs of a VLM of these two parts (Qwen3-VL's families use it too)."""
+
     def expand(hf_config: Any, path: str) -> PartSpecs:
         text = hf_config.text_config.to_dict()
         text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # only the top level carries it
@@ -41,7 +43,7 @@ def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
     return expand
 
 
-def _positions(model_class: str, video_seconds: bool) -> Callable[[Any], MRopePositions]:
+def rope_positions(model_class: str, video_seconds: bool) -> Callable[[Any], MRopePositions]:
     def positions(hf_config: Any) -> MRopePositions:
         import transformers
 
@@ -56,15 +58,15 @@ MARKERS = {
 }
 QWEN2_VL = PretrainedFamily(
     name="qwen2_vl",
-    expand=_expander("qwen2_vl_text", "qwen2_vl_vision"),
+    expand=expander("qwen2_vl_text", "qwen2_vl_vision"),
     markers=MARKERS,
     layout=LAYOUT,
-    positions=_positions("Qwen2VLModel", video_seconds=False),
+    positions=rope_positions("Qwen2VLModel", video_seconds=False),
 )
 QWEN2_5_VL = PretrainedFamily(
     name="qwen2_5_vl",
-    expand=_expander("qwen2_5_vl_text", "qwen2_5_vl_vision"),
+    expand=expander("qwen2_5_vl_text", "qwen2_5_vl_vision"),
     markers=MARKERS,
     layout=LAYOUT,
-    positions=_positions("Qwen2_5_VLModel", video_seconds=True),
+    positions=rope_positions("Qwen2_5_VLModel", video_seconds=True),
 )

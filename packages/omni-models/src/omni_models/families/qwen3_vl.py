@@ -11,12 +11,8 @@ timestamp's text).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from omni_models.families.base import PartSpecs, PretrainedFamily, processor_dir
-from omni_models.families.mrope import MRopePositions
-from omni_models.families.qwen2_vl import MARKERS
+from omni_models.families.base import PretrainedFamily
+from omni_models.families.qwen2_vl import MARKERS, expander, rope_positions
 
 LAYOUT = {
     "foundation.model.": "model.language_model.",
@@ -25,50 +21,19 @@ LAYOUT = {
 }
 
 
-def _expander(foundation: str, encoder: str) -> Callable[[Any, str], PartSpecs]:
-    def expand(hf_config: Any, path: str) -> PartSpecs:
-        text = hf_config.text_config.to_dict()
-        text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # the top level's is the model's
-        return {
-            "foundation": {"name": foundation, "config": text, "path": path, "freeze": False},
-            "encoders": {
-                "vision": {
-                    "name": encoder,
-                    "modalities": ["image", "video"],
-                    "config": hf_config.vision_config.to_dict(),
-                    "path": path,
-                    "freeze": False,
-                    "projector": "identity",
-                    "options": {"processor_dir": processor_dir(path)},
-                }
-            },
-        }
-
-    return expand
-
-
-def _positions(model_class: str) -> Callable[[Any], MRopePositions]:
-    def positions(hf_config: Any) -> MRopePositions:
-        import transformers
-
-        return MRopePositions(hf_config, getattr(transformers, model_class))
-
-    return positions
-
-
 TRANSPOSED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 QWEN3_VL = PretrainedFamily(
     name="qwen3_vl",
-    expand=_expander("qwen3_vl_text", "qwen3_vl_vision"),
+    expand=expander("qwen3_vl_text", "qwen3_vl_vision"),
     markers=MARKERS,
     layout=LAYOUT,
-    positions=_positions("Qwen3VLModel"),
+    positions=rope_positions("Qwen3VLModel", video_seconds=False),
 )
 QWEN3_VL_MOE = PretrainedFamily(
     name="qwen3_vl_moe",
-    expand=_expander("qwen3_vl_moe_text", "qwen3_vl_moe_vision"),
+    expand=expander("qwen3_vl_moe_text", "qwen3_vl_moe_vision"),
     markers=MARKERS,
     layout=LAYOUT,
-    positions=_positions("Qwen3VLMoeModel"),
+    positions=rope_positions("Qwen3VLMoeModel", video_seconds=False),
     transposed=TRANSPOSED,
 )

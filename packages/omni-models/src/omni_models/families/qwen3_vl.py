@@ -3,10 +3,11 @@ identity) and the text model (dense, or MoE). The two differ in their classes on
 
 Their checkpoints keep transformers' nested names (`model.language_model.*`, `model.visual.*`,
 `lm_head.weight`; LAYOUT); the MoE's released checkpoints store its fused experts transposed ((E, H, 2I),
-(E, I, H)), save_pretrained as in memory: loading reads either (TRANSPOSED). Images go through the directory's image processor, videos through its video
-processor, laid out with their frame timestamps as its Qwen3VLProcessor does (encoders/
-qwen3_vl_processing.py). Positions are the family's own `get_rope_index` (each frame placed after its
-timestamp's text).
+(E, I, H)), save_pretrained as in memory: loading reads either (TRANSPOSED). Images go through the
+directory's image processor, videos through its video processor, laid out with their frame timestamps as
+its Qwen3VLProcessor does (encoders/qwen3_vl_processing.py). Positions are the family's own
+`get_rope_index` (each frame placed after its timestamp's text). Parts and positions are built as
+Qwen2-VL's are (families/qwen2_vl.py).
 """
 
 from __future__ import annotations

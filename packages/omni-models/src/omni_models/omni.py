@@ -3,9 +3,10 @@
 Text embeddings come from the foundation; each modality's encoder output, projected to the
 foundation's width, replaces the embeddings at that modality's placeholder positions (a DeepStack
 encoder's extra rows go to the foundation's first layers at the same positions, as HF's Qwen3-VL adds
-them); the foundation runs with packed attention; the loss is the token-summed cross entropy over labelled positions (the
-caller divides by the global label-token count, so every parallel layout trains the same model). A MoE
-foundation also returns its router's load-balancing loss for the micro-batch (HF's, per sequence).
+them); the foundation runs with packed attention; the loss is the token-summed cross entropy over
+labelled positions (the caller divides by the global label-token count, so every parallel layout trains
+the same model). A MoE foundation also returns its router's load-balancing loss for the micro-batch
+(HF's, per sequence).
 
 An encoder whose modalities are absent from a micro-batch still runs, on its smallest dummy input,
 whose features are spliced in at no position: on every rank the same modules run forward and

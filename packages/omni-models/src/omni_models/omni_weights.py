@@ -12,7 +12,7 @@ from omni_dist.hf_export import export_hf_safetensors
 from omni_dist.hf_load import CheckpointMismatchError, checkpoint_keys, load_hf_weights_, log_unused
 from omni_dist.weights import init_weights_
 from omni_models.config import OmniModelConfig
-from omni_models.hf_keys import stored_shapes, transposed_view
+from omni_models.hf_keys import per_expert_keys, stored_shapes, transposed_view
 from omni_models.omni import OmniModel
 
 
@@ -107,6 +107,8 @@ def _family_keys(family, prefix: str, path):
         key = family.checkpoint_key(prefix + name)
         if key is None:
             return None
+        if family.per_expert and (experts := per_expert_keys(key, tensor)) is not None:
+            return experts
         if key.endswith(family.transposed) and tensor.ndim >= 2:
             swapped = (*tensor.shape[:-2], tensor.shape[-1], tensor.shape[-2])
             if swapped != tuple(tensor.shape) and shapes.get(key) == swapped:

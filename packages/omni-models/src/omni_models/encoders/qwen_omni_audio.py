@@ -40,16 +40,20 @@ class OmniAudioProcessor:
         self.fe = extractor
         self.kwargs = {k: v for k, v in (kwargs or {}).items() if k not in ("padding", "sampling_rate")}
 
+    def tokens(self, frames: int) -> int:
+        """LLM tokens of `frames` mel frames (the family's count)."""
+        return audio_tokens(frames)
+
     def frames(self, samples: int) -> int:
         """Mel frames kept of `samples` samples at the extractor's rate."""
         frames = min(math.ceil(samples / self.fe.hop_length), self.fe.nb_max_frames)
-        if audio_tokens(frames) < 1:
+        if self.tokens(frames) < 1:
             raise ValueError(f"audio of {frames} mel frames is too short for one token (needs 4 x 10 ms)")
         return frames
 
     def count(self, item) -> MediaCount:
         frames = self.frames(resampled_length(*audio_frames(item.data), self.fe.sampling_rate))
-        return MediaCount(audio_tokens(frames), frames)
+        return MediaCount(self.tokens(frames), frames)
 
     def process(self, item) -> dict[str, torch.Tensor]:
         return self.features(decode_audio(item.data, self.fe.sampling_rate))

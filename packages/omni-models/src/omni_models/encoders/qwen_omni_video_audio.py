@@ -1,4 +1,5 @@
-"""Qwen2.5-Omni's video with its audio track (`use_audio_in_video`): one item, two encoders' inputs.
+"""Qwen2.5-Omni's (and Qwen3-Omni's) video with its audio track (`use_audio_in_video`): one item, two
+encoders' inputs.
 
 Between the video's markers the frames' tokens and the audio's tokens alternate in chunks of
 `seconds_per_chunk`, as the family's processor lays them out (its own `replace_video_with_audio_token`
@@ -17,7 +18,7 @@ import torch
 
 from omni_dist.media import MediaCount
 from omni_models.encoders.qwen2_vl_processing import Qwen2VLVideoProcessor
-from omni_models.encoders.qwen_omni_audio import OmniAudioProcessor, audio_tokens
+from omni_models.encoders.qwen_omni_audio import OmniAudioProcessor
 from omni_models.media import video_audio
 
 _TOKEN = re.compile(r"<\|[^|]+\|>")
@@ -53,7 +54,7 @@ class OmniVideoAudioProcessor:
         # Decoding the audio track (cheap beside the frames) gives its exact length: a header's
         # duration misses codec priming and padding.
         frames = self.audio.frames(self._wave(item.data).numel())
-        layout = self._layout(t, video.llm_tokens // t, audio_tokens(frames))
+        layout = self._layout(t, video.llm_tokens // t, self.audio.tokens(frames))
         units = tuple(zip(self.modalities, (video.encoder_units, frames), strict=True))
         return MediaCount(sum(n for _, n in layout), video.encoder_units + frames, layout, units)
 

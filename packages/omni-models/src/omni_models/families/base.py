@@ -42,6 +42,9 @@ class PretrainedFamily:
     # checkpoint key suffixes of tensors a directory may store with their last two dims swapped (loading
     # reads either, by the stored shape, as transformers does; export writes the in-memory layout)
     transposed: tuple[str, ...] = ()
+    # fused experts (`experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I)) stored one tensor per
+    # expert and projection, as transformers saves Qwen3-Omni's (omni_models.hf_keys.per_expert_keys)
+    per_expert: bool = False
     # keys of the recipe's `model` section this family reads (e.g. Qwen2.5-Omni's use_audio_in_video):
     # passed to `expand` by keyword when the recipe sets them
     options: tuple[str, ...] = ()

@@ -19,6 +19,7 @@ from torch import nn
 
 from omni_dist.hf_export import export_hf_safetensors
 from omni_models.families.base import PretrainedSource
+from omni_models.hf_keys import per_expert_tensors
 
 _WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "config.json")
 
@@ -36,7 +37,9 @@ def export_pretrained(
         )
 
     def rename(name: str, full: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {source.family.checkpoint_key(name): full}
+        key = source.family.checkpoint_key(name)
+        experts = per_expert_tensors(key, full) if source.family.per_expert else None
+        return experts or {key: full}
 
     config = json.loads((Path(source.path) / "config.json").read_text())
     config["dtype"] = dtype

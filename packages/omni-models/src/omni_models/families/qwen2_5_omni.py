@@ -19,25 +19,32 @@ LAYOUT = {"foundation.": "", "encoders.vision.tower.": "visual.", "encoders.audi
 SPEECH = ("talker.", "token2wav.")
 
 
-def expand(hf_config: Any, path: str, use_audio_in_video: bool = False) -> PartSpecs:
-    """`use_audio_in_video`: each video brings its audio track, interleaved with its frames (HF's flag)."""
+PARTS = ("qwen2_5_omni_text", "qwen2_5_omni_vision", "qwen2_5_omni_audio")  # foundation, vision, audio
+
+
+def expand(
+    hf_config: Any, path: str, use_audio_in_video: bool = False, parts: tuple[str, ...] = PARTS
+) -> PartSpecs:
+    """`use_audio_in_video`: each video brings its audio track, interleaved with its frames (HF's flag);
+    `parts`: the registered names of the foundation and the two towers (Qwen3-Omni's thinker is laid out
+    alike)."""
     if not isinstance(use_audio_in_video, bool):
         raise ValueError(f"model.use_audio_in_video must be true or false, got {use_audio_in_video!r}")
     text = hf_config.text_config.to_dict()
     text["tie_word_embeddings"] = bool(hf_config.tie_word_embeddings)  # the thinker's, not its text config's
     part = {"path": path, "freeze": False, "projector": "identity"}
     return {
-        "foundation": {"name": "qwen2_5_omni_text", "config": text, "path": path, "freeze": False},
+        "foundation": {"name": parts[0], "config": text, "path": path, "freeze": False},
         "encoders": {
             "vision": {
-                "name": "qwen2_5_omni_vision",
+                "name": parts[1],
                 "modalities": ["image", "video"],
                 "config": hf_config.vision_config.to_dict(),
                 "options": {"processor_dir": processor_dir(path), "use_audio_in_video": use_audio_in_video},
                 **part,
             },
             "audio": {
-                "name": "qwen2_5_omni_audio",
+                "name": parts[2],
                 "modalities": ["audio"],
                 "config": hf_config.audio_config.to_dict(),
                 "options": {"processor_dir": processor_dir(path)},

@@ -29,6 +29,9 @@ from tests.omni_models.hf_dirs import AUDIO as FAMILY_AUDIO
 from tests.omni_models.hf_dirs import TEXT as FAMILY_TEXT
 from tests.omni_models.hf_dirs import VISION as FAMILY_VISION
 from tests.omni_models.omni_fixtures import VISION, VQ, WHISPER, foundation_config
+from tests.omni_models.qwen3_omni_dirs import AUDIO as OMNI3_AUDIO
+from tests.omni_models.qwen3_omni_dirs import TEXT as OMNI3_TEXT
+from tests.omni_models.qwen3_omni_dirs import VISION as OMNI3_VISION
 
 SIGLIP = {
     "hidden_size": 16,
@@ -60,6 +63,8 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
         "qwen2_5_omni_audio": {"config": FAMILY_AUDIO, "modalities": ["audio"]},
         "qwen3_vl_vision": _qwen_vision(FAMILY_VISION["qwen3_vl"]),
         "qwen3_vl_moe_vision": _qwen_vision(FAMILY_VISION["qwen3_vl_moe"]),
+        "qwen3_omni_moe_vision": _qwen_vision(OMNI3_VISION),
+        "qwen3_omni_moe_audio": {"config": OMNI3_AUDIO, "modalities": ["audio"]},
         "janus_vision": {
             "config": {
                 "hidden_size": 16,
@@ -89,6 +94,7 @@ TINY: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "qwen3_vl_text": foundation_config(**FAMILY_TEXT["qwen3_vl"]),
         "qwen3_vl_moe_text": foundation_config(**FAMILY_TEXT["qwen3_vl_moe"]),
+        "qwen3_omni_moe_text": foundation_config(**OMNI3_TEXT),
     },
 }
 REGISTRIES: dict[str, MutableMapping[str, Any]] = {

@@ -65,4 +65,5 @@ def test_unknown_family_is_named():
         "Qwen2_5OmniThinkerTextForCausalLM",
         "Qwen3VLTextForCausalLM",
         "Qwen3VLMoeTextForCausalLM",
+        "Qwen3OmniMoeThinkerTextForCausalLM",
     }

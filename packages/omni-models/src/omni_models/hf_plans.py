@@ -76,6 +76,14 @@ HF_DECODER_PLANS: dict[str, ParallelPlan] = {
         "Qwen3VLMoeTextExperts",
         kernels("Qwen3VLMoeTextRMSNorm", None, "Qwen3VLMoeTextAttention"),
     ),
+    # Qwen3OmniMoeThinkerTextExperts: fused (E, 2I, H) / (E, H, I) in memory (saved per expert); its final
+    # norm is another class than its blocks' norms
+    "Qwen3OmniMoeThinkerTextForCausalLM": moe_decoder_plan(
+        "Qwen3OmniMoeThinkerTextDecoderLayer",
+        "Qwen3OmniMoeThinkerTextExperts",
+        kernels("Qwen3OmniMoeThinkerTextRMSNorm", None, "Qwen3OmniMoeThinkerTextAttention")
+        | kernels("Qwen3OmniMoeTextRMSNorm"),
+    ),
 }
 
 

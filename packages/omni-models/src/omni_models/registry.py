@@ -15,6 +15,7 @@ from transformers import LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniTextConfig
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig
+from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 
@@ -25,10 +26,13 @@ from omni_models.encoders.qwen2_vl import (
     Qwen2_5OmniVisionTower,
     Qwen2VLVisionEncoder,
 )
+from omni_models.encoders.qwen3_omni_audio import Qwen3OmniAudioEncoder
+from omni_models.encoders.qwen3_omni_vision import Qwen3OmniVisionTower
 from omni_models.encoders.qwen3_vl import Qwen3VLMoeVisionEncoder, Qwen3VLVisionEncoder
 from omni_models.encoders.qwen_omni_audio import QwenOmniAudioEncoder
 from omni_models.encoders.siglip import SiglipImageEncoder
 from omni_models.encoders.whisper import WhisperAudioEncoder
+from omni_models.foundations.qwen3_omni import Qwen3OmniMoeThinkerTextForCausalLM
 from omni_models.foundations.qwen3_vl import Qwen3VLMoeTextForCausalLM, Qwen3VLTextForCausalLM
 from omni_models.foundations.text_lm import (
     Qwen2_5_VLTextForCausalLM,
@@ -43,6 +47,8 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "qwen2_5_omni_audio": QwenOmniAudioEncoder,
     "qwen3_vl_vision": Qwen3VLVisionEncoder,
     "qwen3_vl_moe_vision": Qwen3VLMoeVisionEncoder,
+    "qwen3_omni_moe_vision": Qwen3OmniVisionTower,
+    "qwen3_omni_moe_audio": Qwen3OmniAudioEncoder,
     "janus_vision": JanusVisionEncoder,
     "siglip": SiglipImageEncoder,
     "whisper": WhisperAudioEncoder,
@@ -63,6 +69,7 @@ FOUNDATIONS: dict[str, type[PretrainedConfig]] = {
     "qwen2_5_omni_text": Qwen2_5OmniTextConfig,
     "qwen3_vl_text": Qwen3VLTextConfig,
     "qwen3_vl_moe_text": Qwen3VLMoeTextConfig,
+    "qwen3_omni_moe_text": Qwen3OmniMoeTextConfig,
 }
 
 # Foundations whose class AutoModelForCausalLM does not build (the text LM of an HF multimodal family).
@@ -72,6 +79,7 @@ FOUNDATION_MODELS: dict[str, type[nn.Module]] = {
     "qwen2_5_omni_text": Qwen2_5OmniThinkerTextForCausalLM,
     "qwen3_vl_text": Qwen3VLTextForCausalLM,
     "qwen3_vl_moe_text": Qwen3VLMoeTextForCausalLM,
+    "qwen3_omni_moe_text": Qwen3OmniMoeThinkerTextForCausalLM,
 }
 
 

@@ -8,6 +8,7 @@ from omni_models.families.base import PretrainedFamily, PretrainedSource
 from omni_models.families.janus import JANUS
 from omni_models.families.qwen2_5_omni import QWEN2_5_OMNI, QWEN2_5_OMNI_THINKER
 from omni_models.families.qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from omni_models.families.qwen3_omni_moe import QWEN3_OMNI_MOE, QWEN3_OMNI_MOE_THINKER
 from omni_models.families.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
 FAMILIES: dict[str, PretrainedFamily] = {  # by HF model_type
@@ -18,6 +19,8 @@ FAMILIES: dict[str, PretrainedFamily] = {  # by HF model_type
     "janus": JANUS,
     "qwen3_vl": QWEN3_VL,
     "qwen3_vl_moe": QWEN3_VL_MOE,
+    "qwen3_omni_moe_thinker": QWEN3_OMNI_MOE_THINKER,
+    "qwen3_omni_moe": QWEN3_OMNI_MOE,
 }
 
 

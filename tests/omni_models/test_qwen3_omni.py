@@ -283,3 +283,47 @@ def test_an_audio_items_features_do_not_depend_on_the_items_beside_it(dirs):
     assert alone.shape == (counts[0], TEXT["hidden_size"]) and both.shape[0] == sum(counts)
     torch.testing.assert_close(both[: counts[0]], alone, rtol=0, atol=1e-6)
     assert encoder.lm_encode(encoder.dummy_media())["audio"].shape == (1, TEXT["hidden_size"])
+
+
+@pytest.mark.parametrize("av", [False, True])
+def test_data_path_equals_the_directorys_qwen3_omni_processor(dirs, tmp_path, av):
+    """Our input ids (placeholders expanded; with use_audio_in_video each video's frames and audio track
+    interleaved), pixel values, grids, seconds per temporal patch, audio frame counts and features are
+    what the directory's Qwen3OmniMoeProcessor makes of the same conversation. HF extracts a sample's
+    audio items as one padded batch, which changes a shorter item's last frames (the STFT reads the
+    padding): features are compared for each sample's longest item, which it leaves unpadded."""
+    from transformers import AutoProcessor
+
+    from omni_train.assembly import meta_model
+    from tests.omni_models.test_pretrained_processor import KEYS, _hf_reference
+
+    path = dirs[False, False]
+    spec = OmniModelConfig.from_dict(
+        {"pretrained": str(path), **({"use_audio_in_video": True} if av else {})}
+    )
+    ours_proc = chat_processor(meta_model(spec), spec, AutoTokenizer.from_pretrained(path))
+    hf = AutoProcessor.from_pretrained(path)
+    assert type(hf).__name__ == "Qwen3OmniMoeProcessor"
+    (tmp_path / "media").mkdir()
+    docs = AV_DOCS if av else DOCS
+    for (doc, files), ours in zip(docs, processed(ours_proc, docs), strict=True):
+        want = _hf_reference(hf, doc, files, tmp_path / "media", av)
+        assert ours.input_ids.tolist() == want["input_ids"][0].tolist(), doc["id"]
+        for kind, (feats, grid) in KEYS.items():
+            items = [m for m in ours.media if m.modality == kind]
+            if not items:
+                continue
+            if kind == "audio":
+                lens = want[grid].sum(-1).tolist()
+                assert [int(m.tensors["feature_lens"]) for m in items] == lens, doc["id"]
+                m, f = max(
+                    zip(items, want[feats], strict=True), key=lambda x: int(x[0].tensors["feature_lens"])
+                )
+                n = int(m.tensors["feature_lens"])
+                torch.testing.assert_close(m.tensors["input_features"], f[:, :n].T, rtol=0, atol=0)
+                continue
+            torch.testing.assert_close(torch.cat([m.tensors["pixel_values"] for m in items]), want[feats])
+            assert torch.cat([m.tensors["grid_thw"] for m in items]).tolist() == want[grid].tolist()
+            if kind == "video":
+                got = torch.cat([m.tensors["second_per_grid_ts"] for m in items]).tolist()
+                assert got == pytest.approx(torch.as_tensor(want["video_second_per_grid"]).tolist())

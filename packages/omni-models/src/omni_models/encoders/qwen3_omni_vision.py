@@ -40,9 +40,10 @@ class Qwen3OmniVisionTower(Qwen3VLVisionEncoder):
 
     def plan(self) -> ParallelPlan:
         """Blocks as units; each DeepStack merger too (`merger_list` here; Qwen3-VL's property
-        `deepstack_merger_list` names the same modules)."""
+        `deepstack_merger_list` names the same modules), by name: a glob would also match the ModuleList
+        inside each merger, which FSDP cannot wrap."""
         plan = Qwen2VLVisionEncoder.plan(self)
-        units = (*plan.fsdp_units, "tower.merger_list.*") if self.deepstack_layers else plan.fsdp_units
+        units = (*plan.fsdp_units, *(f"tower.merger_list.{i}" for i in range(self.deepstack_layers)))
         return ParallelPlan(
             fsdp_units=units, recompute=plan.recompute, kernels=plan.kernels, compile=plan.compile
         )

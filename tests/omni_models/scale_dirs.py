@@ -60,3 +60,22 @@ def qwen3_vl_30b_a3b_config_dir(root: Path) -> Path:
         text_config=text, vision_config={**_VISION, "out_hidden_size": 2048}, **_TOKENS
     ).save_pretrained(path)
     return path
+
+
+def qwen3_omni_30b_a3b_config_dir(root: Path) -> Path:
+    """Qwen3-Omni-30B-A3B-Instruct: its thinker (the 48-layer MoE text model, the DeepStack vision tower and
+    the 32-layer audio encoder) beside the talker and code2wav (speech; not built by a dry run)."""
+    from transformers import Qwen3OmniMoeConfig
+
+    text = {**_TEXT, "vocab_size": 152064, "hidden_size": 2048, "intermediate_size": 768,
+            "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_key_value_heads": 4, "num_experts": 128,
+            "num_experts_per_tok": 8, "decoder_sparse_step": 1, "norm_topk_prob": True,
+            "rope_parameters": {**_ROPE, "rope_theta": 1000000.0}}  # fmt: skip
+    audio = {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+             "output_dim": 2048, "num_mel_bins": 128, "n_window": 50, "n_window_infer": 800,
+             "downsample_hidden_size": 480, "conv_chunksize": 500, "max_source_positions": 1500}  # fmt: skip
+    vision = {**_VISION, "out_hidden_size": 2048}
+    thinker = {"text_config": text, "vision_config": vision, "audio_config": audio}
+    path = root / "Qwen3-Omni-30B-A3B-Instruct"
+    Qwen3OmniMoeConfig(thinker_config=thinker).save_pretrained(path)
+    return path

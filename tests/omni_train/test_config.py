@@ -11,7 +11,11 @@ from typer.testing import CliRunner
 from omni_train.cli import app
 from omni_train.config import ConfigError, check_layout, load_config
 from tests.omni_models.hf_dirs import qwen2_5_omni_7b_config_dir, qwen2_vl_7b_config_dir
-from tests.omni_models.scale_dirs import qwen3_vl_8b_config_dir, qwen3_vl_30b_a3b_config_dir
+from tests.omni_models.scale_dirs import (
+    qwen3_omni_30b_a3b_config_dir,
+    qwen3_vl_8b_config_dir,
+    qwen3_vl_30b_a3b_config_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "apps/quickstart/recipe.yaml")
@@ -82,6 +86,7 @@ def test_layout_errors_before_any_process_starts():
         "qwen3_moe_30b_omni.yaml",
         "qwen3_vl_8b.yaml",
         "qwen3_vl_30b_a3b.yaml",
+        "qwen3_omni_30b_a3b.yaml",
         "quickstart/recipe.yaml",
     ],
 )
@@ -92,6 +97,7 @@ def test_recipes_validate_with_dry_run(recipe, tmp_path):
         "qwen2_5_omni": qwen2_5_omni_7b_config_dir,
         "qwen3_vl_8b": qwen3_vl_8b_config_dir,
         "qwen3_vl_30b": qwen3_vl_30b_a3b_config_dir,
+        "qwen3_omni": qwen3_omni_30b_a3b_config_dir,
     }
     for prefix, make in config_only.items():  # the pretrained directory, config.json only
         if recipe.startswith(prefix):
@@ -113,6 +119,11 @@ def test_recipes_validate_with_dry_run(recipe, tmp_path):
     if recipe.startswith("qwen3_vl_30b"):  # Qwen3-VL-30B-A3B's 31.1B
         assert "foundation: 30.532B params (trainable)" in result.output
         assert "encoders.vision: 0.539B params (frozen)" in result.output
+        assert "expert-parallel tensors: 96 (fused_gate_up)" in result.output
+    if recipe.startswith("qwen3_omni"):  # the thinker of Qwen3-Omni-30B-A3B; the speech parts are not built
+        assert "foundation: 30.533B params (trainable)" in result.output
+        assert "encoders.vision: 0.539B params (frozen)" in result.output
+        assert "encoders.audio: 0.648B params (frozen)" in result.output
         assert "expert-parallel tensors: 96 (fused_gate_up)" in result.output
 
 

@@ -195,18 +195,9 @@ class Qwen2_5_VLVisionEncoder(Qwen2VLVisionEncoder):
         return cfg.hidden_size
 
 
-class Qwen2_5OmniVisionTower(Qwen2_5_VLVisionEncoder):
-    """Qwen2.5-Omni's vision tower: Qwen2.5-VL's architecture under the Omni thinker's classes.
-
-    With `use_audio_in_video`, a video item brings its audio track for the audio tower (modality
-    "audio"), interleaved with its frames as the family's processor lays them out; that layout needs
-    the pretrained directory's processor."""
-
-    config_class = Qwen2_5OmniVisionEncoderConfig
-    tower_class = Qwen2_5OmniVisionEncoder
-    block = "Qwen2_5OmniVisionBlock"
-    block_kernels = (("Qwen2_5OmniRMSNorm", "rms_norm"), ("Qwen2_5OmniMLP", "swiglu"))
-    video_rate_requested = True  # as Qwen2_5OmniProcessor computes video_second_per_grid
+class AudioInVideo:
+    """The Omni towers' `use_audio_in_video` option (before the tower class in the bases): each video item
+    brings its audio track, laid out by the pretrained directory's processor, which it therefore needs."""
 
     def __init__(
         self,
@@ -219,6 +210,20 @@ class Qwen2_5OmniVisionTower(Qwen2_5_VLVisionEncoder):
         self._audio_in_video = use_audio_in_video
         if self._audio_in_video and self._processor_dir is None:
             raise ValueError("use_audio_in_video needs the pretrained directory's processor files")
+
+
+class Qwen2_5OmniVisionTower(AudioInVideo, Qwen2_5_VLVisionEncoder):
+    """Qwen2.5-Omni's vision tower: Qwen2.5-VL's architecture under the Omni thinker's classes.
+
+    With `use_audio_in_video`, a video item brings its audio track for the audio tower (modality
+    "audio"), interleaved with its frames as the family's processor lays them out; that layout needs
+    the pretrained directory's processor."""
+
+    config_class = Qwen2_5OmniVisionEncoderConfig
+    tower_class = Qwen2_5OmniVisionEncoder
+    block = "Qwen2_5OmniVisionBlock"
+    block_kernels = (("Qwen2_5OmniRMSNorm", "rms_norm"), ("Qwen2_5OmniMLP", "swiglu"))
+    video_rate_requested = True  # as Qwen2_5OmniProcessor computes video_second_per_grid
 
     def processor(self, modality: str):
         proc = super().processor(modality)

@@ -10,33 +10,19 @@ layout needs the pretrained directory's processor.
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeVisionEncoderConfig
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeVisionEncoder
 
 from omni_dist.plan import ParallelPlan
-from omni_models.encoders.qwen2_vl import Qwen2VLVisionEncoder
+from omni_models.encoders.qwen2_vl import AudioInVideo, Qwen2VLVisionEncoder
 from omni_models.encoders.qwen3_vl import Qwen3VLVisionEncoder
 
 
-class Qwen3OmniVisionTower(Qwen3VLVisionEncoder):
+class Qwen3OmniVisionTower(AudioInVideo, Qwen3VLVisionEncoder):
     config_class = Qwen3OmniMoeVisionEncoderConfig
     tower_class = Qwen3OmniMoeVisionEncoder
     block = "Qwen3OmniMoeVisionBlock"
     video_rate_requested = True  # as Qwen3OmniMoeProcessor computes video_second_per_grid
-
-    def __init__(
-        self,
-        config: Any,
-        modalities: tuple[str, ...] = ("image", "video"),
-        use_audio_in_video: bool = False,
-        **options: Any,
-    ):
-        super().__init__(config, modalities, **options)
-        self._audio_in_video = use_audio_in_video
-        if self._audio_in_video and self._processor_dir is None:
-            raise ValueError("use_audio_in_video needs the pretrained directory's processor files")
 
     def plan(self) -> ParallelPlan:
         """Blocks as units; each DeepStack merger too (`merger_list` here; Qwen3-VL's property
